@@ -1,0 +1,53 @@
+"""NearSwap: take the other model's value only where it is already near the base.
+
+Element-wise, with a = base, b = the other model and similarity threshold t:
+
+    w   = clamp(t / max(|a - b|, 1e-6), 0, 1)
+    out = w * b + (1 - w) * a
+
+Where |a - b| <= t the parameter is swapped wholesale to b; further apart, b's
+share falls off as t / |a - b|. t = 0 returns the base; a very large t
+returns the other model.
+
+alchemonaut 2024, QuartetAnemoi-70B-t0.0001 model card (Hugging Face), which
+introduced the method; parameter names, defaults and behaviour follow
+mergekit's `nearswap`: base required, exactly one other model, global `t`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ._geometry import check_count, check_same_shape
+from .registry import Param, merge_method
+
+MIN_DIFF = 1e-6  # |a - b| is clamped to at least this before dividing
+
+
+@merge_method(
+    "nearswap",
+    params=(Param("t", help="similarity threshold: swap in values closer than t to the base"),),
+    base="required",
+    summary="swap in the other model's values where they lie within t of the base",
+    paper="alchemonaut 2024, QuartetAnemoi-70B-t0.0001 (Hugging Face model card)",
+    min_models=1,
+    max_models=1,
+)
+def nearswap(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    t: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    if base is None:
+        raise ValueError("nearswap: needs a base_model")
+    check_count(tensors, "nearswap", 1, 1)
+    check_same_shape(tensors, base, "nearswap")
+    a = base
+    b = tensors[0].to(a.dtype)
+    w = (float(t) / (a - b).abs_().clamp_(min=MIN_DIFF)).clamp_(0.0, 1.0)
+    # w * b + (1 - w) * a  ==  a + w * (b - a)
+    return torch.lerp(a, b, w)

@@ -1,0 +1,107 @@
+"""NuSLERP: SLERP between two models driven by per-model weights, optionally
+on task vectors and optionally row by row.
+
+With weights w0, w1 for the two models, t = w1 / (w0 + w1) (t = 0.5 when the
+weights sum to ~0). Given vectors v0, v1 and unit vectors u_i = v_i / max(|v_i|, 1e-7),
+theta = arccos(u0 . u1):
+
+    nuslerp(t) = (sin((1 - t) theta) v0 + sin(t theta) v1) / sin(theta)
+
+falling back to (1 - t) v0 + t v1 where the vectors are exactly (anti)parallel.
+
+- nuslerp_flatten (default true): the whole tensor is one vector.
+- otherwise every row (last axis) is interpolated on its own; with
+  nuslerp_row_wise true the vectors run along the first axis instead (columns
+  of a 2-D weight).
+- with a base model, v_i = model_i - base and the result is base + nuslerp(t).
+
+mergekit's `nuslerp` (arcee-ai/mergekit), which has no paper; parameter names,
+defaults and behaviour follow it: base optional, exactly two other models.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ._geometry import arc_coefficients, check_count, check_same_shape, work_dtype
+from .registry import Param, merge_method
+
+UNIT_EPS = 1e-7  # norms are clamped to at least this before dividing
+PARALLEL_EPS = 1e-8  # sin(theta)^2 at or below PARALLEL_EPS^2 counts as parallel
+
+
+def nuslerp_pair(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    row_wise: bool = False,
+    flatten: bool = True,
+) -> torch.Tensor:
+    """Interpolate ``v0`` -> ``v1`` on the sphere, per tensor or per row/column."""
+    dtype = work_dtype(v0)
+    a = v0.to(dtype)
+    b = v1.to(dtype)
+    transposed = False
+    if flatten or a.dim() == 0:
+        a = a.reshape(-1)
+        b = b.reshape(-1)
+    elif row_wise and a.dim() > 1:
+        a = a.transpose(0, -1)
+        b = b.transpose(0, -1)
+        transposed = True
+
+    na = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=UNIT_EPS)
+    nb = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=UNIT_EPS)
+    cos = ((a / na) * (b / nb)).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+    straight = (1 - cos * cos) <= PARALLEL_EPS**2
+    c0, c1 = arc_coefficients(float(t), cos, straight)
+
+    out = a * c0
+    out.addcmul_(b, c1)
+    if transposed:
+        out = out.transpose(0, -1)
+    return out.reshape(v0.shape).to(v0.dtype)
+
+
+@merge_method(
+    "nuslerp",
+    params=(
+        Param("weight", per_model=True, help="relative weight of each of the two models"),
+        Param("nuslerp_row_wise", default=False, help="interpolate column vectors (along the first axis)"),
+        Param("nuslerp_flatten", default=True, help="treat the whole tensor as one vector"),
+    ),
+    base="optional",
+    summary="SLERP of two models (or their task vectors) with weights, per tensor or per row",
+    paper="mergekit NuSLERP (Goddard et al. 2024, arXiv:2403.13257)",
+    min_models=2,
+    max_models=2,
+)
+def nuslerp(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    weight: Sequence[float],
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    check_count(tensors, "nuslerp", 2, 2)
+    check_same_shape(tensors, base, "nuslerp")
+    w0, w1 = (float(w) for w in weight)
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    if base is None:
+        return nuslerp_pair(t, tensors[0], tensors[1], row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+    dtype = work_dtype(base)
+    b = base.to(dtype)
+    delta = nuslerp_pair(
+        t,
+        tensors[0].to(dtype) - b,
+        tensors[1].to(dtype) - b,
+        row_wise=nuslerp_row_wise,
+        flatten=nuslerp_flatten,
+    )
+    return (b + delta).to(base.dtype)
