@@ -1,0 +1,156 @@
+"""Minimal safetensors file access: header parsing, zero-copy mmap reads, positional writes.
+
+We parse the format ourselves (8-byte little-endian header length, JSON header,
+raw little-endian data) so that a read is a view into a memory map (no copy until
+the engine converts dtype) and a write can go to its final offset from any
+thread, in any order.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header. Raises CheckpointError naming the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (truncated header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupted or truncated safetensors header")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header")
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, h in header.items():
+        try:
+            dt = DTYPES[h["dtype"]]
+            shape = tuple(int(s) for s in h["shape"])
+            start, end = (int(x) for x in h["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a corrupted header entry") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - start != numel * dtype_size(dt) or start < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent size in header")
+        if base + end > size:
+            raise CheckpointError(
+                f"{path}: truncated file: tensor {name!r} ends at byte {base + end} but the file has {size}"
+            )
+        infos[name] = TensorInfo(name, dt, shape, path, base + start, base + end)
+    return infos, {str(k): str(v) for k, v in meta.items()}
+
+
+class MappedFile:
+    """A copy-on-write memory map of one file; tensors are views into it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "rb")
+        size = os.fstat(self._f.fileno()).st_size
+        self._mm = mmap.mmap(self._f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
+        if info.numel == 0 or self._mm is None:
+            return torch.empty(info.shape, dtype=info.dtype)
+        t = torch.frombuffer(self._mm, dtype=info.dtype, count=info.numel, offset=info.start)
+        return t.view(info.shape)
+
+    def close(self) -> None:
+        # Views may still reference the map; let GC unmap it when they are gone.
+        self._mm = None
+        self._f.close()
+
+
+def plan_layout(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """Header bytes and each tensor's absolute offset for a file holding ``entries`` in order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offsets: dict[str, int] = {}
+    pos = 0
+    for name, dt, shape in entries:
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * dtype_size(dt)
+        header[name] = {"dtype": DTYPE_NAMES[dt], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[name] = pos
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    prefix = struct.pack("<Q", len(raw)) + raw
+    return prefix, {k: v + len(prefix) for k, v in offsets.items()}
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a contiguous CPU tensor, without a copy where possible."""
+    t = t.detach().contiguous()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())

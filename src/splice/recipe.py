@@ -1,0 +1,392 @@
+"""The recipe schema: YAML in, validated objects out.
+
+Keys and meanings follow mergekit's, so an existing mergekit recipe runs
+unchanged. Every error names the key, its place in the file (line) and the
+valid choices.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+TOP_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "name",
+)
+MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+
+DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+}
+
+
+@dataclass
+class Source:
+    model: str
+    layer_range: tuple[int, int] | None = None  # None: every layer
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Slice:
+    sources: list[Source]
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    merge_method: str
+    base_model: str | None = None
+    models: list[Source] | None = None  # the "models:" form (layer_range None)
+    slices: list[Slice] | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    pad_to_multiple_of: int | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def referenced_models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for m in self.models or []:
+            seen[m.model] = None
+        for s in self.slices or []:
+            if s.base_model:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        if self.tokenizer_source not in (None, "base", "union"):
+            seen[self.tokenizer_source] = None
+        return list(seen)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False, default_flow_style=None).rstrip()
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
+    """Value of a parameter setting for one tensor at relative depth ``t`` in [0, 1].
+
+    A scalar is itself; a list of numbers is a gradient interpolated over ``t``;
+    a list of ``{filter, value}`` picks the first whose filter is a substring of
+    the tensor name (no filter or ``*`` matches all). None: no entry matched.
+    """
+    if isinstance(setting, (bool, int, float, str)) or setting is None:
+        return setting
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if setting and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            pos = t * (len(setting) - 1)
+            i0 = int(pos)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = pos - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        if setting and all(isinstance(e, (bool, int, float, str)) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        for cond in setting:
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+                return evaluate(cond["value"], tensor_name, t)
+        return None
+    raise RecipeError(f"unexpected parameter value {setting!r}")
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict:
+    out = {} if out is None else out
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            out[path + (key,)] = k.start_mark.line + 1
+            _line_map(v, path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _line_map(v, path + (i,), out)
+    return out
+
+
+class _Ctx:
+    def __init__(self, file: str, lines: dict):
+        self.file = file
+        self.lines = lines
+
+    def where(self, path: tuple) -> str:
+        p = path
+        while p and p not in self.lines:
+            p = p[:-1]
+        line = self.lines.get(p)
+        dotted = ""
+        for part in path:
+            dotted += f"[{part}]" if isinstance(part, int) else (f".{part}" if dotted else str(part))
+        loc = f"{self.file}:{line}" if line else self.file
+        return f"{loc}: {dotted}" if dotted else loc
+
+    def fail(self, path: tuple, msg: str) -> RecipeError:
+        return RecipeError(f"{self.where(path)}: {msg}")
+
+
+def _check_keys(ctx: _Ctx, data: Any, path: tuple, allowed: tuple[str, ...], what: str) -> dict:
+    if not isinstance(data, dict):
+        raise ctx.fail(path, f"{what} must be a mapping, got {type(data).__name__}")
+    for k in data:
+        if k not in allowed:
+            raise ctx.fail(path + (k,), f"unknown key {k!r} in {what} (valid: {', '.join(allowed)})")
+    return data
+
+
+def _model_ref(ctx: _Ctx, v: Any, path: tuple) -> str:
+    if isinstance(v, dict) and "model" in v and isinstance(v["model"], dict) and "path" in v["model"]:
+        if v.get("lora"):
+            raise ctx.fail(path, "LoRA model references are not supported; merge the adapter into its model first")
+        v = v["model"]["path"]
+    if not isinstance(v, str) or not v.strip():
+        raise ctx.fail(path, f"a model reference must be a path or a Hugging Face id, got {v!r}")
+    if "+" in v and not Path(v).exists():
+        raise ctx.fail(path, f"LoRA references ('model+lora') are not supported: {v!r}; merge the adapter first")
+    return v
+
+
+def _check_setting(ctx: _Ctx, v: Any, path: tuple) -> None:
+    if isinstance(v, (bool, int, float, str)):
+        return
+    if isinstance(v, dict):
+        v = [v]
+        path = path
+    if isinstance(v, list) and v:
+        if all(isinstance(e, (bool, int, float, str)) for e in v):
+            return
+        for i, cond in enumerate(v):
+            if not isinstance(cond, dict) or "value" not in cond:
+                raise ctx.fail(path + (i,), "a conditional parameter needs 'value' (and optionally 'filter')")
+            for k in cond:
+                if k not in ("filter", "value"):
+                    raise ctx.fail(path + (i, k), f"unknown key {k!r} in conditional parameter (valid: filter, value)")
+            _check_setting(ctx, cond["value"], path + (i, "value"))
+        return
+    raise ctx.fail(path, f"a parameter is a number, a list of numbers (gradient) or [{{filter, value}}], got {v!r}")
+
+
+def _params(ctx: _Ctx, data: Any, path: tuple, method_params: list[str] | None, method: str) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ctx.fail(path, "parameters must be a mapping")
+    for k, v in data.items():
+        if method_params is not None and k not in method_params:
+            valid = ", ".join(method_params) or "none"
+            raise ctx.fail(path + (k,), f"unknown parameter {k!r} for merge method {method!r} (valid: {valid})")
+        _check_setting(ctx, v, path + (k,))
+    return dict(data)
+
+
+def _dtype(ctx: _Ctx, v: Any, path: tuple) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or v.lower() not in DTYPE_ALIASES:
+        raise ctx.fail(path, f"unknown dtype {v!r} (valid: {', '.join(sorted(set(DTYPE_ALIASES)))})")
+    return DTYPE_ALIASES[v.lower()]
+
+
+def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None) -> Recipe:
+    """Validate a recipe given as a dict (already parsed YAML)."""
+    from .methods import all_methods, get_method
+
+    ctx = _Ctx(file, lines or {})
+    data = _check_keys(ctx, data, (), TOP_KEYS, "the recipe")
+    if "merge_method" not in data:
+        raise ctx.fail((), "missing required key 'merge_method'")
+    name = data["merge_method"]
+    try:
+        method = get_method(name)
+    except (KeyError, TypeError):
+        valid = ", ".join(m.name for m in all_methods())
+        raise ctx.fail(("merge_method",), f"unknown merge method {name!r} (valid: {valid})") from None
+    pnames = method.param_names
+
+    has_models = data.get("models") is not None
+    has_slices = data.get("slices") is not None
+    if has_models == has_slices:
+        raise ctx.fail((), "give exactly one of 'models' or 'slices'")
+
+    base = _model_ref(ctx, data["base_model"], ("base_model",)) if data.get("base_model") is not None else None
+    r = Recipe(merge_method=method.name, base_model=base, raw=copy.deepcopy(data), path=None)
+    r.parameters = _params(ctx, data.get("parameters"), ("parameters",), pnames, method.name)
+    r.dtype = _dtype(ctx, data.get("dtype"), ("dtype",))
+    r.out_dtype = _dtype(ctx, data.get("out_dtype"), ("out_dtype",))
+    r.name = data.get("name")
+
+    if has_models:
+        models = data["models"]
+        if not isinstance(models, list) or not models:
+            raise ctx.fail(("models",), "'models' must be a non-empty list")
+        r.models = []
+        for i, m in enumerate(models):
+            if isinstance(m, str):
+                m = {"model": m}
+            _check_keys(ctx, m, ("models", i), MODEL_KEYS, "a model entry")
+            if "model" not in m:
+                raise ctx.fail(("models", i), "missing 'model'")
+            r.models.append(
+                Source(
+                    model=_model_ref(ctx, m["model"], ("models", i, "model")),
+                    parameters=_params(ctx, m.get("parameters"), ("models", i, "parameters"), pnames, method.name),
+                )
+            )
+    else:
+        slices = data["slices"]
+        if not isinstance(slices, list) or not slices:
+            raise ctx.fail(("slices",), "'slices' must be a non-empty list")
+        r.slices = []
+        for i, s in enumerate(slices):
+            _check_keys(ctx, s, ("slices", i), SLICE_KEYS, "a slice")
+            if s.get("residual_weight") is not None:
+                raise ctx.fail(("slices", i, "residual_weight"), "residual_weight is not supported")
+            srcs = s.get("sources")
+            if not isinstance(srcs, list) or not srcs:
+                raise ctx.fail(("slices", i), "a slice needs a non-empty 'sources' list")
+            sources = []
+            lengths = set()
+            for j, src in enumerate(srcs):
+                p = ("slices", i, "sources", j)
+                _check_keys(ctx, src, p, SOURCE_KEYS, "a slice source")
+                if "model" not in src:
+                    raise ctx.fail(p, "missing 'model'")
+                lr = src.get("layer_range")
+                if (
+                    not isinstance(lr, list)
+                    or len(lr) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                    or lr[0] < 0
+                    or lr[1] < lr[0]
+                ):
+                    raise ctx.fail(p + ("layer_range",), f"layer_range must be [start, end] with 0 <= start <= end, got {lr!r}")
+                lengths.add(lr[1] - lr[0])
+                sources.append(
+                    Source(
+                        model=_model_ref(ctx, src["model"], p + ("model",)),
+                        layer_range=(lr[0], lr[1]),
+                        parameters=_params(ctx, src.get("parameters"), p + ("parameters",), pnames, method.name),
+                    )
+                )
+            if len(lengths) > 1:
+                raise ctx.fail(("slices", i), f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+            sb = s.get("base_model")
+            r.slices.append(
+                Slice(
+                    sources=sources,
+                    base_model=_model_ref(ctx, sb, ("slices", i, "base_model")) if sb is not None else None,
+                    parameters=_params(ctx, s.get("parameters"), ("slices", i, "parameters"), pnames, method.name),
+                )
+            )
+
+    tok_src = data.get("tokenizer_source")
+    tok = data.get("tokenizer")
+    if tok_src is not None and tok is not None:
+        raise ctx.fail(("tokenizer",), "give either 'tokenizer_source' or 'tokenizer', not both")
+    if tok is not None:
+        _check_keys(ctx, tok, ("tokenizer",), TOKENIZER_KEYS, "'tokenizer'")
+        if tok.get("tokens"):
+            raise ctx.fail(("tokenizer", "tokens"), "per-token embedding sources ('tokens') are not supported yet")
+        tok_src = tok.get("source")
+        pad = tok.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or pad < 1):
+            raise ctx.fail(("tokenizer", "pad_to_multiple_of"), f"must be a positive integer, got {pad!r}")
+        r.pad_to_multiple_of = pad
+    if tok_src is not None:
+        if not isinstance(tok_src, str):
+            raise ctx.fail(("tokenizer_source",), "tokenizer_source is 'base', 'union' or a model reference")
+        if tok_src == "base" and not _any_base(r):
+            raise ctx.fail(("tokenizer_source",), "tokenizer_source 'base' needs a base_model")
+        r.tokenizer_source = tok_src
+    ct = data.get("chat_template")
+    if ct is not None and not isinstance(ct, str):
+        raise ctx.fail(("chat_template",), "chat_template is a template name, 'auto', or a Jinja template string")
+    r.chat_template = ct
+
+    # base model requirements
+    if method.base == "required":
+        if r.slices:
+            missing = [i for i, s in enumerate(r.slices) if not (s.base_model or r.base_model)]
+            if missing:
+                raise ctx.fail(("slices", missing[0]), f"merge method {method.name!r} needs a base_model")
+        elif not r.base_model:
+            raise ctx.fail((), f"merge method {method.name!r} needs a base_model")
+    return r
+
+
+def _any_base(r: Recipe) -> bool:
+    return bool(r.base_model) or any(s.base_model for s in r.slices or [])
+
+
+def load_recipe(path_or_text: str | Path | dict) -> Recipe:
+    """Load a recipe from a YAML file path, a YAML string, or a dict."""
+    if isinstance(path_or_text, Recipe):
+        return path_or_text
+    if isinstance(path_or_text, dict):
+        return parse_recipe(path_or_text)
+    text: str
+    file = "<recipe>"
+    p = Path(path_or_text) if not (isinstance(path_or_text, str) and "\n" in path_or_text) else None
+    if p is not None and p.exists():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{p}: cannot read recipe ({e})") from None
+        file = str(p)
+    elif p is not None and isinstance(path_or_text, Path) or (p is not None and str(path_or_text).endswith((".yaml", ".yml"))):
+        raise RecipeError(f"recipe file {str(path_or_text)!r} not found")
+    else:
+        text = str(path_or_text)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else file
+        raise RecipeError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        raise RecipeError(f"{file}: the recipe is empty")
+    lines = _line_map(node) if node is not None else {}
+    r = parse_recipe(data, file=file, lines=lines)
+    if file != "<recipe>":
+        r.path = Path(file)
+    return r
