@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from ._geometry import check_count, check_same_shape
+from ._geometry import check_count, check_same_shape, work_dtype
 from .registry import Param, merge_method
 
 MIN_DIFF = 1e-6  # |a - b| is clamped to at least this before dividing
@@ -46,8 +46,9 @@ def nearswap(
         raise ValueError("nearswap: needs a base_model")
     check_count(tensors, "nearswap", 1, 1)
     check_same_shape(tensors, base, "nearswap")
-    a = base
-    b = tensors[0].to(a.dtype)
+    dtype = work_dtype(base)
+    a = base.to(dtype)
+    b = tensors[0].to(dtype)
     w = (float(t) / (a - b).abs_().clamp_(min=MIN_DIFF)).clamp_(0.0, 1.0)
-    # w * b + (1 - w) * a  ==  a + w * (b - a)
-    return torch.lerp(a, b, w)
+    # w * b + (1 - w) * a  ==  a + w * (b - a), exact at w = 0 and w = 1
+    return torch.lerp(a, b, w).to(base.dtype)
