@@ -226,7 +226,7 @@ class Planner:
             vocab = role.vocab and tok is not None
             if not vocab and len(set(shapes.values())) > 1:
                 desc = ", ".join(f"{m} {list(s)}" for m, s in shapes.items())
-                if role.vocab:
+                if role.vocab and len({sh[1:] for sh in shapes.values()}) == 1:
                     raise MergeError(
                         f"tensor {out_name}: vocabulary sizes differ ({desc}); set tokenizer_source: base or union"
                     )
@@ -250,8 +250,9 @@ class Planner:
                 job.copy = True  # integer buffers are copied from the reference model
                 job.inputs = [Input(ref_model, names[ref_model])]
             elif method.name == "passthrough" and len(inputs) == 1 and not vocab:
-                scale = kw.get("scale", [1.0])
-                job.scale = float(scale[0] if isinstance(scale, list) else scale)
+                scale = kw.get("scale")
+                scale = scale[0] if isinstance(scale, list) else scale
+                job.scale = 1.0 if scale is None else float(scale)
                 job.copy = job.scale == 1.0 and odt == in_dt
             jobs.append(job)
 
