@@ -54,10 +54,13 @@ def model_stock(
     check_same_shape(tensors, base, "model_stock")
     dtype = work_dtype(base)
     shape = base.shape
-    if filter_wise:
-        as_rows = (lambda x: x.reshape(1, -1)) if base.dim() <= 1 else (lambda x: x)
-    else:
-        as_rows = lambda x: x.reshape(-1)  # noqa: E731
+
+    def as_rows(x: torch.Tensor) -> torch.Tensor:
+        """Vectors along the last axis: rows (filter_wise) or the whole tensor."""
+        if not filter_wise:
+            return x.reshape(-1)
+        return x.reshape(1, -1) if x.dim() <= 1 else x
+
     w0 = as_rows(base.to(dtype))
     offsets = [as_rows(t.to(dtype)) - w0 for t in tensors]
     norms = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]
