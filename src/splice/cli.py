@@ -53,6 +53,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import NO_DEFAULT, all_methods
 
+    if args.markdown:
+        print("| method | what it does | base | parameters (per-model / global) | source |")
+        print("|---|---|---|---|---|")
+        for m in all_methods():
+            per = ", ".join(_fmt_param(p, NO_DEFAULT) for p in m.params if p.per_model) or "-"
+            glo = ", ".join(_fmt_param(p, NO_DEFAULT) for p in m.params if not p.per_model) or "-"
+            print(f"| `{m.name}` | {m.summary} | {m.base} | {per} / {glo} | {m.paper} |")
+        return 0
     for m in all_methods():
         params = []
         for p in m.params:
@@ -63,6 +71,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
         rand = ", random (seeded)" if m.randomized else ""
         print(f"{m.name:18s} {m.summary} [{base}{rand}] params: {'; '.join(params) or 'none'}")
     return 0
+
+
+def _fmt_param(p, no_default) -> str:
+    return f"`{p.name}`" if p.default is no_default else f"`{p.name}`={p.default}"
 
 
 def _size(n: int) -> str:
@@ -98,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("methods", help="list merge methods, their parameters and defaults")
+    p.add_argument("--markdown", action="store_true", help="print the README's methods table")
     _add_common(p)
     p.set_defaults(func=cmd_methods)
 

@@ -1,0 +1,105 @@
+"""Parity with mergekit 0.1.5 on the same recipe, for every deterministic method.
+
+Runs when mergekit is available: importable in this environment, or a
+``mergekit-yaml`` executable named by $SPLICE_MERGEKIT_YAML or found in
+``benchmarks/.venv-mergekit`` (made by ``benchmarks/setup_mergekit.sh``).
+Skipped otherwise.
+"""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import splice
+from helpers import load_sd, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mergekit_cmd():
+    env = os.environ.get("SPLICE_MERGEKIT_YAML")
+    if env and Path(env).exists():
+        return [env]
+    venv = ROOT / "benchmarks" / ".venv-mergekit" / "bin" / "mergekit-yaml"
+    if venv.exists():
+        return [str(venv)]
+    if importlib.util.find_spec("mergekit") is not None and shutil.which("mergekit-yaml"):
+        return [shutil.which("mergekit-yaml")]
+    return None
+
+
+MK = _mergekit_cmd()
+pytestmark = [pytest.mark.mergekit, pytest.mark.skipif(MK is None, reason="mergekit not available")]
+
+CASES = {
+    "linear": (False, {"weight": [0.3, 0.5, 0.2]}, {}),
+    "task_arithmetic": (True, {"weight": [0.5, 0.3, 0.7]}, {}),
+    "ties": (True, {"weight": [1.0, 0.6, 0.8], "density": [0.5, 0.3, 0.7]}, {}),
+    "breadcrumbs": (True, {"weight": [1.0, 0.5, 0.7], "density": 0.8, "gamma": 0.05}, {}),
+    "breadcrumbs_ties": (True, {"weight": [1.0, 0.5, 0.7], "density": 0.8, "gamma": 0.05}, {}),
+    "sce": (True, {"weight": [1.0, 1.0, 1.0]}, {"select_topk": 0.5}),
+    "model_stock": (True, {}, {}),
+    "slerp": (True, {}, {"t": 0.3}),
+    "nearswap": (True, {}, {"t": 0.01}),
+    "nuslerp": (True, {"weight": [0.4, 0.6]}, {}),
+    "multislerp": (False, {"weight": [0.3, 0.5, 0.2]}, {}),
+    "karcher": (False, {}, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    base = make_model(root / "base", "llama", seed=0, layers=3)
+    fts = [make_model(root / f"ft{i}", "llama", seed=30 + i, layers=3, from_model=base, noise=0.05) for i in range(3)]
+    return base, fts
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_matches_mergekit(tmp_path, models, method):
+    uses_base, per, glob = CASES[method]
+    base, fts = models
+    n = {"slerp": 1, "nearswap": 1, "nuslerp": 2}.get(method, 3)
+    entries = []
+    for i, f in enumerate(fts[:n]):
+        params = {k: (v[i] if isinstance(v, list) else v) for k, v in per.items()}
+        entries.append({"model": str(f), **({"parameters": params} if params else {})})
+    recipe = {"merge_method": method, "models": entries, "dtype": "float32"}
+    if uses_base:
+        recipe["base_model"] = str(base)
+    if glob:
+        recipe["parameters"] = glob
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    splice.merge(p, tmp_path / "ours", quiet=True)
+    subprocess.run(MK + [str(p), str(tmp_path / "theirs"), "--no-copy-tokenizer"], check=True, capture_output=True)
+    ours, theirs = load_sd(tmp_path / "ours"), load_sd(tmp_path / "theirs")
+    assert set(theirs) <= set(ours)
+    for k in theirs:
+        torch.testing.assert_close(ours[k].float(), theirs[k].float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{method} {k}: {m}")
+
+
+def test_passthrough_slices_match_mergekit(tmp_path, models):
+    base, fts = models
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(fts[1]), "layer_range": [1, 3]}]},
+        ],
+        "dtype": "float32",
+    }
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    splice.merge(p, tmp_path / "ours", quiet=True)
+    subprocess.run(MK + [str(p), str(tmp_path / "theirs"), "--no-copy-tokenizer"], check=True, capture_output=True)
+    ours, theirs = load_sd(tmp_path / "ours"), load_sd(tmp_path / "theirs")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k
