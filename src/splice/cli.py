@@ -119,17 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTENSION_MODULES = ("cli_zoo", "cli_skip", "cli_moe")
+
+
 def _extension_parsers():
-    """Subcommands of the other operation packages (zoo, eval, demo, skip, moe)."""
+    """Subcommands of the operation packages: every ``add_*_parser(sub)`` in the cli_* modules."""
+    import importlib
+
     hooks = []
-    try:
-        from . import cli_zoo
-    except ImportError:
-        return hooks
-    for name in ("add_zoo_parser", "add_eval_parser", "add_demo_parser"):
-        f = getattr(cli_zoo, name, None)
-        if f is not None:
-            hooks.append(f)
+    for mod in EXTENSION_MODULES:
+        try:
+            m = importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{mod}":
+                continue
+            raise
+        hooks += [getattr(m, n) for n in sorted(dir(m)) if n.startswith("add_") and n.endswith("_parser")]
     return hooks
 
 
