@@ -1,0 +1,101 @@
+"""The generalized task-arithmetic pipeline behind task_arithmetic, TIES, DARE,
+Breadcrumbs and DELLA (mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge``).
+
+For one parameter, with base ``b`` and fine-tunes ``t_i`` (weights ``w_i``):
+
+1. task vectors ``d_i = t_i - b``;
+2. optional sparsification of each ``d_i`` on its own (magnitude, random,
+   breadcrumbs, della), with mergekit's L1 ``rescale``;
+3. weighting ``d_i <- w_i * d_i``;
+4. either a plain sum ``m = sum_i d_i`` with divisor ``sum_i w_i`` (replaced by 1
+   when its magnitude is below 1e-8), or a TIES sign consensus (``_consensus``)
+   whose divisor is the sum of the agreeing models' weights (0 replaced by 1);
+5. ``m /= divisor`` if ``normalize``; ``m *= lambda``; result ``b + m``.
+
+Deltas are processed one model at a time into running sums, so memory stays at
+a few tensors whatever the number of models.  mergekit applies the same steps
+to every tensor, 1-D or not, embeddings included (it refuses mismatched shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._consensus import SignConsensus
+from .registry import Param
+
+Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def per_model(values: Any, n: int, name: str) -> list:
+    """A per-model parameter as a list of ``n`` values (a scalar applies to every model)."""
+    if isinstance(values, (list, tuple)):
+        if len(values) != n:
+            raise ValueError(f"parameter {name!r} has {len(values)} values for {n} models")
+        return list(values)
+    return [values] * n
+
+
+def check_inputs(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, method: str) -> None:
+    if base is None:
+        raise ValueError(f"{method} needs a base model")
+    for t in tensors:
+        if t.shape != base.shape:
+            raise ValueError(f"{method}: tensor shape {tuple(t.shape)} differs from the base's {tuple(base.shape)}")
+
+
+def merge_task_vectors(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: Sequence[float],
+    sparsify: Sparsifier | None = None,
+    consensus: bool = False,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """Steps 1-5 above; ``sparsify(i, delta)`` may modify ``delta`` in place."""
+    if not tensors:
+        return base.clone()
+    weights = [float(w) for w in weight]
+    acc = SignConsensus(base, track_weights=normalize) if consensus else torch.zeros_like(base)
+    for i, t in enumerate(tensors):
+        delta = torch.sub(t, base)
+        if sparsify is not None:
+            delta = sparsify(i, delta)
+        delta.mul_(weights[i])
+        if consensus:
+            acc.add(delta, weights[i])
+        else:
+            acc.add_(delta)
+        del delta
+    if consensus:
+        merged = acc.result(divisor=normalize)
+    else:
+        merged = acc
+        if normalize:
+            total = torch.tensor(weights, dtype=base.dtype).sum()
+            if total.abs() >= 1e-8:
+                merged.div_(total.item())
+    if lambda_ != 1:
+        merged.mul_(lambda_)
+    return merged.add_(base)
+
+
+def gta_params(*, normalize: bool, rescale: bool, extra: Sequence[Param] = ()) -> tuple[Param, ...]:
+    """The parameters mergekit 0.1.5 gives every generalized task-arithmetic method."""
+    return (
+        Param("weight", per_model=True, help="scale of each model's task vector"),
+        Param("density", default=1.0, per_model=True, help="fraction of each task vector kept by sparsification"),
+        *extra,
+        Param("normalize", default=normalize, help="divide by the sum of weights (of agreeing models under TIES)"),
+        Param("rescale", default=rescale, help="rescale each sparsified task vector to its original L1 norm"),
+        Param("lambda", default=1.0, help="scale of the merged task vector"),
+        Param("int8_mask", default=False, help="accepted for mergekit compatibility (memory option; no effect here)"),
+    )
+
+
+GAMMA = Param("gamma", default=0.01, per_model=True, help="fraction of largest-magnitude outliers dropped")
+EPSILON = Param("epsilon", default=0.15, per_model=True, help="spread of keep probabilities around density, by magnitude rank")

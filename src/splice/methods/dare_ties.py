@@ -1,0 +1,45 @@
+"""DARE-TIES: random drop and rescale (DARE), then TIES sign election."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ._sparsify import random_
+from ._task_vectors import check_inputs, gta_params, merge_task_vectors, per_model
+from .registry import merge_method
+
+
+@merge_method(
+    "dare_ties",
+    params=gta_params(normalize=False, rescale=True),
+    base="required",
+    randomized=True,
+    summary="DARE random drop and L1 rescale of each task vector, then TIES sign consensus",
+    paper="Yu et al. 2024, Language Models are Super Mario (DARE) (arXiv:2311.03099)",
+)
+def dare_ties(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: Sequence[float],
+    density: Sequence[float] | float = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    check_inputs(tensors, base, "dare_ties")
+    n = len(tensors)
+    dens = per_model(density, n, "density")
+    return merge_task_vectors(
+        tensors,
+        base,
+        weight=per_model(weight, n, "weight"),
+        sparsify=lambda i, d: random_(d, float(dens[i]), rescale, generator),
+        consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
+    )
