@@ -28,19 +28,29 @@ from ._task_vectors import check_inputs
 from .registry import Param, merge_method
 
 
+def _variance(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Population variance across models of the task vectors, by Welford's update.
+
+    Same arithmetic as ``torch.var(stack, dim=0, unbiased=False)`` (which
+    accumulates in float64 on CPU), so identical deltas give exactly 0 and the
+    selected set matches mergekit's, without stacking K task vectors.
+    """
+    acc = torch.float64 if base.device.type == "cpu" else base.dtype
+    mean = torch.zeros_like(base, dtype=acc)
+    m2 = torch.zeros_like(base, dtype=acc)
+    x = torch.empty_like(base, dtype=acc)
+    step = torch.empty_like(base, dtype=acc)
+    tv = torch.empty_like(base)
+    for i, t in enumerate(tensors, start=1):
+        x.copy_(torch.sub(t, base, out=tv))
+        torch.sub(x, mean, out=step)
+        mean.add_(step / i)
+        m2.addcmul_(step, x.sub_(mean))
+    return m2.div_(len(tensors)).to(base.dtype)
+
+
 def _variance_mask(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float) -> torch.Tensor:
-    k_models = len(tensors)
-    mean = torch.zeros_like(base)
-    tmp = torch.empty_like(base)
-    for t in tensors:
-        mean.add_(torch.sub(t, base, out=tmp))
-    mean.div_(k_models)
-    var = torch.zeros_like(base)
-    for t in tensors:
-        torch.sub(t, base, out=tmp).sub_(mean)
-        var.addcmul_(tmp, tmp)
-    del mean, tmp
-    var.div_(k_models)
+    var = _variance(tensors, base)
     k = int(int(torch.count_nonzero(var)) * select_topk)
     return topk_mask(var, k)
 

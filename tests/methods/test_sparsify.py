@@ -1,0 +1,146 @@
+"""The selection and sparsification helpers behind ties / dare / breadcrumbs / della.
+
+References use a full stable sort, so they are independent of the kthvalue-based
+selection under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splice.methods._sparsify import (
+    breadcrumbs_,
+    della_,
+    magnitude_,
+    random_,
+    rank_window_mask,
+    topk_mask,
+)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def sorted_topk(v: torch.Tensor, k: int) -> torch.Tensor:
+    flat = v.reshape(-1)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    return keep.reshape(v.shape)
+
+
+def sorted_window(v: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    flat = v.reshape(-1)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[start:stop]] = True
+    return keep.reshape(v.shape)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_mask_matches_stable_sort_even_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    distinct = torch.rand(7, 9, generator=g)
+    tied = torch.randint(0, 4, (7, 9), generator=g).float()  # many exact ties
+    for v in (distinct, tied):
+        for k in range(0, v.numel() + 2):
+            m = topk_mask(v, k)
+            assert m.shape == v.shape and m.dtype == torch.bool
+            assert torch.equal(m, sorted_topk(v, k)), k
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_window_matches_stable_sort_even_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    tied = torch.randint(0, 3, (5, 6), generator=g).float()
+    distinct = torch.rand(30, generator=g)
+    for v in (tied, distinct):
+        n = v.numel()
+        for start in range(0, n + 1, 3):
+            for stop in range(start, n + 2, 4):
+                assert torch.equal(rank_window_mask(v, start, stop), sorted_window(v, start, stop)), (start, stop)
+
+
+def test_zero_ties_free_only_skips_zero_ties():
+    v = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0])
+    assert topk_mask(v, 3, zero_ties_free=True).tolist() == [False, False, False, True, True]
+    assert topk_mask(v, 3).tolist() == [True, False, False, True, True]
+    assert rank_window_mask(v, 1, 4, zero_ties_free=True).tolist() == [True, True, True, True, False]
+
+
+def test_magnitude_keeps_int_density_n_at_least_one():
+    d = rand(10, 10, seed=1)
+    for density, k in [(0.37, 37), (0.999, 99), (0.001, 1), (0.5, 50)]:
+        out = magnitude_(d.clone(), density)
+        assert int(torch.count_nonzero(out)) == k
+        assert torch.equal(out != 0, sorted_topk(d.abs(), k))
+        assert torch.equal(out[out != 0], d[out != 0])
+    assert torch.equal(magnitude_(d.clone(), 1.0), d)
+    assert torch.equal(magnitude_(d.clone(), 0.0), torch.zeros_like(d))
+
+
+def test_magnitude_rescale_matches_l1_norm():
+    d = rand(6, 8, seed=2)
+    out = magnitude_(d.clone(), 0.25, rescale=True)
+    assert torch.isclose(out.abs().sum(), d.abs().sum(), rtol=1e-5)
+    kept = sorted_topk(d.abs(), 12)
+    ratio = d.abs().sum() / d[kept].abs().sum()
+    torch.testing.assert_close(out[kept], d[kept] * ratio)
+
+
+def test_breadcrumbs_window():
+    d = rand(100, seed=3)
+    order = torch.sort(d.abs(), stable=True).indices
+    out = breadcrumbs_(d.clone(), 0.8, 0.05)
+    keep = torch.zeros(100, dtype=torch.bool)
+    keep[order[15:95]] = True  # drop 15 smallest, 5 largest
+    assert torch.equal(out != 0, keep)
+    # density + gamma > 1: fewer outliers dropped, still int(density*n) kept
+    out = breadcrumbs_(d.clone(), 0.9, 0.3)
+    keep = torch.zeros(100, dtype=torch.bool)
+    keep[order[0:90]] = True
+    assert torch.equal(out != 0, keep)
+    assert torch.equal(breadcrumbs_(d.clone(), 1.0, 0.5), d)  # density 1: untouched, gamma ignored
+    assert torch.equal(breadcrumbs_(d.clone(), 0.0, 0.01), torch.zeros_like(d))
+
+
+def test_random_keeps_density_fraction_and_rescales():
+    d = rand(200, 200, seed=4)
+    g = torch.Generator().manual_seed(0)
+    out = random_(d.clone(), 0.3, rescale=False, generator=g)
+    frac = float(torch.count_nonzero(out)) / d.numel()
+    assert abs(frac - 0.3) < 0.01
+    out = random_(d.clone(), 0.3, rescale=True, generator=g)
+    assert torch.isclose(out.abs().sum(), d.abs().sum(), rtol=1e-5)
+    assert torch.equal(random_(d.clone(), 1.0, True, g), d)
+    assert torch.equal(random_(d.clone(), 0.0, True, g), torch.zeros_like(d))
+
+
+def test_della_keep_probability_rises_with_rank():
+    rows, cols = 4000, 5
+    # every row holds magnitudes 1..5 in a shuffled order, random signs
+    g = torch.Generator().manual_seed(5)
+    mags = torch.stack([torch.randperm(cols, generator=g) for _ in range(rows)]).float() + 1
+    d = mags * torch.where(torch.rand(rows, cols, generator=g) < 0.5, -1.0, 1.0)
+    out = della_(d.clone(), 0.5, 0.2, rescale=False, generator=torch.Generator().manual_seed(1))
+    for rank in range(cols):
+        sel = mags == rank + 1
+        kept = float(torch.count_nonzero(out[sel])) / int(sel.sum())
+        expected = 0.5 - 0.2 + 2 * 0.2 * rank / (cols - 1)
+        assert abs(kept - expected) < 0.03, (rank, kept, expected)
+    assert torch.equal(out[out != 0], d[out != 0])
+
+
+def test_della_edges():
+    d = rand(3, 4, seed=6)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(della_(d.clone(), 1.0, 0.1, True, g), d)
+    assert torch.equal(della_(d.clone(), 0.0, 0.1, True, g), torch.zeros_like(d))
+    with pytest.raises(ValueError):
+        della_(d.clone(), 0.9, 0.15, True, g)
+    with pytest.raises(ValueError):
+        della_(d.clone(), 0.1, 0.15, True, g)
+    one_col = della_(rand(50, 1, seed=7), 0.5, 0.1, True, g)  # rows of one element use density
+    assert torch.isfinite(one_col).all()
+    vec = della_(rand(64, seed=8), 0.5, 0.1, True, g)  # 1-D: one row
+    assert vec.shape == (64,) and torch.isfinite(vec).all()
