@@ -1,0 +1,244 @@
+"""``splice moe-compress``: merge a MoE's experts into fewer, after M-SMoE ("Merge, Then Compress").
+
+Per layer:
+
+1. run calibration text through the model; count how often each expert is in a
+   token's top-k (usage) and keep every token's router logits;
+2. the ``K`` most used experts lead one group each; every other expert joins
+   the leader whose router-logit column is most similar (cosine over tokens);
+3. each member's MLP units are permuted to line up with the leader's
+   (maximum-weight matching on the concatenated gate/up rows and down columns);
+4. each group becomes one expert: the usage-weighted average of its aligned
+   members (equal weights if no member was used); its router row is the leader's.
+
+Everything else (attention, norms, embeddings, a shared expert) is copied.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import architecture as arch
+from ..checkpoint import CheckpointWriter, open_model
+from ..checkpoint.reader import TOKENIZER_FILES
+from ..checkpoint.writer import check_output
+from ..errors import RecipeError
+from .assignment import max_weight_matching
+from .families import PROJS, Family, family_of_moe
+
+
+# ---------------------------------------------------------------- pure steps
+
+
+def group_experts(usage: torch.Tensor, logits: torch.Tensor, k: int) -> list[list[int]]:
+    """Groups of expert indices, leader first, groups ordered by leader index.
+
+    ``usage[e]``: how often expert e was chosen; ``logits``: ``[tokens, experts]`` router logits.
+    """
+    n = usage.shape[0]
+    order = sorted(range(n), key=lambda i: (-float(usage[i]), i))
+    leaders = sorted(order[:k])
+    x = logits.to(torch.float64)
+    x = x / x.norm(dim=0, keepdim=True).clamp(min=1e-12)
+    sim = x.T @ x  # [experts, experts] cosine of logit columns
+    groups = {l: [l] for l in leaders}
+    for e in order[k:]:
+        best = max(leaders, key=lambda l: (float(sim[e, l]), -l))
+        groups[best].append(e)
+    return [groups[l] for l in leaders]
+
+
+def align(leader: dict[str, torch.Tensor], member: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``member`` with its MLP units permuted to match ``leader``'s (weights gate/up [I,H], down [H,I])."""
+    fl = torch.cat([leader["gate"], leader["up"], leader["down"].T], dim=1).to(torch.float64)
+    fm = torch.cat([member["gate"], member["up"], member["down"].T], dim=1).to(torch.float64)
+    perm = torch.from_numpy(max_weight_matching((fl @ fm.T).numpy()))
+    return {"gate": member["gate"][perm], "up": member["up"][perm], "down": member["down"][:, perm]}
+
+
+def merge_group(members: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Usage-weighted average of the members aligned to the first (the leader)."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    if float(w.sum()) <= 0:
+        w = torch.ones_like(w)
+    w = w / w.sum()
+    aligned = [members[0]] + [align(members[0], m) for m in members[1:]]
+    return {p: sum(float(wi) * a[p].to(torch.float64) for wi, a in zip(w, aligned)).to(torch.float32) for p in PROJS}
+
+
+# ---------------------------------------------------------------- routing statistics
+
+
+def load_hf(path: str | Path):
+    import transformers as tf
+
+    try:
+        m = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except TypeError:  # transformers 4.x
+        m = tf.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+    m.eval()
+    return m
+
+
+def routing_stats(model, sequences: list[list[int]], top_k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: usage counts ``[experts]`` (top-k picks) and router logits ``[tokens, experts]``."""
+    usage: list[torch.Tensor] = []
+    logits: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for seq in sequences:
+            out = model(input_ids=torch.tensor([seq]), output_router_logits=True, use_cache=False)
+            rl = out.router_logits
+            if not logits:
+                logits = [[] for _ in rl]
+                usage = [torch.zeros(r.shape[-1]) for r in rl]
+            for l, r in enumerate(rl):
+                r = r.reshape(-1, r.shape[-1]).float()
+                logits[l].append(r)
+                top = r.topk(min(top_k, r.shape[-1]), dim=-1).indices.reshape(-1)
+                usage[l] += torch.bincount(top, minlength=r.shape[-1]).float()
+    return usage, [torch.cat(x) for x in logits]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _expert_tensors(src, fam: Family, prefix: str, layer: int, e: int) -> dict[str, torch.Tensor]:
+    return {p: src.get(fam.expert_name(prefix, layer, e, p)).to(torch.float32) for p in PROJS}
+
+
+def compress_moe(
+    moe: str | Path,
+    out: str | Path,
+    *,
+    experts: int,
+    calibration: list[str | Path],
+    tokens: int = 4096,
+    seq_len: int = 256,
+    seed: int = 0,
+    force: bool = False,
+    shard_size: int | str = "5GB",
+    quiet: bool = False,
+    threads: int | None = None,
+    write_card: bool = True,
+) -> dict:
+    from .calibrate import read_documents, token_sequences
+    from .dense import load_tokenizer
+
+    t0 = time.time()
+    src = open_model(moe)
+    try:
+        fam = family_of_moe(src.config, str(moe))
+        cfg = arch.text_config(src.config)
+        n = cfg.get(fam.expert_key)
+        if not isinstance(n, int) or n < 1:
+            raise RecipeError(f"{moe}: config.json has no {fam.expert_key}")
+        if isinstance(experts, bool) or not isinstance(experts, int) or not 1 <= experts <= n:
+            raise RecipeError(f"--experts must be between 1 and {n} (the experts {moe} has), got {experts!r}")
+        top_k = int(cfg.get("num_experts_per_tok", 2))
+        check_output(Path(out).resolve(), force)
+        routers = {}
+        for name in src.keys():
+            m = re.match(r"^(?P<prefix>.*layers)\.(?P<layer>\d+)\.", name)
+            if m and name == fam.router_name(m.group("prefix"), int(m.group("layer"))):
+                routers[int(m.group("layer"))] = (m.group("prefix"), name)
+        layers = arch.num_layers(src.config, src.keys())
+        if sorted(routers) != list(range(layers)):
+            raise RecipeError(f"{moe}: expected a router in each of its {layers} layers (per-expert tensor layout), found {len(routers)}")
+        prefix = routers[0][0]
+        docs = []
+        for f in calibration:
+            p = Path(f)
+            if not p.is_file():
+                raise RecipeError(f"calibration file {str(f)!r} not found")
+            docs += read_documents(p)
+        if not docs:
+            raise RecipeError("the calibration files hold no text")
+        if threads:
+            torch.set_num_threads(threads)
+        tok = load_tokenizer(src, "moe-compress")
+        seqs = token_sequences(tok, docs, tokens=tokens, seq_len=seq_len, seed=seed)
+        model = load_hf(moe)
+        usage, logits = routing_stats(model, seqs, top_k)
+        del model
+        n_tokens = int(logits[0].shape[0])
+        groups = [group_experts(usage[l], logits[l], experts) for l in range(layers)]
+
+        entries: list[tuple[str, Any, tuple, Any]] = []
+        for name in src.keys():
+            if re.search(r"\.experts\.\d+\.", name) or name in {r[1] for r in routers.values()}:
+                continue
+            info = src.info(name)
+            entries.append((name, info.dtype, tuple(info.shape), (lambda name=name: src.get(name))))
+        for l in range(layers):
+            rname = routers[l][1]
+            rdtype = src.info(rname).dtype
+            hid = src.info(rname).shape[1]
+            lead = [g[0] for g in groups[l]]
+            entries.append((rname, rdtype, (experts, hid), (lambda rname=rname, lead=lead: src.get(rname)[lead])))
+            for gi, g in enumerate(groups[l]):
+                def make(l=l, g=g):
+                    return merge_group([_expert_tensors(src, fam, prefix, l, e) for e in g], [float(usage[l][e]) for e in g])
+
+                cache: dict = {}
+                for proj in PROJS:
+                    name0 = fam.expert_name(prefix, l, 0, proj)
+                    info = src.info(name0)
+
+                    def get(cache=cache, make=make, proj=proj):
+                        if "t" not in cache:
+                            cache["t"] = make()
+                        t = cache["t"][proj]
+                        if proj == "down":
+                            cache.clear()
+                        return t
+
+                    entries.append((fam.expert_name(prefix, l, gi, proj), info.dtype, tuple(info.shape), get))
+
+        new_cfg = dict(src.config)
+        new_cfg[fam.expert_key] = experts
+        new_cfg["num_experts_per_tok"] = min(top_k, experts)
+        with CheckpointWriter(out, force=force, shard_size=shard_size) as w:
+            w.layout([(nm, dt, sh) for nm, dt, sh, _ in entries])
+            bar = None
+            if not quiet:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(entries), desc="moe-compress", unit="tensor", file=sys.stderr, leave=False, dynamic_ncols=True)
+            for nm, dt, _sh, make in entries:
+                w.write(nm, make().to(dt).contiguous())
+                if bar:
+                    bar.update(1)
+            if bar:
+                bar.close()
+            w.finish_tensors()
+            w.write_json("config.json", new_cfg)
+            tdir = src.tokenizer_dir()
+            if tdir is not None:
+                for f in TOKENIZER_FILES:
+                    if (Path(tdir) / f).is_file():
+                        w.copy_file(Path(tdir) / f)
+            gen = src.generation_config()
+            if gen:
+                w.write_json("generation_config.json", gen)
+            summary = {
+                "experts_before": n,
+                "experts": experts,
+                "tokens": n_tokens,
+                "groups": groups,
+                "usage": [(u / u.sum().clamp(min=1)).tolist() for u in usage],
+            }
+            if write_card:
+                from .card import compress_card
+
+                w.write_text("README.md", compress_card(str(moe), summary, w.file_hashes()))
+            written = w.commit()
+    finally:
+        src.close()
+    summary.update(out=str(written), seconds=time.time() - t0)
+    return summary
