@@ -43,7 +43,7 @@ CASES = {
     "ties": (True, {"weight": [1.0, 0.6, 0.8], "density": [0.5, 0.3, 0.7]}, {}),
     "breadcrumbs": (True, {"weight": [1.0, 0.5, 0.7], "density": 0.8, "gamma": 0.05}, {}),
     "breadcrumbs_ties": (True, {"weight": [1.0, 0.5, 0.7], "density": 0.8, "gamma": 0.05}, {}),
-    "sce": (True, {"weight": [1.0, 1.0, 1.0]}, {"select_topk": 0.5}),
+    "sce": (True, {}, {"select_topk": 0.5}),
     "model_stock": (True, {}, {}),
     "slerp": (True, {}, {"t": 0.3}),
     "nearswap": (True, {}, {"t": 0.01}),
