@@ -63,7 +63,7 @@ def token_sequences(tok, docs: list[str], *, tokens: int, seq_len: int, seed: in
         step = seq_len - len(bos)
         for s in range(0, len(body), step):
             chunk = bos + body[s : s + step]
-            if len(chunk) - len(bos) < 8:
+            if len(chunk) - len(bos) < 4:
                 continue
             out.append(chunk)
             total += len(chunk) - len(bos)

@@ -163,6 +163,8 @@ def compress_moe(
             torch.set_num_threads(threads)
         tok = load_tokenizer(src, "moe-compress")
         seqs = token_sequences(tok, docs, tokens=tokens, seq_len=seq_len, seed=seed)
+        if not seqs:
+            raise RecipeError("the calibration text is too short (no document has 4 tokens or more)")
         model = load_hf(moe)
         usage, logits = routing_stats(model, seqs, top_k)
         del model
