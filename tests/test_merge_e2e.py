@@ -159,3 +159,32 @@ def test_tokenizer_union_aligns_embeddings_by_token(tmp_path):
     new_id = tok.convert_tokens_to_ids("<extra_a>")
     torch.testing.assert_close(emb[new_id], sf[96])
     assert torch.isfinite(logits(out)).all()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma", "gemma3_text", "phi3"])
+def test_more_families_merge_and_stack_without_family_code(tmp_path, family):
+    """Gemma (tied, scaled embeddings), Gemma 3 (layer_types), Phi-3 (fused qkv), Qwen3 (q/k norms)."""
+    import transformers as tf
+
+    small = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = {
+        "qwen3": lambda: tf.Qwen3Config(head_dim=8, **small),
+        "gemma": lambda: tf.GemmaConfig(head_dim=8, **small),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(head_dim=8, sliding_window=16, **small),
+        "phi3": lambda: tf.Phi3Config(pad_token_id=0, **small),
+    }[family]()
+    paths = []
+    for s in range(2):
+        torch.manual_seed(s)
+        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / f"m{s}")
+        paths.append(tmp_path / f"m{s}")
+    ties = {"merge_method": "ties", "base_model": str(paths[0]), "models": [{"model": str(paths[1]), "parameters": {"weight": 1, "density": 0.5}}]}
+    stack = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(paths[0]), "layer_range": [0, 3]}]}, {"sources": [{"model": str(paths[1]), "layer_range": [2, 4]}]}]}
+    for name, rec in (("ties", ties), ("stack", stack)):
+        s = splice.merge(rec, tmp_path / name, quiet=True)
+        assert s["layers"] == (4 if name == "ties" else 5)
+        assert torch.isfinite(logits(tmp_path / name)).all()
+    cfg_out = json.loads((tmp_path / "stack" / "config.json").read_text())
+    if "layer_types" in cfg_out:
+        src = json.loads((paths[0] / "config.json").read_text())["layer_types"]
+        assert cfg_out["layer_types"] == src[0:3] + src[2:4]
