@@ -1,0 +1,290 @@
+"""``splice demo``: merge the zoo's experts with every applicable method and show which wins.
+
+Steps: build the zoo if it is absent; for each merge method that takes the
+experts plus their base, merge with sensible defaults (and a small sweep of the
+key parameter for the central methods); evaluate base, experts and merges on
+every held-out domain and on the BBC topic task; print a leaderboard ranked by
+MergeBench-style normalized score; write ``leaderboard.json`` and
+``leaderboard.png``; name the winner in one sentence.
+
+Merges and evaluations are cached in the output folder, keyed by the recipe and
+the evaluation settings, so a rerun only redoes what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import SpliceError
+
+# method -> list of (label suffix, per-model parameters, global parameters).
+# Defaults follow the papers / mergekit examples; the sweeps cover each central method's key knob.
+SWEEPS: dict[str, list[tuple[str, dict, dict]]] = {
+    "linear": [("", {"weight": 1.0}, {})],
+    "task_arithmetic": [("lambda=0.5", {"weight": 1.0}, {"lambda": 0.5}), ("lambda=0.75", {"weight": 1.0}, {"lambda": 0.75}),
+                        ("lambda=1", {"weight": 1.0}, {"lambda": 1.0})],
+    "ties": [("density=0.3", {"weight": 1.0, "density": 0.3}, {}), ("density=0.5", {"weight": 1.0, "density": 0.5}, {}),
+             ("density=0.8", {"weight": 1.0, "density": 0.8}, {})],
+    "dare_ties": [("density=0.5", {"weight": 1.0, "density": 0.5}, {})],
+    "dare_linear": [("density=0.5", {"weight": 1.0, "density": 0.5}, {})],
+    "breadcrumbs": [("density=0.9", {"weight": 1.0, "density": 0.9, "gamma": 0.01}, {})],
+    "breadcrumbs_ties": [("density=0.9", {"weight": 1.0, "density": 0.9, "gamma": 0.01}, {})],
+    "della": [("density=0.5", {"weight": 1.0, "density": 0.5, "epsilon": 0.15}, {})],
+    "della_linear": [("density=0.5", {"weight": 1.0, "density": 0.5, "epsilon": 0.15}, {})],
+    "pcb": [("density=0.2", {"weight": 1.0}, {"density": 0.2})],
+    "sce": [("", {}, {"select_topk": 1.0})],
+    "model_stock": [("", {}, {})],
+    "karcher": [("", {}, {})],
+    "multislerp": [("", {"weight": 1.0}, {})],
+}
+
+DEMO_EVAL = {"tiny": {"max_tokens": 4096, "task_items": 100, "seq_len": 128},
+             "smol": {"max_tokens": 2048, "task_items": 40, "seq_len": 256}}
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def applicable_methods(k: int) -> list:
+    """Registered methods that merge ``k`` experts (with or without their base)."""
+    from ..methods import all_methods
+
+    out = []
+    for m in all_methods():
+        if m.min_models > k or (m.max_models is not None and m.max_models < k):
+            continue
+        out.append(m)
+    return out
+
+
+def _param_split(method, per: dict, glob: dict) -> tuple[dict, dict] | None:
+    """Place each parameter where the method wants it (per-model or global); None if a required one is missing."""
+    p_model, p_glob = {}, {}
+    for k, v in {**per, **glob}.items():
+        prm = method.param(k)
+        if prm is None:
+            continue
+        (p_model if prm.per_model else p_glob)[k] = v
+    for prm in method.params:
+        if prm.required and prm.name not in p_model and prm.name not in p_glob:
+            if prm.name == "weight":
+                p_model["weight"] = 1.0
+            else:
+                return None
+    return p_model, p_glob
+
+
+def demo_recipes(base: str, experts: list[str]) -> list[tuple[str, dict]]:
+    """(label, recipe dict) for every applicable method and sweep point."""
+    recipes = []
+    for m in applicable_methods(len(experts)):
+        for suffix, per, glob in SWEEPS.get(m.name, [("", {}, {})]):
+            split = _param_split(m, per, glob)
+            if split is None:
+                continue
+            p_model, p_glob = split
+            r = {"merge_method": m.name, "models": [{"model": e, "parameters": dict(p_model)} for e in experts],
+                 "parameters": p_glob, "dtype": "float32"}
+            if m.base != "none":
+                r["base_model"] = base
+            recipes.append((f"{m.name}" + (f" ({suffix})" if suffix else ""), r))
+    return recipes
+
+
+def _safe_dirname(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label).strip("_")
+
+
+def run_demo(zoo: str = "tiny", out: str | os.PathLike = "demo-out", *, zoo_dir: str | os.PathLike | None = None,
+             seed: int = 0, quiet: bool = False, methods: list[str] | None = None, max_tokens: int | None = None,
+             chart: bool = True) -> dict:
+    """Build the zoo if needed, merge, evaluate, rank. Returns the leaderboard dict (also written as JSON)."""
+    try:
+        import splice
+
+        merge = splice.merge
+    except (ImportError, AttributeError):
+        raise SpliceError("the demo needs splice.merge (the merge engine), which is not available") from None
+    from ..eval import evaluate_model, format_table, normalized_scores, read_task, read_text
+    from .build import build_zoo, default_zoo_dir
+
+    t_all = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    zdir = Path(zoo_dir) if zoo_dir else default_zoo_dir(zoo)
+    man = build_zoo(zoo, zdir, seed=seed, quiet=quiet)
+    ev = dict(DEMO_EVAL.get(zoo, DEMO_EVAL["tiny"]))
+    if max_tokens:
+        ev["max_tokens"] = max_tokens
+    base = str(zdir / man["models"]["base"]["path"])
+    experts = {d: str(zdir / man["models"][d]["path"]) for d in man["experts"]}
+    domains = {d: str(zdir / v["heldout_file"]) for d, v in man["domains"].items()}
+    tasks = {t: str(zdir / v["path"]) for t, v in man["tasks"].items()}
+    texts = {d: read_text(p) for d, p in domains.items()}
+    items = {t: read_task(p)[: ev["task_items"]] for t, p in tasks.items()}
+
+    recipes = demo_recipes(base, list(experts.values()))
+    if methods:
+        recipes = [(l, r) for l, r in recipes if r["merge_method"] in methods]
+    # merge (cached by recipe + seed)
+    merged: dict[str, dict] = {}
+    for label, recipe in recipes:
+        key = _hash([recipe, seed, man["models"]["base"].get("key"), [man["models"][d].get("key") for d in experts]])
+        d = out / "merges" / _safe_dirname(label)
+        stamp = d / ".demo.json"
+        info = json.loads(stamp.read_text()) if stamp.exists() else {}
+        if info.get("key") != key:
+            _say(f"merging: {label}", quiet)
+            t0 = time.time()
+            try:
+                s = merge(recipe, d, force=True, seed=seed, quiet=True)
+            except SpliceError as e:
+                _say(f"  skipped {label}: {e}", quiet)
+                merged[label] = {"method": recipe["merge_method"], "error": str(e)}
+                continue
+            info = {"key": key, "seconds": round(time.time() - t0, 2), "engine_seconds": round(float(s.get("seconds", 0)), 3),
+                    "recipe": recipe}
+            stamp.write_text(json.dumps(info, indent=2) + "\n")
+        merged[label] = {"method": recipe["merge_method"], "path": str(d), "merge_seconds": info["seconds"],
+                         "recipe": recipe}
+
+    # evaluate (cached by model folder stamp + eval settings)
+    ev_key = _hash([ev, sorted(domains.items()), sorted(tasks.items())])
+    cache_f = out / "eval-cache.json"
+    cache = json.loads(cache_f.read_text()) if cache_f.exists() else {}
+    entries = [("base", base, "base"), *[(f"expert:{d}", p, "expert") for d, p in experts.items()],
+               *[(l, m["path"], "merge") for l, m in merged.items() if "path" in m]]
+    results: dict[str, dict] = {}
+    for label, path, kind in entries:
+        mk = _hash([ev_key, path, _folder_stamp(Path(path))])
+        if mk in cache:
+            r = cache[mk]
+        else:
+            _say(f"evaluating: {label}", quiet)
+            r = evaluate_model(path, domains, None, max_tokens=ev["max_tokens"], seq_len=ev["seq_len"], quiet=quiet,
+                               label=label, texts=texts, task_items=items)
+            cache[mk] = r
+            cache_f.write_text(json.dumps(cache) + "\n")
+        results[label] = {"kind": kind, **r}
+        if kind == "merge":
+            results[label]["method"] = merged[label]["method"]
+            results[label]["merge_seconds"] = merged[label]["merge_seconds"]
+            results[label]["recipe"] = merged[label]["recipe"]
+
+    losses = {n: {d: v["loss"] for d, v in r["domains"].items()} for n, r in results.items()}
+    scores = normalized_scores(losses, "base", {d: f"expert:{d}" for d in experts}, man["general_domain"])
+    for n, s in scores.items():
+        results[n]["scores"] = s
+
+    board = sorted((n for n, r in results.items() if r["kind"] == "merge"),
+                   key=lambda n: (-(results[n]["scores"]["normalized"] or -1e9), results[n]["scores"].get("forgetting", 0)))
+    winner = board[0] if board else None
+    res = {
+        "zoo": zoo, "zoo_dir": str(zdir), "seed": seed, "eval": ev,
+        "domains": domains, "tasks": tasks, "experts": list(experts), "general_domain": man["general_domain"],
+        "base": "base", "models": results, "ranking": board, "winner": winner,
+        "methods": sorted({r["merge_method"] for _, r in recipes}),
+        "skipped": {l: m["error"] for l, m in merged.items() if "error" in m},
+        "seconds": round(time.time() - t_all, 2),
+    }
+    res["summary"] = winner_sentence(res)
+    (out / "leaderboard.json").write_text(json.dumps(res, indent=2) + "\n")
+    res["table"] = leaderboard_table(res)
+    if chart:
+        res["chart"] = write_chart(res, out / "leaderboard.png")
+    return res
+
+
+def _folder_stamp(p: Path) -> str:
+    files = sorted(p.glob("*.safetensors"))
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def winner_sentence(res: dict) -> str:
+    w = res.get("winner")
+    if not w:
+        return "No merge was produced, so there is no winner."
+    s = res["models"][w]["scores"]
+    per = s["per_domain"]
+    worst = min((v for v in per.values() if v is not None), default=None)
+    f = s.get("forgetting")
+    ftxt = f", with {100 * f:+.1f}% loss change on the general domain ({res['general_domain']})" if f is not None else ""
+    wtxt = f" (worst domain {100 * worst:.0f}%)" if worst is not None else ""
+    return (f"On the {res['zoo']} zoo, {w} wins: the merged model keeps {100 * s['normalized']:.0f}% of the experts' "
+            f"improvement over the base on average{wtxt}{ftxt}.")
+
+
+def leaderboard_table(res: dict) -> str:
+    doms = list(res["domains"])
+    ex = res["experts"]
+    head = ["#", "model"] + [f"{d}" for d in doms] + [f"norm:{d}" for d in ex] + ["norm", "forget%"]
+    head += [f"{t} acc" for t in res["tasks"]] + ["merge s", "eval s"]
+    rows = [head]
+    order = ["base"] + [f"expert:{d}" for d in ex] + res["ranking"]
+    for i, n in enumerate(order):
+        r = res["models"][n]
+        s = r["scores"]
+        rank = str(res["ranking"].index(n) + 1) if n in res["ranking"] else ""
+        row = [rank, n] + [f"{r['domains'][d]['loss']:.4f}" for d in doms]
+        row += ["-" if s["per_domain"].get(d) is None else f"{s['per_domain'][d]:.2f}" for d in ex]
+        row += ["-" if s["normalized"] is None else f"{s['normalized']:.3f}",
+                "-" if s.get("forgetting") is None else f"{100 * s['forgetting']:+.2f}"]
+        row += [f"{r['tasks'][t]['acc']:.2f}" for t in res["tasks"]]
+        row += [f"{r.get('merge_seconds', 0):.1f}" if r["kind"] == "merge" else "", f"{r['seconds']:.1f}"]
+        rows.append(row)
+    w = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w[i]) if i == 1 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_chart(res: dict, path: Path) -> str | None:
+    """Bar chart: normalized score per merge (per-domain dots), forgetting beside it. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = res["ranking"]
+    if not names:
+        return None
+    ex = res["experts"]
+    norm = [res["models"][n]["scores"]["normalized"] or 0.0 for n in names]
+    forget = [100 * (res["models"][n]["scores"].get("forgetting") or 0.0) for n in names]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.8), sharey=True,
+                                 gridspec_kw={"width_ratios": [2, 1]})
+    y = list(range(len(names)))
+    a1.barh(y, norm, color="#4C72B0", alpha=0.8, label="mean over expert domains")
+    marks = "os^vD<>"
+    for j, d in enumerate(ex):
+        vals = [res["models"][n]["scores"]["per_domain"].get(d) for n in names]
+        a1.scatter([v if v is not None else float("nan") for v in vals], y, marker=marks[j % len(marks)], s=18,
+                   zorder=3, label=d)
+    a1.axvline(1.0, color="grey", lw=0.8, ls="--")
+    a1.axvline(0.0, color="black", lw=0.8)
+    a1.set_yticks(y, names, fontsize=8)
+    a1.invert_yaxis()
+    a1.set_xlabel("normalized score: share of each expert's loss improvement kept")
+    a1.legend(fontsize=7, loc="lower right")
+    a2.barh(y, forget, color=["#C44E52" if f > 0 else "#55A868" for f in forget])
+    a2.axvline(0.0, color="black", lw=0.8)
+    a2.set_xlabel(f"forgetting: loss change on '{res['general_domain']}' (%)")
+    fig.suptitle(f"splice demo — {res['zoo']} zoo: merges of {len(ex)} experts ({', '.join(ex)})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

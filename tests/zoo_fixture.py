@@ -1,0 +1,27 @@
+"""The tiny zoo, built once per test session (and reused across sessions from the repo's .cache/).
+
+Set SPLICE_TEST_ZOO to build it somewhere else. The build is resumable and keyed
+by its settings, so a stale or half-built cache is finished or rebuilt, not trusted.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_zoo_dir() -> Path:
+    env = os.environ.get("SPLICE_TEST_ZOO")
+    return Path(env) if env else REPO / ".cache" / "test-zoo" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo():
+    """(zoo folder, manifest) of the tiny tier."""
+    from splice.zoo import build_zoo
+
+    d = tiny_zoo_dir()
+    m = build_zoo("tiny", d, seed=0, quiet=True)
+    return d, m
