@@ -1,0 +1,160 @@
+"""``splice skip`` and ``splice generate``: thin argument parsing over :mod:`splice.skip`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+
+
+def add_skip_parser(sub) -> None:
+    from .skip.plan import STRATEGIES
+
+    strategies = "; ".join(f"{n}: {p.summary}" for n, p in STRATEGIES.items())
+    p = sub.add_parser(
+        "skip",
+        help="drop layers (or MLP blocks) for speed: plan, write a pruned checkpoint, optionally heal it",
+        description=f"Strategies -- {strategies}.",
+    )
+    p.add_argument("model", help="model folder, .safetensors or .gguf file")
+    p.add_argument("-o", "--out", help="output folder for the pruned model")
+    p.add_argument("--strategy", default="balanced", help=f"one of {', '.join(STRATEGIES)} (default balanced)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--speedup", type=float, help="target decode speedup (the cost model picks the count)")
+    how.add_argument("--drop", type=int, help="number of layers to drop (MLP blocks for --strategy ffn)")
+    how.add_argument("--ratio", type=float, help="fraction of the layers (MLP blocks) to drop, e.g. 0.25")
+    p.add_argument("--calibration", help="text file for data-aware strategies and for --heal")
+    p.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of calibration text to use (default 4096)")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default 256)")
+    p.add_argument("--plan-only", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--json", action="store_true", help="print the plan (and result) as JSON")
+    p.add_argument("--heal", type=int, default=0, metavar="N", help="fine-tune the layers next to the cuts for N steps on the calibration text")
+    p.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate for --heal (default 1e-4)")
+    p.add_argument("--heal-batch", type=int, default=4, help="sequences per healing step (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    _common(p)
+    p.set_defaults(func=cmd_skip)
+
+
+def cmd_skip(args: argparse.Namespace) -> int:
+    from .skip import SkipError, plan, prune
+
+    if not args.plan_only and not args.out:
+        raise SkipError("give -o OUT to write the pruned model, or --plan-only to only print the plan")
+    if args.speedup is None and args.drop is None and args.ratio is None:
+        raise SkipError("give one of --speedup X, --drop N or --ratio F")
+    if args.heal and args.plan_only:
+        raise SkipError("--heal writes a model; it does not go with --plan-only")
+    if args.out and not args.plan_only:
+        from pathlib import Path
+
+        from .checkpoint.writer import check_output
+
+        check_output(Path(args.out).resolve(), args.force)  # fail before calibrating
+    p = plan(args.model, args.strategy, drop=args.drop, ratio=args.ratio, speedup=args.speedup, calibration=args.calibration,
+             calibration_tokens=args.calibration_tokens, seq_len=args.seq_len, quiet=args.quiet)
+    result = None
+    if not args.plan_only:
+        result = prune(p, args.out, force=args.force, quiet=args.quiet, heal_steps=args.heal, calibration=args.calibration,
+                       heal_lr=args.heal_lr, heal_batch=args.heal_batch, seq_len=args.seq_len, seed=args.seed,
+                       calibration_tokens=max(args.calibration_tokens, 16384))
+    if args.json:
+        print(json.dumps({"plan": p.to_dict(), "result": result}, indent=2))
+        return 0
+    print(p.describe())
+    if result:
+        h = result.get("healed")
+        if h:
+            print(f"healed layers {h['layers']} for {h['steps']} steps: held-out loss {h['loss_before']:.4f} -> {h['loss_after']:.4f} ({h['seconds']:.0f}s)")
+        print(f"wrote {result['out']}: {result['layers']} layers")
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text, optionally with lossless self-speculative decoding")
+    p.add_argument("model", help="model folder, .safetensors or .gguf file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="file holding the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--self-speculative", metavar="SKIP", help="draft with these units bypassed: 'auto', or e.g. '8-15,mlp20,attn3'")
+    p.add_argument("--skip", metavar="SKIP", help="bypass these units for the whole generation (lossy; e.g. to try a plan)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-draft", type=int, default=8, help="longest draft per cycle (default 8)")
+    p.add_argument("--draft-length", type=int, help="fixed draft length (default: adapts)")
+    p.add_argument("--confidence", type=float, default=0.3, help="stop drafting below this draft probability (default 0.3; 0: never)")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--compare", action="store_true", help="also run plain decoding on the same prompt and report the speedup")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from .skip import SelfSpeculativeDecoder, SkipError, generate_plain, load_model, parse_units
+    from .skip.model import decoder_layers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_new_tokens < 1:
+        raise SkipError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if args.self_speculative and args.skip:
+        raise SkipError("--skip and --self-speculative do not go together")
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise SkipError(f"prompt file {args.prompt_file}: {e.strerror}") from None
+    model = load_model(args.model)
+    if not model.splice_tokenizer_dir:
+        raise SkipError(f"model {args.model}: no tokenizer files next to it")
+    tok = AutoTokenizer.from_pretrained(model.splice_tokenizer_dir)
+    ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    eos = None if args.ignore_eos else tok.eos_token_id
+    samp = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=eos)
+    if args.self_speculative:
+        dec = SelfSpeculativeDecoder(model, args.self_speculative, max_draft=args.max_draft, draft_length=args.draft_length,
+                                     confidence=args.confidence, seed=args.seed)
+        res = dec.generate(ids, args.max_new_tokens, **samp)
+    else:
+        skip = parse_units(args.skip, len(decoder_layers(model))) if args.skip else ()
+        res = generate_plain(model, ids, args.max_new_tokens, skip=skip, **samp)
+    text = tok.decode(res.tokens, skip_special_tokens=True)
+    report = {"text": text, "tokens": res.tokens, "stats": res.stats.to_dict()}
+    plain = None
+    if args.compare:
+        plain = generate_plain(model, ids, args.max_new_tokens, **samp)
+        report["plain"] = {"stats": plain.stats.to_dict(), "identical": plain.tokens == res.tokens}
+        report["speedup"] = res.stats.tokens_per_second / plain.stats.tokens_per_second if plain.stats.tokens_per_second else None
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(text)
+    if not args.quiet:
+        s = res.stats
+        line = f"{s.new_tokens} tokens in {s.seconds:.2f}s: {s.tokens_per_second:.1f} tokens/s"
+        if args.self_speculative:
+            sets = ", ".join(f"{k} ({v} cycles)" for k, v in sorted(s.skip_sets.items(), key=lambda kv: -kv[1])[:3])
+            line += (f"; self-speculative: acceptance {s.acceptance:.1%} ({s.accepted}/{s.drafted} drafts), "
+                     f"{s.tokens_per_cycle:.2f} tokens per full pass; skip {sets}")
+        print(line, file=sys.stderr)
+        if plain is not None:
+            same = "identical output" if plain.tokens == res.tokens else "different output" + (" (expected when sampling)" if args.temperature > 0 else "")
+            print(f"plain decoding: {plain.stats.tokens_per_second:.1f} tokens/s; speedup {report['speedup']:.2f}x; {same}", file=sys.stderr)
+    return 0
