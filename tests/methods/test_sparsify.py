@@ -144,3 +144,33 @@ def test_della_edges():
     assert torch.isfinite(one_col).all()
     vec = della_(rand(64, seed=8), 0.5, 0.1, True, g)  # 1-D: one row
     assert vec.shape == (64,) and torch.isfinite(vec).all()
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "skewed"])
+def test_kth_smallest_on_large_tensors_is_exact(kind):
+    from splice.methods._sparsify import kth_smallest
+
+    g = torch.Generator().manual_seed(9)
+    n = 300_001  # above the size where the sampled bracket is used
+    if kind == "normal":
+        v = torch.randn(n, generator=g).abs()
+    elif kind == "ties":
+        v = torch.randint(0, 4, (n,), generator=g).float()
+    else:  # most of the mass at zero, as in sparse deltas
+        v = torch.where(torch.rand(n, generator=g) < 0.9, 0.0, torch.rand(n, generator=g))
+    ordered = torch.sort(v).values
+    for k in (1, 2, 17, n // 3, n // 2, n - 1000, n - 1, n):
+        assert kth_smallest(v, k) == ordered[k - 1], k
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.77])
+def test_magnitude_with_quantized_ties_on_large_tensor(density):
+    """bf16-like deltas: few distinct magnitudes, so ties straddle the threshold."""
+    g = torch.Generator().manual_seed(10)
+    n = 300_000
+    d = (torch.randint(-40, 41, (n,), generator=g).float() / 64).to(torch.bfloat16).float()
+    k = max(1, int(density * n))
+    expected = torch.where(sorted_topk(d.abs(), k), d, torch.zeros_like(d))
+    assert torch.equal(magnitude_(d.clone(), density), expected)
+    out = magnitude_(d.clone(), density, scratch=torch.empty_like(d))
+    assert torch.equal(out, expected)

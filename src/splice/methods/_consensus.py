@@ -39,15 +39,17 @@ class SignConsensus:
         ``value`` is what the model adds to the merged delta where it agrees (for
         TIES its weighted delta) and its sign decides the side it is on; ``vote``
         is what it adds to the election sum (default: ``value``); ``weight`` is
-        what it adds to the divisor where it agrees.  ``value`` may be clobbered.
+        what it adds to the divisor where it agrees.  ``value`` is clobbered.
         """
         self.votes.add_(value if vote is None else vote)
-        torch.clamp(value, min=0, out=self._side)
-        self.pos.add_(self._side)
+        side = torch.clamp(value, min=0, out=self._side)
+        self.pos.add_(side)
         if self.pos_w is not None:
-            self.pos_w.add_(value > 0, alpha=weight)
-            self.neg_w.add_(value < 0, alpha=weight)
-        self.neg.add_(value.clamp_(max=0))
+            self.pos_w.add_(side.sign_(), alpha=weight)  # +weight where value > 0
+        value.clamp_(max=0)
+        self.neg.add_(value)
+        if self.neg_w is not None:
+            self.neg_w.sub_(value.sign_(), alpha=weight)  # +weight where value < 0
 
     def result(self, *, divisor: bool, min_divisor: float | None = None) -> torch.Tensor:
         """The merged delta: the elected side's sum, divided by its weights if ``divisor``.
@@ -57,13 +59,13 @@ class SignConsensus:
         """
         positive = self.votes >= 0
         del self.votes, self._side
-        merged = torch.where(positive, self.pos, self.neg)
-        del self.pos, self.neg
+        merged = torch.where(positive, self.pos, self.neg, out=self.pos)
+        del self.neg
         if divisor:
             if self.pos_w is None:
                 raise ValueError("SignConsensus built without track_weights")
-            div = torch.where(positive, self.pos_w, self.neg_w)
-            del self.pos_w, self.neg_w
+            div = torch.where(positive, self.pos_w, self.neg_w, out=self.pos_w)
+            del self.neg_w
             if min_divisor is None:
                 div.masked_fill_(div == 0, 1)
             else:

@@ -13,13 +13,17 @@ is written for speed on large tensors:
   arbitrary; on real data exact ties of non-zero magnitudes at the threshold are
   rare and swap values of equal size.)  Ties among exact zeros are not resolved
   at all where the mask only multiplies the delta: a zero stays zero either way.
-- Every ``*_`` function takes a delta the caller owns and modifies it in place.
+- Every ``*_`` function takes a delta the caller owns, may overwrite it and an
+  optional ``scratch`` tensor of the same shape, and returns the tensor that
+  holds the result (one of the two).
 - ``rescale=True`` is mergekit 0.1.5's L1 rescale: the kept part is scaled so
   that its L1 norm equals the L1 norm of the whole delta (skipped when either
   norm is below 1e-7).  For DARE this is the paper's 1/density in expectation.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -29,9 +33,42 @@ _RESCALE_EPS = 1e-7
 # --------------------------------------------------------------------------- selection
 
 
+_SAMPLE = 1 << 15  # sample size for bracketing the k-th value
+_SPREAD = 5.0  # bracket half-width, in binomial standard deviations
+
+
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest entry (1-based) of a flat tensor, as a 0-d tensor; linear time."""
-    return torch.kthvalue(values, k).values
+    """The k-th smallest entry (1-based) of a flat tensor, as a 0-d tensor; exact.
+
+    Large tensors: the order statistics of a fixed-seed random sample bracket
+    the answer (5 standard deviations either side), two comparisons count what
+    lies below the bracket and pick out the few entries inside it, and
+    ``torch.kthvalue`` finishes on those.  If the bracket misses (chance below
+    1e-6) the whole tensor goes to ``torch.kthvalue``.  The sample only decides
+    speed, never the result, and uses its own generator (no caller randomness).
+    """
+    n = values.numel()
+    if n <= 8 * _SAMPLE:
+        return torch.kthvalue(values, k).values
+    g = torch.Generator(device=values.device).manual_seed(0x5EED)
+    idx = torch.randint(0, n, (_SAMPLE,), generator=g, device=values.device)
+    sample = torch.sort(values[idx]).values
+    q = (k - 0.5) / n
+    spread = _SPREAD * math.sqrt(_SAMPLE * q * (1 - q)) + 2
+    lo_i, hi_i = math.floor(q * _SAMPLE - spread), math.ceil(q * _SAMPLE + spread)
+    inside = values >= sample[lo_i] if lo_i >= 0 else None
+    below = n - int(torch.count_nonzero(inside)) if inside is not None else 0
+    if below >= k:
+        return torch.kthvalue(values, k).values
+    if hi_i < _SAMPLE:
+        upper = values <= sample[hi_i]
+        inside = upper if inside is None else inside.logical_and_(upper)
+        del upper
+    if inside is None:
+        return torch.kthvalue(values, k).values
+    if below + int(torch.count_nonzero(inside)) < k:
+        return torch.kthvalue(values, k).values
+    return torch.kthvalue(values[inside], k - below).values
 
 
 def topk_mask(scores: torch.Tensor, k: int, *, zero_ties_free: bool = False) -> torch.Tensor:
@@ -114,20 +151,53 @@ def _rescale_(masked: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor
     return masked.mul_(before / after)
 
 
-def magnitude_(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """TIES trim: keep the ``max(1, int(density * numel))`` largest magnitudes."""
+def _magnitudes(delta: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    return delta.abs() if scratch is None else torch.abs(delta, out=scratch)
+
+
+def _shrink(x: torch.Tensor, below: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``x`` where ``|x| > below`` else 0, in one pass (``below`` a 0-d tensor of x's dtype)."""
+    lambd = float(below)
+    if out is None:
+        return torch.nn.functional.hardshrink(x, lambd)
+    return torch.ops.aten.hardshrink.out(x, lambd, out=out)
+
+
+def magnitude_(
+    delta: torch.Tensor, density: float, rescale: bool = False, *, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """TIES trim: keep the ``max(1, int(density * numel))`` largest magnitudes.
+
+    Returns the trimmed delta: ``delta`` itself, or ``scratch`` (a working
+    tensor like ``delta``, optional) holding the result.
+    """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return delta.zero_()
-    k = max(1, int(density * delta.numel()))
+    n = delta.numel()
+    k = max(1, int(density * n))
     before = _l1(delta) if rescale else None
-    keep = topk_mask(delta.abs(), k, zero_ties_free=True)
-    delta.mul_(keep)
-    return _rescale_(delta, before)
+    mag = _magnitudes(delta, scratch).reshape(-1)
+    t = kth_smallest(mag, n - k + 1) if k < n else mag.min()
+    if float(t) == 0.0:  # every non-zero entry is kept; dropping zeros changes nothing
+        return delta
+    at_or_above = int(torch.count_nonzero(mag >= t))
+    if at_or_above == k:  # no tie straddles the threshold: keep |x| >= t
+        out = _shrink(delta, torch.nextafter(t, torch.zeros_like(t)), scratch)
+    else:  # keep |x| > t, then the lowest-index entries equal to t
+        tied = torch.nonzero(mag == t).squeeze(1)
+        tied = tied[: k - (at_or_above - tied.numel())]
+        flat_delta = delta.reshape(-1)
+        kept_ties = flat_delta[tied]
+        out = _shrink(delta, t, scratch)
+        out.reshape(-1)[tied] = kept_ties
+    return _rescale_(out, before)
 
 
-def breadcrumbs_(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+def breadcrumbs_(
+    delta: torch.Tensor, density: float, gamma: float, rescale: bool = False, *, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """Model Breadcrumbs: drop the ``int(gamma*n)`` largest magnitudes and the smallest.
 
     ``int(density*n)`` elements are kept: in ascending magnitude order the window
@@ -143,24 +213,40 @@ def breadcrumbs_(delta: torch.Tensor, density: float, gamma: float, rescale: boo
     if target <= 0:
         return delta.zero_()
     before = _l1(delta) if rescale else None
-    keep = rank_window_mask(delta.abs(), n_bot, n_bot + target, zero_ties_free=True)
-    delta.mul_(keep)
+    keep = rank_window_mask(_magnitudes(delta, scratch), n_bot, n_bot + target, zero_ties_free=True)
+    delta.masked_fill_(keep.logical_not_(), 0)
     return _rescale_(delta, before)
 
 
-def _uniform(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+def _uniform(like: torch.Tensor, generator: torch.Generator | None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """U[0, 1) draws shaped like ``like``: the same stream as ``torch.rand(like.shape, generator=...)``."""
+    out = torch.empty_like(like) if scratch is None else scratch
+    return out.uniform_(0, 1, generator=generator)
 
 
-def random_(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """DARE: keep each element independently with probability ``density``."""
+def random_(
+    delta: torch.Tensor,
+    density: float,
+    rescale: bool,
+    generator: torch.Generator | None,
+    *,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DARE: keep each element independently with probability ``density``.
+
+    One uniform draw per element, the stream of ``torch.rand(delta.shape,
+    generator=...)``; the element is kept iff ``u < density``.
+    """
     if density >= 1:
         return delta
     before = _l1(delta) if rescale else None
     if density <= 0:
         delta.zero_()
     else:
-        delta.masked_fill_(_uniform(delta, generator) >= density, 0)
+        u = _uniform(delta, generator, scratch)
+        # ceil(density - u) is exactly 1 where u < density and 0 (or -0) elsewhere:
+        # a float mask without a boolean round trip.
+        delta.mul_(torch.sub(density, u, out=u).ceil_())
     return _rescale_(delta, before)
 
 
@@ -174,7 +260,13 @@ def _sort_key(x: torch.Tensor) -> torch.Tensor:
 
 
 def della_(
-    delta: torch.Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rescale: bool,
+    generator: torch.Generator | None,
+    *,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DELLA MagPrune: keep probabilities rise linearly with magnitude rank within a row.
 
@@ -196,7 +288,8 @@ def della_(
     ncols = rows.shape[1]
     # Draw the keep decisions in sorted order (probability depends on rank only),
     # then scatter them back to the elements' own positions.
-    order = torch.argsort(_sort_key(rows.abs()), dim=1, stable=True)
+    mags = _magnitudes(delta, scratch).reshape(rows.shape)
+    order = torch.argsort(_sort_key(mags), dim=1, stable=True)
     shape = [1] * rows.dim()
     shape[1] = ncols
     if ncols > 1:
@@ -204,8 +297,8 @@ def della_(
         probs = ramp.mul_(2 * epsilon).add_(density - epsilon).reshape(shape)
     else:
         probs = torch.full(shape, density, device=delta.device, dtype=delta.dtype)
-    drop_sorted = _uniform(rows, generator) >= probs
+    drop_sorted = _uniform(mags, generator, mags) >= probs
     drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
-    del order, drop_sorted
+    del order, drop_sorted, mags
     rows.masked_fill_(drop, 0)
     return _rescale_(delta, before)

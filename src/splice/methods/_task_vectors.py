@@ -26,7 +26,7 @@ import torch
 from ._consensus import SignConsensus
 from .registry import Param
 
-Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
+Sparsifier = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def per_model(values: Any, n: int, name: str) -> list:
@@ -56,21 +56,31 @@ def merge_task_vectors(
     normalize: bool = False,
     lambda_: float = 1.0,
 ) -> torch.Tensor:
-    """Steps 1-5 above; ``sparsify(i, delta)`` may modify ``delta`` in place."""
+    """Steps 1-5 above.
+
+    ``sparsify(i, delta, scratch)`` sparsifies model i's ``delta`` and returns
+    the tensor holding the result: ``delta`` or ``scratch`` (same shape and
+    dtype, free working space).  Both buffers are reused from model to model:
+    fresh large tensors cost page faults.
+    """
     if not tensors:
         return base.clone()
     weights = [float(w) for w in weight]
     acc = SignConsensus(base, track_weights=normalize) if consensus else torch.zeros_like(base)
+    delta = torch.empty_like(base)
+    scratch = torch.empty_like(base) if sparsify is not None else None
     for i, t in enumerate(tensors):
-        delta = torch.sub(t, base)
+        torch.sub(t, base, out=delta)
         if sparsify is not None:
-            delta = sparsify(i, delta)
+            result = sparsify(i, delta, scratch)
+            if result is scratch:  # the sparsifier wrote its result into the scratch buffer
+                delta, scratch = scratch, delta
         delta.mul_(weights[i])
         if consensus:
             acc.add(delta, weights[i])
         else:
             acc.add_(delta)
-        del delta
+    del delta, scratch
     if consensus:
         merged = acc.result(divisor=normalize)
     else:

@@ -37,7 +37,7 @@ def breadcrumbs(
         tensors,
         base,
         weight=per_model(weight, n, "weight"),
-        sparsify=lambda i, d: breadcrumbs_(d, float(dens[i]), float(gam[i]), rescale),
+        sparsify=lambda i, d, s: breadcrumbs_(d, float(dens[i]), float(gam[i]), rescale, scratch=s),
         normalize=normalize,
         lambda_=lambda_,
     )

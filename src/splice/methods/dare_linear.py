@@ -38,7 +38,7 @@ def dare_linear(
         tensors,
         base,
         weight=per_model(weight, n, "weight"),
-        sparsify=lambda i, d: random_(d, float(dens[i]), rescale, generator),
+        sparsify=lambda i, d, s: random_(d, float(dens[i]), rescale, generator, scratch=s),
         normalize=normalize,
         lambda_=lambda_,
     )

@@ -39,7 +39,7 @@ def della(
         tensors,
         base,
         weight=per_model(weight, n, "weight"),
-        sparsify=lambda i, d: della_(d, float(dens[i]), float(eps[i]), rescale, generator),
+        sparsify=lambda i, d, s: della_(d, float(dens[i]), float(eps[i]), rescale, generator, scratch=s),
         consensus=True,
         normalize=normalize,
         lambda_=lambda_,

@@ -42,15 +42,18 @@ from ._task_vectors import check_inputs, per_model
 from .registry import Param, merge_method
 
 
-def _scores(delta: torch.Tensor, combined: torch.Tensor, n_models: int) -> torch.Tensor:
-    """b = exp(N * (norm(|d|)**2 - 1)) * tanh(d * sum_j d_j); the e^-N factor keeps exp finite."""
-    mag = delta.abs()
+def _scores(delta: torch.Tensor, combined: torch.Tensor, n_models: int, mag: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """b = exp(N * (norm(|d|)**2 - 1)) * tanh(d * sum_j d_j) into ``out``; ``mag`` is scratch.
+
+    The constant factor e^-N (cancelled by the min-max in ``_balance_``) keeps exp finite.
+    """
+    torch.abs(delta, out=mag)
     lo, hi = torch.aminmax(mag)
     if hi > lo:
-        intra = mag.sub_(lo).div_(hi - lo).square_().sub_(1).mul_(n_models).exp_()
+        mag.sub_(lo).div_(hi - lo).square_().sub_(1).mul_(n_models).exp_()
     else:
-        intra = mag.fill_(1.0)
-    return torch.mul(delta, combined).tanh_().mul_(intra)
+        mag.fill_(1.0)
+    return torch.mul(delta, combined, out=out).tanh_().mul_(mag)
 
 
 def _balance_(scores: torch.Tensor, density: float) -> torch.Tensor:
@@ -97,17 +100,16 @@ def pcb(
     tmp = torch.empty_like(base)
     for t in tensors:
         combined.add_(torch.sub(t, base, out=tmp))
-    del tmp
 
     merged = torch.zeros_like(base)
     total = torch.zeros_like(base)
+    delta, mag, score = tmp, torch.empty_like(base), torch.empty_like(base)
     for t, w, rho in zip(tensors, weights, dens):
-        delta = torch.sub(t, base)
-        scale = _balance_(_scores(delta, combined, n_models), rho)
+        torch.sub(t, base, out=delta)
+        scale = _balance_(_scores(delta, combined, n_models, mag, score), rho)
         total.add_(scale)
         merged.addcmul_(scale, delta, value=w)
-        del delta, scale
-    del combined
+    del delta, mag, score, tmp, combined
     merged.div_(total.clamp_(min=1e-12))
     if lambda_ != 1:
         merged.mul_(lambda_)

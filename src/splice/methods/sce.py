@@ -12,8 +12,9 @@ For task vectors ``d_i = t_i - base`` of K models:
 3. **Erase**: TIES sign election on the (unweighted) ``d_i``; the merged delta is
    ``sum_i w_i d_i [agree] / max(sum_i w_i [agree], 1e-6)``.
 
-No per-model ``weight``: mergekit's sce takes none.  Tensors are re-derived
-from the inputs in each pass instead of stacking K task vectors.
+No per-model ``weight``: mergekit's sce takes none.  Task vectors are
+re-derived from the inputs in each pass (into reused buffers) instead of
+stacking K of them; the variance is computed chunk by chunk.
 """
 
 from __future__ import annotations
@@ -28,25 +29,24 @@ from ._task_vectors import check_inputs
 from .registry import Param, merge_method
 
 
-def _variance(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """Population variance across models of the task vectors, by Welford's update.
+_CHUNK = 1 << 20  # elements per variance chunk: K * 4 MiB of float32 at a time
 
-    Same arithmetic as ``torch.var(stack, dim=0, unbiased=False)`` (which
-    accumulates in float64 on CPU), so identical deltas give exactly 0 and the
-    selected set matches mergekit's, without stacking K task vectors.
+
+def _variance(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Population variance across models of the task vectors, chunk by chunk.
+
+    Each chunk is exactly mergekit's ``torch.var(stack, dim=0, unbiased=False)``
+    on that slice (so identical deltas give exactly 0 and the selected set is
+    the same), without stacking K whole task vectors.
     """
-    acc = torch.float64 if base.device.type == "cpu" else base.dtype
-    mean = torch.zeros_like(base, dtype=acc)
-    m2 = torch.zeros_like(base, dtype=acc)
-    x = torch.empty_like(base, dtype=acc)
-    step = torch.empty_like(base, dtype=acc)
-    tv = torch.empty_like(base)
-    for i, t in enumerate(tensors, start=1):
-        x.copy_(torch.sub(t, base, out=tv))
-        torch.sub(x, mean, out=step)
-        mean.add_(step / i)
-        m2.addcmul_(step, x.sub_(mean))
-    return m2.div_(len(tensors)).to(base.dtype)
+    flat_base = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    var = torch.empty_like(flat_base)
+    for lo in range(0, flat_base.numel(), _CHUNK):
+        part = slice(lo, lo + _CHUNK)
+        stacked = torch.stack([f[part] - flat_base[part] for f in flats])
+        torch.var(stacked, dim=0, unbiased=False, out=var[part])
+    return var.reshape(base.shape)
 
 
 def _variance_mask(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float) -> torch.Tensor:
@@ -77,25 +77,29 @@ def sce(
         return base.clone()
     k_models = len(tensors)
     if select_topk >= 1:
-        mask = None
+        keep = None
     elif select_topk <= 0:
-        mask = torch.zeros_like(base, dtype=torch.bool)
+        keep = torch.zeros_like(base)
     else:
-        mask = _variance_mask(tensors, base, float(select_topk))
+        keep = _variance_mask(tensors, base, float(select_topk)).to(base.dtype)
+
+    delta = torch.empty_like(base)
 
     def task_vector(t: torch.Tensor) -> torch.Tensor:
-        d = torch.sub(t, base)
-        return d.mul_(mask) if mask is not None else d
+        torch.sub(t, base, out=delta)
+        return delta if keep is None else delta.mul_(keep)
 
     # Calculate: mean squared (selected) delta per model.
-    energy = torch.stack([torch.mean(torch.square(task_vector(t))) for t in tensors])
+    n = max(base.numel(), 1)
+    energy = torch.stack([torch.linalg.vector_norm(task_vector(t)).square() / n for t in tensors])
     total = float(torch.sum(energy))
     weights = torch.full_like(energy, 1.0 / k_models) if abs(total) < 1e-6 else energy / total
 
     # Erase: signs elected on the unweighted deltas; values and divisor weighted.
     acc = SignConsensus(base, track_weights=True)
+    scaled = torch.empty_like(base)
     for t, w in zip(tensors, weights.tolist()):
         d = task_vector(t)
-        acc.add(d * w, w, vote=d)
-        del d
+        acc.add(torch.mul(d, w, out=scaled), w, vote=d)
+    del delta, scaled, keep
     return acc.result(divisor=True, min_divisor=1e-6).add_(base)

@@ -36,7 +36,7 @@ def ties(
         tensors,
         base,
         weight=per_model(weight, n, "weight"),
-        sparsify=lambda i, d: magnitude_(d, float(dens[i]), rescale),
+        sparsify=lambda i, d, s: magnitude_(d, float(dens[i]), rescale, scratch=s),
         consensus=True,
         normalize=normalize,
         lambda_=lambda_,
