@@ -14,7 +14,6 @@ from splice.methods._sparsify import (
     della_,
     magnitude_,
     random_,
-    rank_window_mask,
     topk_mask,
 )
 
@@ -49,23 +48,25 @@ def test_topk_mask_matches_stable_sort_even_with_ties(seed):
             assert torch.equal(m, sorted_topk(v, k)), k
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_rank_window_matches_stable_sort_even_with_ties(seed):
-    g = torch.Generator().manual_seed(seed)
-    tied = torch.randint(0, 3, (5, 6), generator=g).float()
-    distinct = torch.rand(30, generator=g)
-    for v in (tied, distinct):
-        n = v.numel()
-        for start in range(0, n + 1, 3):
-            for stop in range(start, n + 2, 4):
-                assert torch.equal(rank_window_mask(v, start, stop), sorted_window(v, start, stop)), (start, stop)
+@pytest.mark.parametrize("n,seeds", [(30, range(4)), (300_000, range(1))])  # kthvalue path; sampled bracket
+def test_breadcrumbs_window_matches_stable_sort_even_with_ties(n, seeds):
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        tied = (torch.randint(-3, 4, (n,), generator=g) * 0.5).float()  # many exact ties, zeros too
+        distinct = torch.randn(n, generator=g)
+        for d in (tied, distinct):
+            for density, gamma in [(0.5, 0.1), (0.3, 0.5), (0.9, 0.3), (0.2, 0.0)]:
+                target, n_top = int(density * n), int(gamma * n)
+                start = max(0, n - target - n_top)
+                expected = torch.where(sorted_window(d.abs(), start, start + target), d, torch.zeros_like(d))
+                scratch = torch.empty_like(d) if seed % 2 == 0 else None
+                assert torch.equal(breadcrumbs_(d.clone(), density, gamma, scratch=scratch), expected), (density, gamma)
 
 
 def test_zero_ties_free_only_skips_zero_ties():
     v = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0])
     assert topk_mask(v, 3, zero_ties_free=True).tolist() == [False, False, False, True, True]
     assert topk_mask(v, 3).tolist() == [True, False, False, True, True]
-    assert rank_window_mask(v, 1, 4, zero_ties_free=True).tolist() == [True, True, True, True, False]
 
 
 def test_magnitude_keeps_int_density_n_at_least_one():

@@ -3,16 +3,20 @@
 Behaviour follows mergekit 0.1.5 (``mergekit/sparsify.py``); the code is ours and
 is written for speed on large tensors:
 
-- Magnitude thresholds come from ``torch.kthvalue`` (linear-time selection), not
-  a full sort, followed by an exact fix-up so that exactly as many elements are
-  kept as a sort would keep.  **Tie rule**: among elements whose magnitude equals
-  the threshold, the ones with the lowest flat index win a place in a "largest k"
-  selection, and lose it at the low end of an ascending window, i.e. the order of a
-  *stable* sort in mergekit's direction.  (mergekit's own ``argsort`` is unstable
-  on CPU for more than a few elements, so its choice among exact ties is
-  arbitrary; on real data exact ties of non-zero magnitudes at the threshold are
-  rare and swap values of equal size.)  Ties among exact zeros are not resolved
-  at all where the mask only multiplies the delta: a zero stays zero either way.
+- Magnitude thresholds come from linear-time selection (``kth_smallest``: a
+  sampled bracket, then ``torch.kthvalue`` on the few entries inside it), not a
+  full sort, followed by an exact fix-up so that exactly as many elements are
+  kept as mergekit's sort keeps; the mask is then applied in one pass
+  (``hardshrink``).  **Tie rule**: among elements whose magnitude equals the
+  threshold, the lowest flat indices win a place in a "largest k" selection
+  and lose it at the low end of an ascending window: the order of a *stable*
+  sort in mergekit's direction.  mergekit's own ``argsort`` is unstable on CPU
+  beyond a few elements, so its choice among exact ties is arbitrary.  Such
+  ties are common with bf16 checkpoints (deltas take few distinct values), so
+  on those the kept set can differ from mergekit's by which of several
+  equal-magnitude entries survive; with distinct magnitudes it is identical.
+  Ties among exact zeros are not resolved where the mask only multiplies the
+  delta: a zero stays zero either way.
 - Every ``*_`` function takes a delta the caller owns, may overwrite it and an
   optional ``scratch`` tensor of the same shape, and returns the tensor that
   holds the result (one of the two).
@@ -24,6 +28,7 @@ is written for speed on large tensors:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -37,8 +42,36 @@ _SAMPLE = 1 << 15  # sample size for bracketing the k-th value
 _SPREAD = 5.0  # bracket half-width, in binomial standard deviations
 
 
-def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest entry (1-based) of a flat tensor, as a 0-d tensor; exact.
+class Bracket(NamedTuple):
+    """The k-th smallest value of a flat tensor, and the entries around it.
+
+    ``below`` entries are smaller than every candidate; the candidates are
+    ``values`` (in flat order) at positions ``index`` (None: every position),
+    and all remaining entries are larger than every candidate.  ``value`` is
+    among the candidates.
+    """
+
+    value: torch.Tensor
+    below: int
+    index: torch.Tensor | None
+    values: torch.Tensor
+
+    def count_below(self, t: torch.Tensor) -> int:
+        """How many entries of the whole tensor are < ``t`` (t among the candidates)."""
+        return self.below + int(torch.count_nonzero(self.values < t))
+
+    def positions_equal(self, t: torch.Tensor) -> torch.Tensor:
+        """Flat positions, ascending, of the entries equal to ``t`` (t among the candidates)."""
+        hits = torch.nonzero(self.values == t).squeeze(1)
+        return hits if self.index is None else self.index[hits]
+
+
+def _whole(values: torch.Tensor, k: int) -> Bracket:
+    return Bracket(torch.kthvalue(values, k).values, 0, None, values)
+
+
+def bracket(values: torch.Tensor, k: int) -> Bracket:
+    """The k-th smallest entry (1-based) of a flat tensor, exactly, in linear time.
 
     Large tensors: the order statistics of a fixed-seed random sample bracket
     the answer (5 standard deviations either side), two comparisons count what
@@ -49,26 +82,34 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """
     n = values.numel()
     if n <= 8 * _SAMPLE:
-        return torch.kthvalue(values, k).values
+        return _whole(values, k)
     g = torch.Generator(device=values.device).manual_seed(0x5EED)
-    idx = torch.randint(0, n, (_SAMPLE,), generator=g, device=values.device)
-    sample = torch.sort(values[idx]).values
+    picks = torch.randint(0, n, (_SAMPLE,), generator=g, device=values.device)
+    sample = torch.sort(values[picks]).values
     q = (k - 0.5) / n
     spread = _SPREAD * math.sqrt(_SAMPLE * q * (1 - q)) + 2
     lo_i, hi_i = math.floor(q * _SAMPLE - spread), math.ceil(q * _SAMPLE + spread)
     inside = values >= sample[lo_i] if lo_i >= 0 else None
     below = n - int(torch.count_nonzero(inside)) if inside is not None else 0
     if below >= k:
-        return torch.kthvalue(values, k).values
+        return _whole(values, k)
     if hi_i < _SAMPLE:
         upper = values <= sample[hi_i]
         inside = upper if inside is None else inside.logical_and_(upper)
         del upper
     if inside is None:
-        return torch.kthvalue(values, k).values
-    if below + int(torch.count_nonzero(inside)) < k:
-        return torch.kthvalue(values, k).values
-    return torch.kthvalue(values[inside], k - below).values
+        return _whole(values, k)
+    index = torch.nonzero(inside).squeeze(1)
+    del inside
+    if below + index.numel() < k:
+        return _whole(values, k)
+    candidates = values[index]
+    return Bracket(torch.kthvalue(candidates, k - below).values, below, index, candidates)
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of a flat tensor, as a 0-d tensor (see ``bracket``)."""
+    return bracket(values, k).value
 
 
 def topk_mask(scores: torch.Tensor, k: int, *, zero_ties_free: bool = False) -> torch.Tensor:
@@ -95,43 +136,6 @@ def topk_mask(scores: torch.Tensor, k: int, *, zero_ties_free: bool = False) -> 
         tied = torch.nonzero(flat == t).squeeze(1)
         keep[tied[tied.numel() - extra :]] = False
     return keep.reshape(scores.shape)
-
-
-def rank_window_mask(values: torch.Tensor, start: int, stop: int, *, zero_ties_free: bool = False) -> torch.Tensor:
-    """Boolean mask of the entries whose ascending rank lies in ``[start, stop)``.
-
-    Ranks are those of a stable ascending sort (ties ordered by flat index), as
-    ``sort(values).indices[start:stop]`` would select.
-    """
-    flat = values.reshape(-1)
-    n = flat.numel()
-    start, stop = max(0, start), min(n, stop)
-    if stop <= start:
-        return torch.zeros_like(values, dtype=torch.bool)
-    if start == 0 and stop == n:
-        return torch.ones_like(values, dtype=torch.bool)
-    lo = kth_smallest(flat, start + 1) if start > 0 else None  # value at rank start
-    hi = kth_smallest(flat, stop) if stop < n else None  # value at rank stop - 1
-    if lo is not None and hi is not None:
-        keep = (flat >= lo).logical_and_(flat <= hi)
-    elif lo is not None:
-        keep = flat >= lo
-    else:
-        keep = flat <= hi
-    if int(torch.count_nonzero(keep)) != stop - start:
-        if lo is not None and not (zero_ties_free and float(lo) == 0.0):
-            below = int(torch.count_nonzero(flat < lo))
-            surplus = start - below  # the first `surplus` ties at lo rank below start
-            if surplus > 0:
-                tied = torch.nonzero(flat == lo).squeeze(1)
-                keep[tied[:surplus]] = False
-        if hi is not None and not (zero_ties_free and float(hi) == 0.0):
-            upto = int(torch.count_nonzero(flat <= hi))
-            surplus = upto - stop  # the last `surplus` ties at hi rank at or above stop
-            if surplus > 0:
-                tied = torch.nonzero(flat == hi).squeeze(1)
-                keep[tied[tied.numel() - surplus :]] = False
-    return keep.reshape(values.shape)
 
 
 # --------------------------------------------------------------------------- sparsifiers
@@ -179,17 +183,19 @@ def magnitude_(
     k = max(1, int(density * n))
     before = _l1(delta) if rescale else None
     mag = _magnitudes(delta, scratch).reshape(-1)
-    t = kth_smallest(mag, n - k + 1) if k < n else mag.min()
+    if k >= n:
+        return delta
+    sel = bracket(mag, n - k + 1)  # the k-th largest magnitude
+    t = sel.value
     if float(t) == 0.0:  # every non-zero entry is kept; dropping zeros changes nothing
         return delta
-    at_or_above = int(torch.count_nonzero(mag >= t))
+    at_or_above = n - sel.count_below(t)
     if at_or_above == k:  # no tie straddles the threshold: keep |x| >= t
         out = _shrink(delta, torch.nextafter(t, torch.zeros_like(t)), scratch)
     else:  # keep |x| > t, then the lowest-index entries equal to t
-        tied = torch.nonzero(mag == t).squeeze(1)
+        tied = sel.positions_equal(t)
         tied = tied[: k - (at_or_above - tied.numel())]
-        flat_delta = delta.reshape(-1)
-        kept_ties = flat_delta[tied]
+        kept_ties = delta.reshape(-1)[tied]
         out = _shrink(delta, t, scratch)
         out.reshape(-1)[tied] = kept_ties
     return _rescale_(out, before)
@@ -200,22 +206,44 @@ def breadcrumbs_(
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop the ``int(gamma*n)`` largest magnitudes and the smallest.
 
-    ``int(density*n)`` elements are kept: in ascending magnitude order the window
-    starting after ``n - int(density*n) - int(gamma*n)`` smallest (at least 0).
-    When density and gamma leave no room, fewer outliers are dropped.
+    ``int(density*n)`` elements are kept: in ascending magnitude order (stable)
+    the window of ranks ``[n_bot, n_bot + int(density*n))`` with
+    ``n_bot = max(0, n - int(density*n) - int(gamma*n))``; when density and gamma
+    leave no room, fewer outliers are dropped.  Returns ``delta`` or ``scratch``.
     """
     if density >= 1:
         return delta
     n = delta.numel()
     target = int(density * n)
     n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
+    start = max(0, n - target - n_top)
+    stop = start + target
     if target <= 0:
         return delta.zero_()
     before = _l1(delta) if rescale else None
-    keep = rank_window_mask(_magnitudes(delta, scratch), n_bot, n_bot + target, zero_ties_free=True)
-    delta.masked_fill_(keep.logical_not_(), 0)
-    return _rescale_(delta, before)
+    mag = _magnitudes(delta, scratch).reshape(-1)
+    lower = bracket(mag, start + 1) if start > 0 else None  # value at rank start
+    upper = bracket(mag, stop) if stop < n else None  # value at rank stop - 1
+    # Entries tied with a bound beyond the window (positions found before mag is overwritten).
+    drop = []
+    if lower is not None and float(lower.value) != 0.0:
+        surplus = start - lower.count_below(lower.value)
+        if surplus > 0:
+            drop.append(lower.positions_equal(lower.value)[:surplus])
+    if upper is not None and float(upper.value) != 0.0:
+        tied = upper.positions_equal(upper.value)
+        surplus = upper.count_below(upper.value) + tied.numel() - stop
+        if surplus > 0:
+            drop.append(tied[tied.numel() - surplus :])
+    out, spare = delta, scratch
+    if lower is not None and float(lower.value) != 0.0:  # keep |x| >= lower bound
+        out, spare = _shrink(delta, torch.nextafter(lower.value, torch.zeros_like(lower.value)), scratch), delta
+    if upper is not None:  # remove |x| > upper bound: x - shrink(x, bound)
+        out.sub_(_shrink(out, upper.value, spare))
+    flat = out.reshape(-1)
+    for positions in drop:
+        flat[positions] = 0
+    return _rescale_(out, before)
 
 
 def _uniform(like: torch.Tensor, generator: torch.Generator | None, scratch: torch.Tensor | None = None) -> torch.Tensor:

@@ -75,6 +75,8 @@ def merge_task_vectors(
             result = sparsify(i, delta, scratch)
             if result is scratch:  # the sparsifier wrote its result into the scratch buffer
                 delta, scratch = scratch, delta
+            elif result is not delta:
+                delta.copy_(result)
         delta.mul_(weights[i])
         if consensus:
             acc.add(delta, weights[i])
