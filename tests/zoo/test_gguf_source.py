@@ -63,21 +63,37 @@ def _write_gguf(path: Path, model, tok_json: dict | None, quantize: set[str] = f
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
+def tiny_tok(tmp_path_factory):
+    """A byte-level BPE tokenizer trained here on this file's own text: (folder, tokenizer.json as a dict)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([Path(__file__).read_text()] * 3, trainer=trainer)
+    d = tmp_path_factory.mktemp("tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(d)
+    return d, json.loads((d / "tokenizer.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(vocab_size=len(tiny_tok[1]["model"]["vocab"]), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_tiny_gguf_reads_back_under_hf_names(tmp_path, tiny_llama, tiny_zoo, monkeypatch):
+def test_tiny_gguf_reads_back_under_hf_names(tmp_path, tiny_llama, tiny_tok, monkeypatch):
     from splice.checkpoint.reader import open_model
 
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
-    zoo, _ = tiny_zoo
-    tok_json = json.loads((zoo / "tokenizer" / "tokenizer.json").read_text())
+    tok_dir, tok_json = tiny_tok
     f = tmp_path / "tiny.gguf"
     _write_gguf(f, tiny_llama, tok_json, quantize={"blk.1.ffn_up.weight"})
     src = open_model(f)
@@ -96,22 +112,21 @@ def test_tiny_gguf_reads_back_under_hf_names(tmp_path, tiny_llama, tiny_zoo, mon
     from transformers import AutoTokenizer
 
     theirs = AutoTokenizer.from_pretrained(src.tokenizer_dir())
-    ours = AutoTokenizer.from_pretrained(zoo / "tokenizer")
+    ours = AutoTokenizer.from_pretrained(tok_dir)
     text = "def f(x):\n    return x + 1  # In the beginning"
     assert theirs(text, add_special_tokens=False).input_ids == ours(text, add_special_tokens=False).input_ids
     assert src.generation_config()["eos_token_id"] == ours.eos_token_id
 
 
-def test_tiny_gguf_loads_for_eval_with_same_logits(tmp_path, tiny_llama, tiny_zoo, monkeypatch):
+def test_tiny_gguf_loads_for_eval_with_same_logits(tmp_path, tiny_llama, tiny_tok, monkeypatch):
     from splice.eval import load_model
 
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
-    zoo, _ = tiny_zoo
-    tok_json = json.loads((zoo / "tokenizer" / "tokenizer.json").read_text())
+    tok_json = tiny_tok[1]
     f = tmp_path / "m.gguf"
     _write_gguf(f, tiny_llama, tok_json)
     model, tok = load_model(f)
-    ids = torch.tensor([[5, 17, 300, 42, 7, 1999]])
+    ids = torch.tensor([[5, 17, 300, 42, 7, 199]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, tiny_llama(ids).logits, atol=1e-5)
 
