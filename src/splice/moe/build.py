@@ -324,11 +324,16 @@ def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, *
         if opts.threads:
             torch.set_num_threads(opts.threads)
         feats = _Features(r, sources, plan, opts)
+        timings = {"plan": time.time() - t0}
+        t1 = time.time()
         gates, shared_gates = compute_gates(r, sources, plan, opts, feats)
+        timings["gates"] = time.time() - t1
         calib = None
         if opts.calibrate > 0:
+            t1 = time.time()
             calib = calibrate(r, plan, opts, feats, gates)
             gates = calib.gates
+            timings["calibration"] = time.time() - t1
         feats._runner = None  # free the in-memory model before writing
         for w in plan.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -338,7 +343,9 @@ def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, *
             plan.entries.append(_Entry(fam.router_name(p, l), (len(r.experts), plan.hidden), (lambda l=l: gates[l])))
             if shared_gates is not None:
                 plan.entries.append(_Entry(fam.shared_gate_name(p, l), (1, plan.hidden), (lambda l=l: shared_gates[l][:1])))
+        t1 = time.time()
         written = _write(plan, sources, out, opts, calib)
+        timings["write"] = time.time() - t1
     finally:
         for s in sources.values():
             s.close()
@@ -352,6 +359,7 @@ def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, *
         "tensors": len(plan.entries),
         "gate_mode": r.gate_mode,
         "seconds": time.time() - t0,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
         "warnings": plan.warnings,
     }
     if calib is not None:
@@ -361,7 +369,7 @@ def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, *
             "heldout_routing_accuracy_before": calib.acc_before,
             "heldout_routing_accuracy_after": calib.acc_after,
             "per_expert_after": calib.acc_after_per_expert,
-            "seconds": calib.seconds,
+            "train_seconds": calib.seconds,
         }
     return summary
 

@@ -107,6 +107,7 @@ def train_gates(
     top_k: int = 1,
     seed: int = 0,
     holdout: float = 0.1,
+    batch_tokens: int = 1024,
 ) -> CalibrationResult:
     """``feats[e][l]``: router inputs ``[n_e, hidden]`` of expert e's text at layer l. Returns trained gates."""
     import time
@@ -141,12 +142,20 @@ def train_gates(
     W = torch.nn.Parameter(init.clone().to(torch.float32))
     opt = torch.optim.Adam([W], lr=lr)
     k = min(top_k, n)
-    yl = y.repeat(layers)
-    wl = w.repeat(layers) / layers
+    wl_full = w.repeat(layers) / layers
+    total = Xs.shape[1]
     for _ in range(steps):
         opt.zero_grad()
-        logits = torch.bmm(Xs, W.transpose(1, 2))  # [layers, tokens, experts]
+        if total > batch_tokens:  # a minibatch, drawn with each token's weight (every expert equally)
+            idx = torch.multinomial(w, batch_tokens, replacement=True, generator=g)
+            xb, yb = Xs[:, idx], y[idx]
+            wb = torch.full((layers * batch_tokens,), 1.0 / (layers * batch_tokens))
+        else:
+            xb, yb, wb = Xs, y, None
+        logits = torch.bmm(xb, W.transpose(1, 2))  # [layers, tokens, experts]
         flat = logits.reshape(-1, n)
+        yl = yb.repeat(layers)
+        wl = wl_full if wb is None else wb
         loss = (torch.nn.functional.cross_entropy(flat, yl, reduction="none") * wl).sum()
         if balance > 0 and n > 1:
             probs = flat.softmax(-1)

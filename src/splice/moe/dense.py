@@ -78,23 +78,29 @@ class DenseRunner:
                     w = expert_tensor(src, expert, slot, self.prefix, i, proj, seed)
                     getattr(layer.mlp, f"{proj}_proj").weight.copy_(w)
 
-    def router_inputs(self, sequences: list[list[int]], skip_first: bool) -> list[torch.Tensor]:
+    def router_inputs(self, sequences: list[list[int]], skip_first: bool, batch: int = 8) -> list[torch.Tensor]:
         """Per layer, the MLP inputs of every token of every sequence: ``[n_tokens, hidden]``."""
         store: list[list[torch.Tensor]] = [[] for _ in self.layers]
         hooks = []
         for i, layer in enumerate(self.layers):
             def hook(_mod, args, i=i):
-                x = args[0]
-                store[i].append(x.reshape(-1, x.shape[-1])[1 if skip_first else 0:].detach().clone())
+                x = args[0]  # [batch, seq, hidden]
+                store[i].append(x[:, self._skip :].reshape(-1, x.shape[-1]).detach().clone())
 
             hooks.append(layer.mlp.register_forward_pre_hook(hook))
         try:
             with torch.no_grad():
+                # sequences of equal length run together (no padding, so nothing to mask out)
+                by_len: dict[int, list[list[int]]] = {}
                 for seq in sequences:
-                    if len(seq) <= (1 if skip_first else 0):
-                        continue
-                    # stop after the last layer's MLP input is seen: the LM head is not needed
-                    self.model.get_decoder()(input_ids=torch.tensor([seq]), use_cache=False)
+                    if len(seq) > (1 if skip_first else 0):
+                        by_len.setdefault(len(seq), []).append(seq)
+                for n in sorted(by_len):
+                    group = by_len[n]
+                    for b in range(0, len(group), batch):
+                        chunk = group[b : b + batch]
+                        self._skip = 1 if skip_first else 0
+                        self.model.get_decoder()(input_ids=torch.tensor(chunk), use_cache=False)
         finally:
             for h in hooks:
                 h.remove()
