@@ -41,11 +41,14 @@ def test_topk_mask_matches_stable_sort_even_with_ties(seed):
     g = torch.Generator().manual_seed(seed)
     distinct = torch.rand(7, 9, generator=g)
     tied = torch.randint(0, 4, (7, 9), generator=g).float()  # many exact ties
+    big = torch.randint(0, 50, (300_000,), generator=g).float()  # sampled-bracket path
     for v in (distinct, tied):
         for k in range(0, v.numel() + 2):
             m = topk_mask(v, k)
             assert m.shape == v.shape and m.dtype == torch.bool
             assert torch.equal(m, sorted_topk(v, k)), k
+    for k in (1, 1000, 150_000, 299_999):
+        assert torch.equal(topk_mask(big, k), sorted_topk(big, k)), k
 
 
 @pytest.mark.parametrize("n,seeds", [(30, range(4)), (300_000, range(1))])  # kthvalue path; sampled bracket
@@ -63,10 +66,10 @@ def test_breadcrumbs_window_matches_stable_sort_even_with_ties(n, seeds):
                 assert torch.equal(breadcrumbs_(d.clone(), density, gamma, scratch=scratch), expected), (density, gamma)
 
 
-def test_zero_ties_free_only_skips_zero_ties():
-    v = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0])
-    assert topk_mask(v, 3, zero_ties_free=True).tolist() == [False, False, False, True, True]
-    assert topk_mask(v, 3).tolist() == [True, False, False, True, True]
+def test_magnitude_leaves_zero_ties_alone():
+    d = torch.tensor([0.0, 0.0, 0.0, 1.0, -2.0])
+    assert torch.equal(magnitude_(d.clone(), 0.6), d)  # k = 3 reaches into the zeros: nothing to drop
+    assert topk_mask(d.abs(), 3).tolist() == [True, False, False, True, True]
 
 
 def test_magnitude_keeps_int_density_n_at_least_one():

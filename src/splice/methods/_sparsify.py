@@ -112,14 +112,11 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return bracket(values, k).value
 
 
-def topk_mask(scores: torch.Tensor, k: int, *, zero_ties_free: bool = False) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask (shape of ``scores``) of the ``k`` largest entries.
 
     Exactly ``k`` entries are set, as ``argsort(descending)[:k]`` with a stable
     sort would pick: ties at the threshold go to the lowest flat indices.
-    With ``zero_ties_free``, ties are left unresolved when the threshold is 0
-    (the caller only uses the mask to zero out entries that are 0 anyway), and
-    the mask is then simply ``scores > 0``.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -127,13 +124,11 @@ def topk_mask(scores: torch.Tensor, k: int, *, zero_ties_free: bool = False) -> 
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    t = kth_smallest(flat, n - k + 1)
-    if zero_ties_free and float(t) == 0.0:
-        return scores > 0
-    keep = flat >= t
-    extra = int(torch.count_nonzero(keep)) - k
+    sel = bracket(flat, n - k + 1)
+    keep = flat >= sel.value
+    extra = n - sel.count_below(sel.value) - k
     if extra > 0:  # ties at the threshold: drop the highest-index ones
-        tied = torch.nonzero(flat == t).squeeze(1)
+        tied = sel.positions_equal(sel.value)
         keep[tied[tied.numel() - extra :]] = False
     return keep.reshape(scores.shape)
 
