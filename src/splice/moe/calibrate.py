@@ -107,7 +107,7 @@ def train_gates(
     top_k: int = 1,
     seed: int = 0,
     holdout: float = 0.1,
-    batch_tokens: int = 1024,
+    batch_tokens: int = 512,
 ) -> CalibrationResult:
     """``feats[e][l]``: router inputs ``[n_e, hidden]`` of expert e's text at layer l. Returns trained gates."""
     import time
@@ -138,21 +138,21 @@ def train_gates(
     has_val = vy.numel() > 0
     before = routing_accuracy(init, V if has_val else X, vy if has_val else y)[0]
 
-    Xs = torch.stack(X)  # [layers, tokens, hidden]
+    Xs = torch.stack(X, dim=1)  # [tokens, layers, hidden]: a minibatch is a gather of whole rows
     W = torch.nn.Parameter(init.clone().to(torch.float32))
     opt = torch.optim.Adam([W], lr=lr)
     k = min(top_k, n)
     wl_full = w.repeat(layers) / layers
-    total = Xs.shape[1]
+    total = Xs.shape[0]
     for _ in range(steps):
         opt.zero_grad()
         if total > batch_tokens:  # a minibatch, drawn with each token's weight (every expert equally)
             idx = torch.multinomial(w, batch_tokens, replacement=True, generator=g)
-            xb, yb = Xs[:, idx], y[idx]
+            xb, yb = Xs[idx], y[idx]
             wb = torch.full((layers * batch_tokens,), 1.0 / (layers * batch_tokens))
         else:
             xb, yb, wb = Xs, y, None
-        logits = torch.bmm(xb, W.transpose(1, 2))  # [layers, tokens, experts]
+        logits = torch.einsum("tlh,leh->lte", xb, W)  # [layers, tokens, experts]
         flat = logits.reshape(-1, n)
         yl = yb.repeat(layers)
         wl = wl_full if wb is None else wb
