@@ -153,6 +153,8 @@ def _model_from_source(src, dtype):
 
     cfg = dict(src.config)
     mt = cfg.pop("model_type", None)
+    for k in ("torch_dtype", "dtype", "transformers_version"):
+        cfg.pop(k, None)
     if not mt:
         raise SkipError(f"model {src.name}: config has no model_type; transformers cannot build it")
     try:

@@ -205,13 +205,24 @@ class AutoSkip:
     """Chooses the draft's skip set on the fly (SWIFT-style; no training, no extra model).
 
     Candidate units are the attention and MLP blocks of the intermediate layers
-    (first and last layer always run). A candidate set is scored by its expected
-    tokens per unit of time, ``E(k) / (k * c + 1)``, with ``E(k)`` the expected
-    tokens per cycle for a measured per-token agreement ``a`` and ``c`` the
-    draft's cost relative to the full model (parameters touched per token).
+    (first and last layer always run). A candidate is scored by the decoding
+    speed it predicts relative to plain decoding,
+
+        max over k of  E(k) / (1 + k * (draft cost) + k * beta),
+
+    where ``E(k) = (1 - a^(k+1)) / (1 - a)`` is the expected tokens per cycle
+    for the candidate's measured per-token agreement ``a`` with the full model,
+    the draft cost is its share of the per-token work (parameters, scaled by
+    the measured draft time), and ``beta`` the measured extra cost of verifying
+    one more token. Candidates come from a ranking of the blocks by how little
+    they changed the prompt's hidden states: first a search over how much to
+    skip (from 15% of the work, up when agreement is high, down when low), then
+    swaps around the best set. When no candidate predicts a gain, the decoder
+    runs plain steps and re-tries a candidate every ``retry_every`` tokens, so
+    ``auto`` costs little on a model that does not tolerate skipping.
     """
 
-    def __init__(self, model, *, window: int = 16, budget: int = 8, ratios: tuple[float, ...] = (0.35, 0.5, 0.65), max_draft: int = 8, seed: int = 0):
+    def __init__(self, model, *, window: int = 16, budget: int = 6, max_draft: int = 8, retry_every: int = 48, seed: int = 0):
         self.model = model
         self.layers = decoder_layers(model)
         self.L = len(self.layers)
@@ -225,15 +236,23 @@ class AutoSkip:
         self.total = sum(attn) + sum(mlp) + head
         self.window = window
         self.budget = budget
-        self.ratios = ratios
         self.max_draft = max_draft
+        self.retry_every = retry_every
         self.rng = random.Random(seed)
         self.influence: dict[Unit, float] = {}
-        self.best: tuple[float, float, frozenset] | None = None  # (objective, agreement, units)
-        self.tried: set[frozenset] = set()
-        self.queue: list[frozenset] = []
+        self.scores: dict[frozenset, float] = {}  # candidate -> measured agreement
+        self.best: frozenset | None = None
+        self.ratio = 0.15
+        self.ratio_steps = 3
         self.left = budget
+        self.since_retry = 0
+        self.retrying = False
+        self.flip = False
         self.ema: float | None = None
+        # timing model (relative to one plain step); priors until measured
+        self.t_step: float | None = None
+        self.beta = 0.15
+        self.draft_scale = 1.0
 
     # -- scores from the prompt pass
     def hooks(self):
@@ -270,88 +289,124 @@ class AutoSkip:
                 continue
             a, b = (cur[("in", i)], cur[("mid", i)]) if k == "attn" else (cur[("mid", i)], cur[("out", i)])
             self.influence[u] = 1.0 - cos(a, b)
-        if not self.influence:  # no hooks fit this family: rank by depth from the middle out
+        if not self.influence:  # no hooks fit this family: rank by distance from the middle
             mid = (self.L - 1) / 2
             self.influence = {u: abs(u[0] - mid) + (0.5 if u[1] == "attn" else 0.0) for u in self.cost}
-        self.queue = [self._ranked(r) for r in self.ratios]
 
-    def _ranked(self, ratio: float) -> frozenset:
-        """Lowest-influence blocks until they hold ``ratio`` of the per-token work."""
+    def ranked(self, ratio: float) -> frozenset:
+        """Lowest-influence blocks until they hold ``ratio`` of the per-token work (at least one block)."""
         order = sorted(self.cost, key=lambda u: (self.influence.get(u, 1.0), u))
         out, got = [], 0
         for u in order:
-            if got >= ratio * self.total:
+            if out and got >= ratio * self.total:
                 break
             out.append(u)
             got += self.cost[u]
         return frozenset(out)
 
     def draft_cost(self, units) -> float:
-        skipped = sum(self.cost.get(u, 0) for u in units)
+        """The draft's share of the per-token work (by parameters)."""
+        skipped = 0
+        for i, k in units:
+            kinds = ("attn", "mlp") if k == "layer" else (k,)
+            skipped += sum(self.cost.get((i, kk), 0) for kk in kinds)
         return (self.total - skipped) / self.total
 
-    def objective(self, agreement: float, units) -> tuple[float, int]:
-        c = self.draft_cost(units)
-        a = min(max(agreement, 0.0), 0.999)
+    def predict(self, agreement: float, units) -> tuple[float, int]:
+        """(predicted speed relative to plain decoding, best draft length); (1.0, 0) means: do not draft."""
+        c = min(1.0, self.draft_cost(units) * self.draft_scale)
+        a = min(max(agreement, 0.0), 0.99)
         best = (1.0, 0)
         for k in range(1, self.max_draft + 1):
             e = (1 - a ** (k + 1)) / (1 - a)
-            v = e / (k * c + 1.0)
+            v = e / (1.0 + k * c + k * self.beta)
             if v > best[0]:
                 best = (v, k)
         return best
 
     # -- search
     def current(self) -> frozenset:
-        if self.best is None:
-            return self.queue[0] if self.queue else frozenset()
-        return self.best[2]
+        """The skip set to draft with now (empty: run a plain step)."""
+        if self.best is None or self.predict(self.scores[self.best], self.best)[0] <= 1.0:
+            return frozenset()
+        return self.best
 
-    def wants_search(self) -> bool:
-        return self.left > 0
+    def draft_length(self) -> int:
+        return self.predict(self.scores[self.best], self.best)[1] if self.best is not None else 0
+
+    def wants_search(self, new_tokens: int) -> bool:
+        if self.left > 0:
+            return True
+        if not self.current() and new_tokens - self.since_retry >= self.retry_every:
+            self.since_retry = new_tokens
+            self.left = 1
+            self.retrying = True
+            return True
+        return False
 
     def next_candidate(self) -> frozenset | None:
-        while self.queue:
-            c = self.queue.pop(0)
-            if c not in self.tried:
-                return c
-        if self.best is None:
-            return None
-        base = set(self.best[2])
+        if self.retrying:  # plain mode: alternate re-scoring the best set on new text and trying a neighbour
+            self.retrying = False
+            self.flip = not self.flip
+            if self.flip and self.best is not None:
+                return self.best
+        if self.ratio_steps > 0:
+            return self.ranked(self.ratio)
+        base = set(self.best or self.ranked(self.ratio))
+        outside = sorted(u for u in self.cost if u not in base)
         for _ in range(20):
             cand = set(base)
             move = self.rng.random()
-            outside = [u for u in self.cost if u not in cand]
-            if move < 0.5 and cand and outside:  # swap one block
+            if move < 0.5 and cand and outside:  # swap one block for another
                 cand.remove(self.rng.choice(sorted(cand)))
-                cand.add(self.rng.choice(sorted(outside)))
-            elif move < 0.75 and outside:
+                cand.add(self.rng.choice(outside))
+            elif move < 0.75 and outside:  # skip one more: the least influential left
                 cand.add(min(outside, key=lambda u: (self.influence.get(u, 1.0), u)))
-            elif cand:
+            elif len(cand) > 1:  # skip one fewer: the most influential skipped
                 cand.remove(max(cand, key=lambda u: (self.influence.get(u, 1.0), u)))
             f = frozenset(cand)
-            if f not in self.tried:
+            if f and f not in self.scores:
                 return f
         return None
 
-    def record(self, units: frozenset, agreement: float) -> None:
-        self.tried.add(units)
-        self.left -= 1
-        obj, _ = self.objective(agreement, units)
-        if self.best is None or obj > self.best[0]:
-            self.best = (obj, agreement, units)
+    def unwinnable(self, units: frozenset) -> None:
+        """A candidate whose draft costs too much to pay off at any acceptance: skip more next time."""
+        self.scores.setdefault(units, 0.0)
+        if self.ratio_steps > 0 and units == self.ranked(self.ratio):
+            self.ratio_steps -= 1
+            self.ratio = min(0.6, self.ratio * 1.8)
+        else:
+            self.left -= 1
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        """Acceptance of one cycle; when it falls well below what the search measured, search again."""
+    def record(self, units: frozenset, agreement: float) -> None:
+        self.left -= 1
+        if self.ratio_steps > 0 and units == self.ranked(self.ratio):
+            self.ratio_steps -= 1
+            self.ratio = min(0.6, self.ratio * 1.8) if agreement >= 0.85 else self.ratio / 2.5
+        old = self.scores.get(units)
+        self.scores[units] = agreement if old is None else 0.5 * (old + agreement)
+        if self.best is None or self.predict(self.scores[units], units)[0] > self.predict(self.scores[self.best], self.best)[0]:
+            self.best = units
+
+    def observe(self, drafted: int, accepted: int, draft_steps: int, t_draft: float, t_verify: float) -> None:
+        """One cycle's acceptance and timings: update the timing model; re-search when acceptance falls."""
         if drafted == 0:
+            self.t_step = t_verify if self.t_step is None else 0.8 * self.t_step + 0.2 * t_verify
             return
+        if self.t_step:
+            b = (t_verify / self.t_step - 1.0) / drafted
+            self.beta = min(2.0, max(0.0, 0.8 * self.beta + 0.2 * b))
+            if draft_steps and self.best is not None:
+                s = t_draft / (draft_steps * self.t_step * self.draft_cost(self.best))
+                self.draft_scale = min(3.0, max(0.5, 0.8 * self.draft_scale + 0.2 * s))
         r = accepted / drafted
         self.ema = r if self.ema is None else 0.8 * self.ema + 0.2 * r
-        if self.best is not None and self.left <= 0 and self.ema < 0.6 * self.best[1]:
-            self.left = max(2, self.budget // 2)
-            self.best = (self.objective(self.ema, self.best[2])[0], self.ema, self.best[2])
-            self.tried = {self.best[2]}
-            self.ema = None
+        if self.best is not None:
+            # what drafting really gives feeds back into the candidate's score
+            self.scores[self.best] = 0.9 * self.scores[self.best] + 0.1 * r
+            if self.left <= 0 and self.ema < 0.6 * self.scores[self.best]:
+                self.left = max(2, self.budget // 2)
+                self.ema = None
 
 
 # ------------------------------------------------------------------ the decoder
@@ -367,7 +422,7 @@ class SelfSpeculativeDecoder:
     """
 
     def __init__(self, model, skip: str | Iterable[Unit] = "auto", *, max_draft: int = 8, draft_length: int | None = None,
-                 confidence: float = 0.3, window: int = 16, search_budget: int = 8, seed: int = 0):
+                 confidence: float = 0.3, window: int = 12, search_budget: int = 6, seed: int = 0):
         self.model = model
         L = len(decoder_layers(model))
         self.auto = isinstance(skip, str) and skip.strip().lower() == "auto"
@@ -425,26 +480,30 @@ class SelfSpeculativeDecoder:
         while not done:
             # cache holds tokens[:-1]; tokens[-1] is pending
             base = len(tokens) - 1
-            if auto and auto.wants_search():
+            if auto and auto.wants_search(len(out)):
                 t = time.perf_counter()
                 self._search_step(auto, tokens, full_argmax, cache)
                 st.search_seconds += time.perf_counter() - t
                 st.searches += 1
                 if not self.draft_length and auto.best is not None:
-                    k_len = max(1, auto.objective(auto.best[1], auto.best[2])[1])
+                    k_len = max(1, auto.draft_length())
             units = auto.current() if auto else self.units
+            if auto and auto.t_step is None:
+                units = frozenset()  # one plain step first: the timing model needs its cost
             budget = max_new_tokens - len(out)
-            k_max = max(0, min(k_len, self.max_draft, budget - 1))
+            k_max = max(0, min(k_len, self.max_draft, budget - 1)) if units else 0
 
             # draft
             t = time.perf_counter()
             drafts: list[int] = []
             qs: list[torch.Tensor] = []
-            if k_max > 0 and units:
+            steps = 0
+            if k_max > 0:
                 with skipping(model, units):
                     x = tokens[-1]
                     for i in range(k_max):
                         lg = _forward(model, [x], cache)[-1]
+                        steps += 1
                         if greedy:
                             if self.confidence > 0 and i > 0 and float(torch.softmax(lg, -1).max()) < self.confidence:
                                 break
@@ -461,7 +520,8 @@ class SelfSpeculativeDecoder:
                             break
                         x = d
                 crop_cache(cache, base)
-            st.draft_seconds += time.perf_counter() - t
+            t_draft = time.perf_counter() - t
+            st.draft_seconds += t_draft
 
             # verify with the full model in one pass
             t = time.perf_counter()
@@ -476,17 +536,18 @@ class SelfSpeculativeDecoder:
                 p = warp(lg, temperature, top_k, top_p)
                 m, nxt = accept_drafts(p, torch.stack(qs) if qs else p[:0], drafts, gen)
             crop_cache(cache, base + 1 + m)
-            st.verify_seconds += time.perf_counter() - t
+            t_verify = time.perf_counter() - t
+            st.verify_seconds += t_verify
             for r in range(m + 1):
                 full_argmax[base + r] = int(am[r])
 
             st.cycles += 1
             st.drafted += len(drafts)
             st.accepted += m
-            key = format_units(units)
+            key = format_units(units) if drafts else "none (plain step)"
             st.skip_sets[key] = st.skip_sets.get(key, 0) + 1
             if auto:
-                auto.observe(len(drafts), m)
+                auto.observe(len(drafts), m, steps, t_draft, t_verify)
             if not self.draft_length:
                 if drafts and m == len(drafts) and len(drafts) == k_max:
                     k_len = min(self.max_draft, k_len + 1)
@@ -505,9 +566,15 @@ class SelfSpeculativeDecoder:
 
     def _search_step(self, auto: AutoSkip, tokens: list[int], full_argmax: dict[int, int], cache) -> None:
         """Score one candidate skip set on the recent text: one teacher-forced draft pass."""
-        cand = auto.next_candidate()
-        if cand is None:
-            auto.left = 0
+        for _ in range(8):
+            cand = auto.next_candidate()
+            if cand is None:
+                auto.left = 0
+                return
+            if auto.predict(0.99, cand)[0] > 1.0:
+                break
+            auto.unwinnable(cand)  # too little skipped to pay even if every draft were accepted: no pass needed
+        else:
             return
         end = len(tokens) - 1  # positions [start, end) are in the cache
         start = end - self.window
