@@ -114,6 +114,13 @@ def test_parity_with_mergekit():
 
     base = rand(33, 17, seed=12)
     ts = [base + 0.1 * rand(33, 17, seed=13 + i) for i in range(3)]
+    for quantize in (False, True):  # bf16-valued models: many exactly tied magnitudes
+        if quantize:
+            base, ts = base.bfloat16().float(), [t.bfloat16().float() for t in ts]
+        check_parity(get, base_mod, base, ts)
+
+
+def check_parity(get, base_mod, base, ts):
     for params in (
         {"weight": [1.0, 0.5, 0.7], "density": [0.8] * 3, "gamma": [0.05] * 3},
         {"weight": [1.0, -0.5, 0.7], "density": [0.8, 0.3, 0.9], "gamma": [0.05, 0.2, 0.5], "rescale": True, "normalize": True},

@@ -90,8 +90,12 @@ def test_parity_with_mergekit():
     from mergekit.merge_methods.registry import get
 
     base = rand(33, 17, seed=12)
-    for scale in (0.1, 1.0):
-        ts = [base + scale * rand(33, 17, seed=13 + i) for i in range(3)]
+    for scale in (0.1, 1.0, None):
+        if scale is None:  # bf16-valued models: quantized deltas, tied variances
+            base = base.bfloat16().float()
+            ts = [(base + 0.1 * rand(33, 17, seed=13 + i)).bfloat16().float() for i in range(3)]
+        else:
+            ts = [base + scale * rand(33, 17, seed=13 + i) for i in range(3)]
         for st in (1.0, 0.5, 0.1, 0.0):
             group = base_mod.TensorGroup.from_tensors([base, *ts], base_index=0)
             (expected,) = get(NAME)((group,), parameters={"select_topk": st})

@@ -3,20 +3,25 @@
 Behaviour follows mergekit 0.1.5 (``mergekit/sparsify.py``); the code is ours and
 is written for speed on large tensors:
 
-- Magnitude thresholds come from linear-time selection (``kth_smallest``: a
-  sampled bracket, then ``torch.kthvalue`` on the few entries inside it), not a
-  full sort, followed by an exact fix-up so that exactly as many elements are
-  kept as mergekit's sort keeps; the mask is then applied in one pass
-  (``hardshrink``).  **Tie rule**: among elements whose magnitude equals the
-  threshold, the lowest flat indices win a place in a "largest k" selection
-  and lose it at the low end of an ascending window: the order of a *stable*
-  sort in mergekit's direction.  mergekit's own ``argsort`` is unstable on CPU
-  beyond a few elements, so its choice among exact ties is arbitrary.  Such
-  ties are common with bf16 checkpoints (deltas take few distinct values), so
-  on those the kept set can differ from mergekit's by which of several
-  equal-magnitude entries survive; with distinct magnitudes it is identical.
-  Ties among exact zeros are not resolved where the mask only multiplies the
-  delta: a zero stays zero either way.
+- Up to ``SORT_LIMIT`` (262,144) elements, which covers every 1-D tensor of
+  a language model, selection uses the very sort call mergekit makes, so the
+  kept set is mergekit's even among exactly tied magnitudes (same torch build
+  and device).
+- Larger tensors use linear-time selection (``bracket``: a sampled bracket,
+  then ``torch.kthvalue`` on the few entries inside it) instead of a full
+  sort, followed by an exact fix-up so that exactly as many elements are kept
+  as mergekit keeps, and the mask is applied in one pass (``hardshrink``).
+  **Tie rule** there: among elements whose magnitude equals the threshold,
+  the lowest flat indices win a place in a "largest k" selection and lose it
+  at the low end of an ascending window: the order of a *stable* sort in
+  mergekit's direction.  mergekit's own sort is not stable, so its choice
+  among exact ties is an artifact of the sort algorithm.  Such ties are common
+  with bf16 checkpoints (deltas take few distinct values): on those, the kept
+  set of a large tensor can differ from mergekit's in which of several
+  equal-magnitude entries survive (same count, same magnitudes).  With
+  distinct magnitudes it is identical.  Ties among exact zeros are not
+  resolved where the mask only multiplies the delta: a zero stays zero either
+  way.
 - Every ``*_`` function takes a delta the caller owns, may overwrite it and an
   optional ``scratch`` tensor of the same shape, and returns the tensor that
   holds the result (one of the two).
@@ -39,6 +44,7 @@ _RESCALE_EPS = 1e-7
 
 
 _SAMPLE = 1 << 15  # sample size for bracketing the k-th value
+SORT_LIMIT = 8 * _SAMPLE  # up to this many elements, select with mergekit's own sort call
 _SPREAD = 5.0  # bracket half-width, in binomial standard deviations
 
 
@@ -81,7 +87,7 @@ def bracket(values: torch.Tensor, k: int) -> Bracket:
     speed, never the result, and uses its own generator (no caller randomness).
     """
     n = values.numel()
-    if n <= 8 * _SAMPLE:
+    if n <= SORT_LIMIT:
         return _whole(values, k)
     g = torch.Generator(device=values.device).manual_seed(0x5EED)
     picks = torch.randint(0, n, (_SAMPLE,), generator=g, device=values.device)
@@ -115,8 +121,9 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask (shape of ``scores``) of the ``k`` largest entries.
 
-    Exactly ``k`` entries are set, as ``argsort(descending)[:k]`` with a stable
-    sort would pick: ties at the threshold go to the lowest flat indices.
+    Exactly ``k`` entries are set.  Up to ``SORT_LIMIT`` elements they are
+    ``torch.topk``'s (mergekit's sce call); above, ties at the threshold go to
+    the lowest flat indices, as a stable descending sort would pick.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -124,6 +131,10 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
+    if n <= SORT_LIMIT:  # small: mergekit's exact call (sce's topk), ties included
+        keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        keep[torch.topk(flat, k, largest=True).indices] = True
+        return keep.reshape(scores.shape)
     sel = bracket(flat, n - k + 1)
     keep = flat >= sel.value
     extra = n - sel.count_below(sel.value) - k
@@ -154,6 +165,15 @@ def _magnitudes(delta: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tens
     return delta.abs() if scratch is None else torch.abs(delta, out=scratch)
 
 
+def _keep_only_(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Zero every entry of ``x`` except those at the given flat positions; in place."""
+    flat = x.reshape(-1)
+    kept = flat[positions]
+    x.zero_()
+    flat[positions] = kept
+    return x
+
+
 def _shrink(x: torch.Tensor, below: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``x`` where ``|x| > below`` else 0, in one pass (``below`` a 0-d tensor of x's dtype)."""
     lambd = float(below)
@@ -180,6 +200,8 @@ def magnitude_(
     mag = _magnitudes(delta, scratch).reshape(-1)
     if k >= n:
         return delta
+    if n <= SORT_LIMIT:  # small: mergekit's exact call, so even ties resolve as in mergekit
+        return _rescale_(_keep_only_(delta, torch.argsort(mag, descending=True)[:k]), before)
     sel = bracket(mag, n - k + 1)  # the k-th largest magnitude
     t = sel.value
     if float(t) == 0.0:  # every non-zero entry is kept; dropping zeros changes nothing
@@ -217,6 +239,8 @@ def breadcrumbs_(
         return delta.zero_()
     before = _l1(delta) if rescale else None
     mag = _magnitudes(delta, scratch).reshape(-1)
+    if n <= SORT_LIMIT:  # small: mergekit's exact call, so even ties resolve as in mergekit
+        return _rescale_(_keep_only_(delta, torch.sort(mag, descending=False).indices[start:stop]), before)
     lower = bracket(mag, start + 1) if start > 0 else None  # value at rank start
     upper = bracket(mag, stop) if stop < n else None  # value at rank stop - 1
     # Entries tied with a bound beyond the window (positions found before mag is overwritten).
