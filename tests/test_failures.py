@@ -170,14 +170,19 @@ def test_sigint_in_subprocess_leaves_nothing(tmp_path, llama_trio):
     code = (
         "import time, splice.methods.linear as L\n"
         "f = L.linear\n"
-        "def slow(*a, **k):\n    time.sleep(0.2)\n    return f(*a, **k)\n"
+        "def slow(*a, **k):\n"
+        f"    open({str(tmp_path / 'started')!r}, 'w').close()\n"
+        "    time.sleep(0.2)\n    return f(*a, **k)\n"
         "import splice.methods.registry as R\n"
         "R._METHODS['linear'] = R.MergeMethod(**{**R._METHODS['linear'].__dict__, 'fn': slow})\n"
         "from splice.cli import main\n"
         f"raise SystemExit(main(['merge', {str(r)!r}, '-o', {str(tmp_path / 'out')!r}, '-q']))\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)
+    deadline = time.time() + 120
+    while not (tmp_path / "started").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert (tmp_path / "started").exists(), "the merge never started"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err

@@ -83,6 +83,7 @@ class MergeOptions:
     workers: int | None = None  # concurrent tensor jobs; default: one per core, at least 2
     threads: int | None = None  # torch intra-op threads; default: cores
     check_finite: bool = True
+    memory_budget: int = 1 << 30  # bytes of tensors in flight (at least the largest job)
     write_card: bool = True
 
 
@@ -334,7 +335,7 @@ class Runner:
             src = t.to(device=self.device, dtype=compute_dtype)
             out[ok.to(self.device)] = src[idx[ok].to(self.device)]
             return out
-        return t.to(device=self.device, dtype=compute_dtype, copy=self.device.type == "cpu" and t.dtype == compute_dtype)
+        return t.to(device=self.device, dtype=compute_dtype)  # the reader hands us a tensor we own
 
     def compute(self, job: Job) -> torch.Tensor:
         if job.copy:
@@ -376,38 +377,49 @@ class Runner:
                 if progress:
                     progress(job)
             return
-        # Bounded in-flight jobs: memory stays at a few tensors per worker. Biggest jobs are
-        # not all submitted at once because we submit in plan order.
+        # Bounded in flight: at most workers + 1 jobs and, beyond the first, a byte budget,
+        # so peak memory is a few tensors however large the model. Jobs are submitted in
+        # plan order, so the output file is written roughly front to back.
         limit = workers + 1
+        budget = max(self.opts.memory_budget, max((job_memory(j) for j in jobs), default=0))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splice") as pool:
-            pending = set()
+            pending: dict = {}
             it = iter(jobs)
 
             def task(job: Job) -> Job:
                 sink(job.out_name, self.compute(job))
                 return job
 
-            def drain(block: bool) -> None:
-                nonlocal pending
-                if not pending:
-                    return
-                done, pending = wait(pending, return_when=FIRST_COMPLETED) if block else (set(), pending)
+            def drain() -> None:
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for f in done:
+                    pending.pop(f)
                     j = f.result()  # re-raises the job's error
                     if progress:
                         progress(j)
 
             try:
                 for job in it:
-                    while len(pending) >= limit:
-                        drain(True)
-                    pending.add(pool.submit(task, job))
+                    need = job_memory(job)
+                    while pending and (len(pending) >= limit or sum(pending.values()) + need > budget):
+                        drain()
+                    pending[pool.submit(task, job)] = need
                 while pending:
-                    drain(True)
+                    drain()
             except BaseException:
                 for f in pending:
                     f.cancel()
                 raise
+
+
+def job_memory(job: Job) -> int:
+    """Bytes a job holds while computing: its inputs in float32, the output and ~2 scratch tensors."""
+    numel = 1
+    for s in job.shape:
+        numel *= s
+    if job.copy:
+        return job.nbytes
+    return numel * 4 * (len(job.inputs) + (job.base is not None) + 3)
 
 
 # ------------------------------------------------------------------ top level

@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from ..errors import CheckpointError
-from .safetensors_io import MappedFile, TensorInfo, read_header
+from .safetensors_io import TensorFile, TensorInfo, read_header
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -45,7 +45,7 @@ class ModelSource:
         raise NotImplementedError
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor as stored (dtype unchanged), possibly a view of a memory map."""
+        """The tensor as stored (dtype unchanged), in memory the caller owns."""
         raise NotImplementedError
 
     def tokenizer_dir(self) -> Path | None:
@@ -92,7 +92,7 @@ class FolderSource(ModelSource):
                 if k in self._infos:
                     raise CheckpointError(f"{folder}: tensor {k!r} appears in two shards")
                 self._infos[k] = v
-        self._maps: dict[Path, MappedFile] = {}
+        self._maps: dict[Path, TensorFile] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -139,7 +139,7 @@ class FolderSource(ModelSource):
             with self._lock:
                 mf = self._maps.get(info.file)
                 if mf is None:
-                    mf = self._maps[info.file] = MappedFile(info.file)
+                    mf = self._maps[info.file] = TensorFile(info.file)
         return mf.tensor(info)
 
     def tokenizer_dir(self) -> Path | None:
