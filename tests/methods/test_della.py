@@ -28,19 +28,22 @@ def rand(*shape, seed=0):
 
 
 def magprune(d, density, eps, u, rescale=True):
-    """Per row: the element of ascending-magnitude rank j is kept iff u[row, j] < p_j,
-    p_j = density - eps + 2 eps j / (n - 1) (the documented use of one torch.rand per model)."""
-    rows = d.reshape(1, -1) if d.dim() < 2 else d
-    u = u.reshape(rows.shape)
+    """Along dim 1 (1-D: one row): the element of ascending-magnitude rank j is kept iff
+    u[..., j, ...] < p_j, p_j = density - eps + 2 eps j / (n - 1) (the documented use of
+    one torch.rand per model)."""
+    shaped = d.reshape(1, -1) if d.dim() < 2 else d
+    n = shaped.shape[1]
+    moved = shaped.movedim(1, -1)
+    rows = moved.reshape(-1, n)
+    u = u.reshape(shaped.shape).movedim(1, -1).reshape(-1, n)
     out = torch.zeros_like(rows)
-    n = rows.shape[1]
     for r in range(rows.shape[0]):
         order = torch.sort(rows[r].abs(), stable=True).indices.tolist()
         for j, col in enumerate(order):
             p = density - eps + 2 * eps * j / (n - 1)
             if float(u[r, j]) < p:
                 out[r, col] = rows[r, col]
-    out = out.reshape(d.shape)
+    out = out.reshape(moved.shape).movedim(-1, 1).reshape(d.shape)
     if rescale and d.abs().sum() >= 1e-7 and out.abs().sum() >= 1e-7:
         out = out * (d.abs().sum() / out.abs().sum())
     return out
@@ -126,6 +129,9 @@ def test_seeded_and_edges():
     assert torch.equal(call([base.clone()] * 2, base, **kw), base)
     col = rand(9, 1, seed=10)  # rows of a single element
     assert torch.isfinite(call([col + 1], col, weight=[1.0], density=0.5)).all()
+    cube = rand(2, 6, 3, seed=11)  # 3-D: ranks along dim 1, as mergekit's argsort(dim=1)
+    out = call([cube + rand(2, 6, 3, seed=12)], cube, seed=4, weight=[1.0], density=0.5, epsilon=0.2)
+    torch.testing.assert_close(out.double(), reference([cube + rand(2, 6, 3, seed=12)], cube, [1.0], [0.5], [0.2], 4))
 
 
 @pytest.mark.mergekit
