@@ -87,7 +87,7 @@ def test_rebuild_is_cached(tiny_zoo):
     st = (d / "models" / "base" / "model.safetensors").stat().st_mtime_ns
     t0 = time.time()
     m2 = build_zoo("tiny", d, seed=0, quiet=True)
-    assert time.time() - t0 < 30
+    assert time.time() - t0 < 60  # nothing is retrained or re-evaluated
     assert (d / "models" / "base" / "model.safetensors").stat().st_mtime_ns == st
     assert m2["models"]["base"]["key"] == m["models"]["base"]["key"]
 

@@ -37,5 +37,5 @@ def test_demo_json_has_every_method(tiny_zoo, tmp_path):
 
     t0 = time.time()
     again = run_demo("tiny", tmp_path / "demo", zoo_dir=d, quiet=True, chart=False)
-    assert time.time() - t0 < 30
+    assert time.time() - t0 < 60  # nothing is retrained or re-evaluated
     assert again["ranking"] == data["ranking"]

@@ -44,7 +44,7 @@ SWEEPS: dict[str, list[tuple[str, dict, dict]]] = {
     "multislerp": [("", {"weight": 1.0}, {})],
 }
 
-DEMO_EVAL = {"tiny": {"max_tokens": 4096, "task_items": 100, "seq_len": 128},
+DEMO_EVAL = {"tiny": {"max_tokens": 2048, "task_items": 60, "seq_len": 128},
              "smol": {"max_tokens": 2048, "task_items": 40, "seq_len": 256}}
 
 
