@@ -113,6 +113,18 @@ def decode_tps(model, prompt_ids: list[int], n: int, repeats: int, runtime: str 
     return statistics.median(rates)
 
 
+def paired_tps(base, model, prompt_ids: list[int], n: int, repeats: int, runtime: str = "hf") -> dict:
+    """Decode tokens/s of ``base`` and ``model`` measured in alternation, and the median of the per-pair ratios."""
+    b, m, r = [], [], []
+    for _ in range(repeats):
+        x = decode_tps(base, prompt_ids, n, 1)
+        y = decode_tps(model, prompt_ids, n, 1, runtime)
+        b.append(x)
+        m.append(y)
+        r.append(y / x)
+    return {"base_tps": round(statistics.median(b), 2), "tps": round(statistics.median(m), 2), "ratio": round(statistics.median(r), 3)}
+
+
 def prompts(tok, held: dict[str, Path], k: int, n_tokens: int) -> dict[str, list[int]]:
     from splice.eval import read_text
 
@@ -224,19 +236,17 @@ def main(argv=None) -> int:
                     write_s = time.perf_counter() - t
                     m = load_model(out)  # bypasses zeroed MLP blocks (ffn)
                     loss = eval_losses(m, tok, held, args.eval_tokens)
-                    if strategy == "ffn":
-                        tps = decode_tps(m, dprompt, args.decode_tokens, args.repeats)
+                    base = base or load_model(model_ref)
+                    speed = paired_tps(base, m, dprompt, args.decode_tokens, args.repeats)
+                    if strategy == "ffn":  # plain transformers computes the zeroed blocks anyway
                         hf_m = load_model(out, skip_zero_mlps=False)
-                        tps_plain_hf = decode_tps(hf_m, dprompt, args.decode_tokens, args.repeats)
+                        speed["plain_transformers"] = paired_tps(base, hf_m, dprompt, args.decode_tokens, args.repeats)
                         del hf_m
-                    else:
-                        tps = decode_tps(m, dprompt, args.decode_tokens, args.repeats)
-                        tps_plain_hf = tps
                     del m
                 res.put({"drop_layers": p.drop_layers, "drop_mlp": p.drop_mlp, "dropped": len(p.drop_layers or p.drop_mlp),
                          "predicted_speedup": round(p.predicted_speedup, 3), "params_after": p.params_after,
-                         "loss": loss, "decode_tps": round(tps, 2), "decode_tps_plain_transformers": round(tps_plain_hf, 2),
-                         "write_seconds": round(write_s, 2), "scores": {k: round(v, 5) for k, v in p.scores.items()}}, "plans", key)
+                         "loss": loss, "decode": speed, "write_seconds": round(write_s, 2),
+                         "scores": {k: round(v, 5) for k, v in p.scores.items()}}, "plans", key)
 
     if "speedup" in parts and res.get("speedup15") is None:
         src = open_model(model_ref)
@@ -247,15 +257,11 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             prune(p, Path(tmp) / "p")
             m = load_model(Path(tmp) / "p")
-            # interleave base and pruned runs so load changes hit both alike
-            b, q = [], []
-            for _ in range(args.repeats):
-                b.append(decode_tps(base, dprompt, args.decode_tokens, 1))
-                q.append(decode_tps(m, dprompt, args.decode_tokens, 1))
+            # base and pruned in alternation, so load changes hit both alike
+            speed = paired_tps(base, m, dprompt, args.decode_tokens, max(args.repeats, 5))
             loss = eval_losses(m, tok, held, args.eval_tokens)
-        res.put({"drop_layers": p.drop_layers, "predicted": round(p.predicted_speedup, 3), "base_tps": round(statistics.median(b), 2),
-                 "pruned_tps": round(statistics.median(q), 2), "measured": round(statistics.median(q) / statistics.median(b), 3),
-                 "loss": loss}, "speedup15")
+        res.put({"drop_layers": p.drop_layers, "predicted": round(p.predicted_speedup, 3), "base_tps": speed["base_tps"],
+                 "pruned_tps": speed["tps"], "measured": speed["ratio"], "loss": loss}, "speedup15")
 
     if "agreement" in parts and res.get("agreement") is None:
         from splice.skip import AutoSkip
@@ -332,15 +338,16 @@ def markdown(r: dict) -> str:
     plans = r.get("plans") or {}
     if base and plans:
         doms = list(base["loss"])
-        out.append("| strategy | dropped | predicted speedup | measured decode tok/s (x base) | " + " | ".join(f"{d} loss" for d in doms) + " | mean loss |")
+        out.append("| strategy | dropped | predicted speedup | decode tok/s (x base, paired) | " + " | ".join(f"{d} loss" for d in doms) + " | mean loss |")
         out.append("|---|---|---|---|" + "---|" * (len(doms) + 1))
         mean = statistics.mean(base["loss"].values())
         out.append(f"| (base) | 0 | 1.00 | {base['decode_tps']:.1f} (1.00) | " + " | ".join(f"{base['loss'][d]:.3f}" for d in doms) + f" | {mean:.3f} |")
         for key, p in plans.items():
             s, ratio = key.split("@")
             what = f"{p['dropped']} {'MLP' if p['drop_mlp'] else 'layers'} ({float(ratio):.0%})"
-            rate = p["decode_tps"] / base["decode_tps"]
-            out.append(f"| {s} | {what} | {p['predicted_speedup']:.2f} | {p['decode_tps']:.1f} ({rate:.2f}) | "
+            d = p["decode"]
+            extra = f"; plain transformers {d['plain_transformers']['ratio']:.2f}" if "plain_transformers" in d else ""
+            out.append(f"| {s} | {what} | {p['predicted_speedup']:.2f} | {d['tps']:.1f} ({d['ratio']:.2f}{extra}) | "
                        + " | ".join(f"{p['loss'][d]:.3f}" for d in doms) + f" | {statistics.mean(p['loss'].values()):.3f} |")
     s15 = r.get("speedup15")
     if s15:

@@ -151,3 +151,18 @@ def test_warp_top_k_top_p():
     base = torch.softmax(logits.double(), -1)
     p = warp(logits, 1.0, top_p=float(base[0] + base[1]) + 1e-6)
     assert (p[:3] > 0).all() and p[3] == 0
+
+
+def test_auto_predicts_gain_only_for_cheap_agreeing_drafts(m64):
+    from splice.skip import AutoSkip
+
+    a = AutoSkip(m64)
+    few, many = a.ranked(0.02), a.ranked(0.5)
+    assert len(few) >= 1 and len(many) > len(few)
+    assert a.draft_cost({(2, "layer")}) == pytest.approx(a.draft_cost({(2, "attn"), (2, "mlp")}))
+    assert a.predict(0.0, many) == (1.0, 0)  # nothing accepted: do not draft
+    gain, k = a.predict(0.95, many)
+    assert gain > 1.0 and k >= 2
+    assert a.need(many) < a.need(few) <= 1.0  # cheaper drafts need less agreement to pay
+    a.beta = 2.0  # verification as dear as two more steps per token: nothing pays
+    assert a.predict(0.99, many) == (1.0, 0) and a.need(many) == 1.0

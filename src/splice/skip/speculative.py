@@ -324,6 +324,16 @@ class AutoSkip:
                 best = (v, k)
         return best
 
+    def need(self, units) -> float:
+        """The smallest agreement at which drafting with ``units`` would beat plain decoding (1.0: never)."""
+        lo, hi = 0.0, 0.99
+        if self.predict(hi, units)[0] <= 1.0:
+            return 1.0
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if self.predict(mid, units)[0] > 1.0 else (mid, hi)
+        return hi
+
     # -- search
     def current(self) -> frozenset:
         """The skip set to draft with now (empty: run a plain step)."""
@@ -339,6 +349,7 @@ class AutoSkip:
             return True
         if not self.current() and new_tokens - self.since_retry >= self.retry_every:
             self.since_retry = new_tokens
+            self.retry_every *= 2  # each retry that finds nothing makes the next one rarer
             self.left = 1
             self.retrying = True
             return True
@@ -387,6 +398,8 @@ class AutoSkip:
         self.scores[units] = agreement if old is None else 0.5 * (old + agreement)
         if self.best is None or self.predict(self.scores[units], units)[0] > self.predict(self.scores[self.best], self.best)[0]:
             self.best = units
+        if self.ratio_steps <= 0 and self.best is not None and self.scores[self.best] < self.need(self.best) - 0.15:
+            self.left = 0  # the best set is far from paying: small changes to it will not get there
 
     def observe(self, drafted: int, accepted: int, draft_steps: int, t_draft: float, t_verify: float) -> None:
         """One cycle's acceptance and timings: update the timing model; re-search when acceptance falls."""
