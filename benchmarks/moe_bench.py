@@ -130,7 +130,8 @@ def main() -> int:
     ap.add_argument("--calibrate", type=int, default=200, help="router calibration steps (default 200)")
     ap.add_argument("--calibration-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--skip-merges", action="store_true")
+    ap.add_argument("--top-k", default="2,1", help="experts_per_token values to build (default 2,1)")
+    ap.add_argument("--merges", default="linear,task_arithmetic,ties", help="merges to compare with ('' for none)")
     ap.add_argument("--force", action="store_true", help="rebuild models that exist")
     args = ap.parse_args()
 
@@ -151,7 +152,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     models = paths["models"]
     experts = [d for d in models if d != "base"]
-    general = man.get("general") or ("general" if "general" in paths["heldout"] else None)
+    general = man.get("general_domain") or ("general" if "general" in paths["heldout"] else None)
     domains = experts + ([general] if general else [])
     texts = {d: read_text(paths["heldout"][d]) for d in domains}
     train = {d: zoo / "data" / d / "train.jsonl" for d in experts}
@@ -171,7 +172,7 @@ def main() -> int:
     built: dict[str, Path] = {"base": models["base"], **{d: models[d] for d in experts}}
     moes: list[str] = []
     calib_info: dict[str, dict] = {}
-    for k in (2, 1):
+    for k in [int(x) for x in args.top_k.split(",") if x]:
         for steps in (0, args.calibrate):
             name = f"moe-top{k}" + (f"-cal{steps}" if steps else "")
             out = work / name
@@ -187,7 +188,8 @@ def main() -> int:
             moes.append(name)
 
     merges = []
-    if not args.skip_merges:
+    wanted = [m for m in args.merges.split(",") if m]
+    if wanted:
         base = str(models["base"])
         ex = [str(models[d]) for d in experts]
         mrecipes = {
@@ -196,6 +198,8 @@ def main() -> int:
             "merge-ties": {"merge_method": "ties", "base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in ex], "parameters": {"normalize": True}},
         }
         for name, r in mrecipes.items():
+            if name.split("-", 1)[1] not in wanted:
+                continue
             out = work / name
             if args.force or not (out / "config.json").exists():
                 t0 = time.time()
