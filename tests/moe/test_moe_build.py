@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import RANGES, make_expert, recipe
+from moe_helpers import RANGES, make_expert, recipe
 from helpers import load_sd, logits, make_model
 from splice.moe import build_moe
 

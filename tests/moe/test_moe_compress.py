@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RANGES, make_expert, recipe
+from moe_helpers import RANGES, make_expert, recipe
 from helpers import load_sd, logits
 from splice.moe import build_moe, compress_moe
 from splice.moe.assignment import _hungarian_min, max_weight_matching

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import make_expert, recipe
+from moe_helpers import make_expert, recipe
 from helpers import make_model
 from splice.cli import main
 from splice.errors import SpliceError

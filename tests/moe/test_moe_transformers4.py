@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import make_expert, recipe
+from moe_helpers import make_expert, recipe
 from helpers import logits, write_tokenizer
 from splice.moe import build_moe, compress_moe
 
