@@ -131,3 +131,30 @@ def test_cli_eval_reports_a_bad_domain_flag(capsys):
 
     assert main(["eval", "x", "--domain", "nofile"]) == 2
     assert "NAME=FILE" in capsys.readouterr().err
+
+
+def test_bos_tokenizers_get_bos_in_front_of_every_window(tiny_zoo, news_expert):
+    from tokenizers import processors
+
+    from splice.eval import domain_loss
+
+    d, m = tiny_zoo
+    _, model, tok = news_expert
+    tok = type(tok).from_pretrained(d / "models" / "news")
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", eot)])
+    tok.bos_token = "<|endoftext|>"
+    assert tok("a").input_ids[0] == eot
+    text = (d / m["domains"]["news"]["heldout_file"]).read_text(encoding="utf-8")
+    seq, n = 32, 300
+    r = domain_loss(model, tok, text, seq_len=seq, max_tokens=n)
+    ids = tok(text, add_special_tokens=False).input_ids[:n]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids), seq - 1):
+            w = torch.tensor([[eot] + ids[s : s + seq - 1]])
+            total += float(model(input_ids=w, labels=w).loss) * (w.shape[1] - 1)
+            count += w.shape[1] - 1
+    assert r.tokens == count == n
+    assert r.loss == pytest.approx(total / count, rel=1e-5)

@@ -56,9 +56,12 @@ def choice_logprobs(model, tokenizer, context: str, choices: list[str]) -> list[
     import torch
     import torch.nn.functional as F
 
+    from .perplexity import adds_bos
+
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        ctx = [tokenizer.bos_token_id] + ctx
+    bos = adds_bos(tokenizer)
+    if bos is not None:
+        ctx = [bos] + ctx
     if not ctx:
         raise ValueError("empty context")
     out = []

@@ -50,19 +50,43 @@ def read_text(path) -> str:
     return raw
 
 
+def adds_bos(tokenizer) -> int | None:
+    """The BOS id if this tokenizer puts one in front of text by default (Gemma, Llama 2/3), else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def windows(tokenizer, text: str, seq_len: int, max_tokens: int | None):
-    """(list of token-id windows, list of byte counts per window) for ``text``."""
+    """(list of token-id windows, list of byte counts per window) for ``text``.
+
+    Models whose tokenizer adds a BOS token get it in front of every window (as
+    context, never scored), since some (Gemma) behave badly without it; then
+    every text token of the window is scored. Otherwise the window's first token
+    is the context.
+    """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids = enc["input_ids"]
     offs = enc["offset_mapping"]
     if max_tokens:
         ids, offs = ids[:max_tokens], offs[:max_tokens]
+    bos = adds_bos(tokenizer)
+    step = seq_len - 1 if bos is not None else seq_len
     out, nbytes = [], []
-    for s in range(0, len(ids), seq_len):
-        w = ids[s : s + seq_len]
+    for s in range(0, len(ids), step):
+        w = ids[s : s + step]
+        o = offs[s : s + step]
+        if bos is not None:
+            if not w:
+                break
+            # bytes of all the window's text tokens
+            nbytes.append(len(text[o[0][0] : o[-1][1]].encode("utf-8")))
+            out.append([bos] + w)
+            continue
         if len(w) < 2:
             break
-        o = offs[s : s + seq_len]
         # bytes covered by the predicted tokens 1..n-1: from the end of token 0 to the end of the last
         nbytes.append(len(text[o[0][1] : o[-1][1]].encode("utf-8")))
         out.append(w)

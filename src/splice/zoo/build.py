@@ -79,7 +79,7 @@ TIERS: dict[str, Tier] = {
         base_steps=200,
         base_lr=3e-3,
         expert_steps=50,
-        expert_lr=1e-3,
+        expert_lr=3e-4,
         task_items=100,
     ),
     "smol": Tier(

@@ -279,7 +279,8 @@ def write_chart(res: dict, path: Path) -> str | None:
     a1.set_yticks(y, names, fontsize=8)
     a1.invert_yaxis()
     a1.set_xlabel("normalized score: share of each expert's loss improvement kept")
-    a1.legend(fontsize=7, loc="lower right")
+    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / max(3, len(names)) - 0.06), ncol=len(ex) + 1,
+               frameon=False)
     a2.barh(y, forget, color=["#C44E52" if f > 0 else "#55A868" for f in forget])
     a2.axvline(0.0, color="black", lw=0.8)
     a2.set_xlabel(f"forgetting: loss change on '{res['general_domain']}' (%)")
