@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure in benchmarks/README.md, in one go (about 15-20 minutes on 2 cores, most of it mergekit).
+# Every figure in benchmarks/README.md, in one go (about 25 minutes on 2 cores, most of it mergekit).
 #
 #   bash benchmarks/run_all.sh            # results/*.json and results/*.md
 #
@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
-rev="${SPLICE_REV:-HEAD}"   # measure splice as committed (not a half-edited working tree)
+# measure splice as committed (not a half-edited working tree), the same commit for every run
+rev="$(git rev-parse "${SPLICE_REV:-HEAD}")"
+echo "splice at $rev" >&2
 out=benchmarks/results
 mkdir -p "$out"
 for size in 100M 500M 1B; do
@@ -25,6 +27,6 @@ run 500M-ties-bf16 --params 500M --method ties --tools floor,splice,mergekit \
     --splice "" --splice "--workers 1 --threads 2" --splice "--workers 2 --threads 1" --splice "--workers 4 --threads 1"
 # 2. strict parity: compute in float32 (out_dtype bf16), where mergekit's arithmetic matches splice's
 run 500M-ties-fp32 --params 500M --method ties --dtype float32 --tools splice,mergekit
-# 3. memory as the model grows: splice (and the floor) at 100M and 1B
-run 100M-ties-bf16 --params 100M --method ties --tools floor,splice
-run 1B-ties-bf16 --params 1B --method ties --tools floor,splice
+# 3. time and memory as the model grows: the same at 100M and 1B
+run 100M-ties-bf16 --params 100M --method ties --tools floor,splice,mergekit
+run 1B-ties-bf16 --params 1B --method ties --tools floor,splice,mergekit

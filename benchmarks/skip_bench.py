@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="plans,speedup,agreement,spec")
     ap.add_argument("--out", default=str(HERE / "results" / "skip.json"))
     ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
+    ap.add_argument("--redo-decode", action="store_true", help="re-measure decode speed of finished plans (and --speedup 1.5), keep their losses")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -218,7 +219,31 @@ def main(argv=None) -> int:
         for strategy in args.strategies.split(","):
             for ratio in [float(r) for r in args.ratios.split(",")]:
                 key = f"{strategy}@{ratio}"
-                if res.get("plans", key) is not None:
+                done = res.get("plans", key)
+                if done is not None and args.redo_decode:
+                    p = make_plan(costs, strategy, None, model=model_ref, ratio=ratio) if strategy == "balanced" else None
+                    with tempfile.TemporaryDirectory() as tmp:
+                        out = Path(tmp) / "pruned"
+                        if p is None:  # same units as before, without recalibrating
+                            from splice.skip import SkipPlan
+
+                            p = SkipPlan(model_ref, strategy, costs.num_layers, done["drop_layers"], done["drop_mlp"], {}, "",
+                                         costs.total_params, done["params_after"], costs.compute_total,
+                                         costs.compute_without(done["drop_layers"], done["drop_mlp"]))
+                        prune(p, out)
+                        m = load_model(out)
+                        base = base or load_model(model_ref)
+                        speed = paired_tps(base, m, dprompt, args.decode_tokens, args.repeats)
+                        if strategy == "ffn":
+                            hf_m = load_model(out, skip_zero_mlps=False)
+                            speed["plain_transformers"] = paired_tps(base, hf_m, dprompt, args.decode_tokens, args.repeats)
+                            del hf_m
+                        del m
+                    done["decode"] = speed
+                    res.put(done, "plans", key)
+                    print(f"{key}: decode {speed}", file=sys.stderr)
+                    continue
+                if done is not None:
                     continue
                 if strategy != "balanced" and stats is None:
                     m = load_model(model_ref, skip_zero_mlps=False)
@@ -248,7 +273,7 @@ def main(argv=None) -> int:
                          "loss": loss, "decode": speed, "write_seconds": round(write_s, 2),
                          "scores": {k: round(v, 5) for k, v in p.scores.items()}}, "plans", key)
 
-    if "speedup" in parts and res.get("speedup15") is None:
+    if "speedup" in parts and (res.get("speedup15") is None or args.redo_decode):
         src = open_model(model_ref)
         costs = layer_costs(src)
         src.close()
@@ -259,7 +284,8 @@ def main(argv=None) -> int:
             m = load_model(Path(tmp) / "p")
             # base and pruned in alternation, so load changes hit both alike
             speed = paired_tps(base, m, dprompt, args.decode_tokens, max(args.repeats, 5))
-            loss = eval_losses(m, tok, held, args.eval_tokens)
+            old = res.get("speedup15")
+            loss = old["loss"] if old else eval_losses(m, tok, held, args.eval_tokens)
         res.put({"drop_layers": p.drop_layers, "predicted": round(p.predicted_speedup, 3), "base_tps": speed["base_tps"],
                  "pruned_tps": speed["tps"], "measured": speed["ratio"], "loss": loss}, "speedup15")
 

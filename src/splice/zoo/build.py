@@ -462,6 +462,7 @@ def build_zoo(tier: str = "tiny", out: str | os.PathLike | None = None, *, seed:
         "last_run_seconds": {**timings, "total": round(time.time() - t_start, 2)},
         "first_build_seconds": old.get("first_build_seconds") or {**timings, "total": round(time.time() - t_start, 2)},
     }
+    manifest = json.loads(json.dumps(manifest))  # exactly what a reader of manifest.json sees (lists, not tuples)
     tmp = man_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, man_path)
