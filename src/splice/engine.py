@@ -326,8 +326,11 @@ class Runner:
         self.opts = opts
         self.device = torch.device(opts.device)
 
-    def _load(self, inp: Input, compute_dtype: torch.dtype) -> torch.Tensor:
+    def _load(self, inp: Input, compute_dtype: torch.dtype | None) -> torch.Tensor:
+        """One input tensor on the device, in ``compute_dtype`` (None: a float dtype as stored)."""
         t = self.sources[inp.model].get(inp.tensor)
+        if compute_dtype is None:
+            compute_dtype = t.dtype if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
         if inp.rows is not None:
             idx = torch.tensor(inp.rows, dtype=torch.long)
             ok = idx >= 0
@@ -347,8 +350,10 @@ class Runner:
             if job.scale != 1.0:
                 out.mul_(job.scale)
         else:
-            tensors = [self._load(i, cdt) for i in job.inputs]
-            base = self._load(job.base, cdt) if job.base is not None else None
+            # a native-dtype method upcasts as it computes: no float32 copies of the inputs
+            native = self.plan.method.native_dtype and cdt == torch.float32 and job.inputs[0].rows is None
+            tensors = [self._load(i, None if native else cdt) for i in job.inputs]
+            base = self._load(job.base, None if native else cdt) if job.base is not None else None
             if self.plan.tokenizer is not None and job.inputs[0].rows is not None:
                 tensors, base = self.plan.tokenizer.fill_missing(tensors, base, job.inputs, job.base)
             kw = dict(job.kwargs)

@@ -23,7 +23,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import _chunked
 from ._consensus import SignConsensus
+from ._sparsify import SORT_LIMIT, magnitude_
 from .registry import Param
 
 Sparsifier = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -52,6 +54,7 @@ def merge_task_vectors(
     *,
     weight: Sequence[float],
     sparsify: Sparsifier | None = None,
+    trim_density: Sequence[float] | None = None,
     consensus: bool = False,
     normalize: bool = False,
     lambda_: float = 1.0,
@@ -61,11 +64,30 @@ def merge_task_vectors(
     ``sparsify(i, delta, scratch)`` sparsifies model i's ``delta`` and returns
     the tensor holding the result: ``delta`` or ``scratch`` (same shape and
     dtype, free working space).  Both buffers are reused from model to model:
-    fresh large tensors cost page faults.
+    fresh large tensors cost page faults.  ``trim_density`` (instead of
+    ``sparsify``) is TIES's magnitude trim without rescale, per model.
+
+    Inputs may be bfloat16 or float16; the arithmetic is float32 (float64 if
+    the base is float64) and so is the result.  Large CPU tensors without a
+    ``sparsify`` callback take the chunked path (``_chunked``), which gives the
+    same bits faster and with less memory.
     """
+    cdt = torch.float64 if base.dtype == torch.float64 else torch.float32
     if not tensors:
-        return base.clone()
+        return base.to(cdt, copy=True)
     weights = [float(w) for w in weight]
+    if sparsify is None and base.device.type == "cpu" and base.numel() > SORT_LIMIT:
+        trims = None
+        if trim_density is not None:
+            trims = [_chunked.magnitude_trim(t, base, float(d), cdt) for t, d in zip(tensors, trim_density)]
+        return _chunked.merge_chunked(
+            tensors, base, weights=weights, trims=trims, consensus=consensus, normalize=normalize, lambda_=lambda_, cdt=cdt
+        )
+    tensors = [t.to(cdt) for t in tensors]
+    base = base.to(cdt)
+    if trim_density is not None:
+        dens = [float(d) for d in trim_density]
+        sparsify = lambda i, d, s: magnitude_(d, dens[i], False, scratch=s)  # noqa: E731
     acc = SignConsensus(base, track_weights=normalize) if consensus else torch.zeros_like(base)
     delta = torch.empty_like(base)
     scratch = torch.empty_like(base) if sparsify is not None else None

@@ -47,6 +47,9 @@ class MergeMethod:
     params: tuple[Param, ...] = ()
     base: str = "none"  # "none" | "optional" | "required"
     randomized: bool = False
+    # True: fn takes inputs in their stored float dtype (bf16/f16 included), computes in
+    # float32 itself and returns float32; the engine then skips the float32 copies of the inputs.
+    native_dtype: bool = False
     summary: str = ""
     paper: str = ""
     min_models: int = 1

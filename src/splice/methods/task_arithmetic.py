@@ -14,6 +14,7 @@ from .registry import merge_method
     "task_arithmetic",
     params=gta_params(normalize=False, rescale=False),
     base="required",
+    native_dtype=True,
     summary="base + lambda * sum_i weight_i * (model_i - base); density and rescale are accepted but unused",
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
 )

@@ -15,6 +15,7 @@ from .registry import merge_method
     "ties",
     params=gta_params(normalize=True, rescale=False),
     base="required",
+    native_dtype=True,
     summary="trim task vectors to the top-density magnitudes, elect a sign per element, average the agreeing ones",
     paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models (arXiv:2306.01708)",
 )
@@ -36,7 +37,8 @@ def ties(
         tensors,
         base,
         weight=per_model(weight, n, "weight"),
-        sparsify=lambda i, d, s: magnitude_(d, float(dens[i]), rescale, scratch=s),
+        sparsify=(lambda i, d, s: magnitude_(d, float(dens[i]), True, scratch=s)) if rescale else None,
+        trim_density=None if rescale else dens,
         consensus=True,
         normalize=normalize,
         lambda_=lambda_,

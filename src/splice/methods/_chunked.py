@@ -1,0 +1,198 @@
+"""Task arithmetic and TIES on large CPU tensors, one cache-sized chunk at a time.
+
+The whole-tensor pipeline in ``_task_vectors`` makes about twenty passes over
+tensor-sized float32 buffers per model.  On a CPU those passes are cheap only
+while the data stays in cache; on a 40M-element embedding each pass goes to
+main memory, and every fresh tensor-sized buffer costs page faults (large
+allocations are mmap'd and returned at once, see ``engine``).  Here the only
+step that needs the whole tensor, finding each model's magnitude threshold,
+reads the inputs chunk by chunk and keeps just the few entries near the
+threshold; everything after it (delta, trim, weight, sign election, divisor,
+lambda, base) is elementwise and runs chunk by chunk in buffers that stay in
+L2.
+
+Inputs may be in their stored dtype (bfloat16, float16): each chunk is upcast
+as it is read, so a job never holds float32 copies of its inputs.  Every
+element sees exactly the float32 operations of the whole-tensor path, in the
+same order, so the result is bit-identical to it (tests check this).
+
+Used for CPU tensors above ``SORT_LIMIT`` elements when the sparsifier is a
+plain magnitude trim (TIES) or none (task arithmetic) and ``rescale`` is off.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from ._sparsify import _SAMPLE, _SPREAD, Bracket, bracket
+
+CHUNK = 1 << 16  # elements per chunk: a handful of 256 KiB float32 buffers stay in L2
+
+
+class Trim(NamedTuple):
+    """One model's magnitude trim: keep ``|x| > threshold`` plus the entries at ``ties``."""
+
+    threshold: float | None  # None: keep everything
+    ties: torch.Tensor | None  # ascending flat positions with |x| == threshold that are kept too
+
+
+def _spans(n: int):
+    for a in range(0, n, CHUNK):
+        yield a, min(n, a + CHUNK)
+
+
+def _magnitude_bracket(t: torch.Tensor, base: torch.Tensor, k: int, cdt: torch.dtype) -> Bracket:
+    """``_sparsify.bracket(|t - base|, k)`` without materializing ``|t - base|``.
+
+    Same sample, same bounds, same answer; the counting and the gathering of
+    the candidates inside the bracket run chunk by chunk.  When the bracket
+    misses (chance below 1e-6) the magnitudes are materialized once.
+    """
+    tf, bf = t.reshape(-1), base.reshape(-1)
+    n = tf.numel()
+    g = torch.Generator(device=t.device).manual_seed(0x5EED)
+    picks = torch.randint(0, n, (_SAMPLE,), generator=g, device=t.device)
+    sample = torch.sort((tf[picks].to(cdt) - bf[picks].to(cdt)).abs_()).values
+    q = (k - 0.5) / n
+    spread = _SPREAD * math.sqrt(_SAMPLE * q * (1 - q)) + 2
+    lo_i, hi_i = math.floor(q * _SAMPLE - spread), math.ceil(q * _SAMPLE + spread)
+    if lo_i < 0 or hi_i >= _SAMPLE:  # the bracket touches an end: rare for a trim density
+        return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
+    lo, hi = sample[lo_i], sample[hi_i]
+    lo_f, hi_f = lo.item(), hi.item()
+    below = 0
+    index, values = [], []
+    buf = torch.empty(CHUNK, dtype=cdt, device=t.device)
+    mask, upper = np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool)
+    for a, b in _spans(n):
+        # upcast before subtracting: bf16 - bf16 would round the difference to bf16
+        m = buf[: b - a].copy_(bf[a:b])
+        m = torch.sub(tf[a:b], m, out=m).abs_()
+        # comparisons in numpy (same memory): torch's bool-producing kernels are ~8x slower here
+        mn, bm, um = m.numpy(), mask[: b - a], upper[: b - a]
+        below += int(np.count_nonzero(np.less(mn, lo_f, out=bm)))
+        np.logical_and(np.greater_equal(mn, lo_f, out=bm), np.less_equal(mn, hi_f, out=um), out=bm)
+        pos = np.flatnonzero(bm)
+        if pos.size:
+            values.append(torch.from_numpy(mn[pos]))
+            index.append(torch.from_numpy(pos).add_(a))
+    if below >= k:
+        return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
+    idx = torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=t.device)
+    if below + idx.numel() < k:
+        return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
+    vals = torch.cat(values) if values else torch.empty(0, dtype=cdt, device=t.device)
+    return Bracket(torch.kthvalue(vals, k - below).values, below, idx, vals)
+
+
+def magnitude_trim(t: torch.Tensor, base: torch.Tensor, density: float, cdt: torch.dtype) -> Trim:
+    """The trim ``_sparsify.magnitude_`` applies to ``t - base``, found chunk by chunk.
+
+    Same count, same tie rule (lowest flat indices among magnitudes equal to
+    the threshold), same result.
+    """
+    n = t.numel()
+    if density >= 1:
+        return Trim(None, None)
+    if density <= 0:
+        return Trim(math.inf, None)
+    k = max(1, int(density * n))
+    if k >= n:
+        return Trim(None, None)
+    sel = _magnitude_bracket(t, base, n - k + 1, cdt)
+    v = sel.value
+    if float(v) == 0.0:
+        return Trim(None, None)
+    at_or_above = n - sel.count_below(v)
+    if at_or_above == k:
+        return Trim(float(torch.nextafter(v, torch.zeros_like(v))), None)
+    tied = sel.positions_equal(v)
+    return Trim(float(v), tied[: k - (at_or_above - tied.numel())])
+
+
+def merge_chunked(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weights: Sequence[float],
+    trims: Sequence[Trim] | None,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    cdt: torch.dtype,
+) -> torch.Tensor:
+    """Steps 1-5 of ``_task_vectors`` chunk by chunk; returns a new ``cdt`` tensor."""
+    n = base.numel()
+    out = torch.empty(base.shape, dtype=cdt, device=base.device)
+    of, bf = out.reshape(-1), base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    dev = base.device
+    # tie positions as numpy arrays: per-chunk lookups and fix-ups are cheap there
+    tie_pos = [None if (tr is None or tr.ties is None or not tr.ties.numel()) else tr.ties.cpu().numpy() for tr in (trims or [])]
+
+    def buf() -> torch.Tensor:
+        return torch.empty(CHUNK, dtype=cdt, device=dev)
+
+    b32, delta, kept, side = buf(), buf(), buf(), buf()
+    votes, pos, neg = buf(), buf(), buf()
+    pos_w, neg_w = (buf(), buf()) if normalize else (None, None)
+    total = float(torch.tensor(list(weights), dtype=cdt).sum()) if (normalize and not consensus) else None
+    for a, b in _spans(n):
+        m = b - a
+        bc = b32[:m].copy_(bf[a:b])
+        acc = votes[:m].zero_()
+        if consensus:
+            p, ng = pos[:m].zero_(), neg[:m].zero_()
+            if normalize:
+                pw, nw = pos_w[:m].zero_(), neg_w[:m].zero_()
+        for i, tf in enumerate(flats):
+            d = torch.sub(tf[a:b], bc, out=delta[:m])
+            trim = trims[i] if trims is not None else None
+            if trim is not None and trim.threshold is not None:
+                if math.isinf(trim.threshold):
+                    d = d.zero_()
+                else:
+                    k = torch.ops.aten.hardshrink.out(d, trim.threshold, out=kept[:m])
+                    tp = tie_pos[i]
+                    if tp is not None:
+                        lo, hi = np.searchsorted(tp, (a, b))
+                        if hi > lo:
+                            at = tp[lo:hi] - a
+                            k.numpy()[at] = d.numpy()[at]
+                    d = k
+            d.mul_(weights[i])
+            if consensus:
+                acc.add_(d)
+                s = torch.clamp(d, min=0, out=side[:m])
+                p.add_(s)
+                if normalize:
+                    pw.add_(s.sign_(), alpha=weights[i])
+                d.clamp_(max=0)
+                ng.add_(d)
+                if normalize:
+                    nw.sub_(d.sign_(), alpha=weights[i])
+            else:
+                acc.add_(d)
+        if consensus:
+            # where(votes >= 0, pos, neg) without bool tensors (slow kernels here), same bits:
+            # e = 1 where votes >= 0 (-0 included) else 0; pos*1 + neg*0 == pos and pos*0 + neg*1 == neg
+            # (pos >= +0 and neg <= +0 are never -0, and both are finite where the result is).
+            e = torch.sign(acc, out=acc).add_(1).clamp_(max=1)
+            ne = side[:m].copy_(e).neg_().add_(1)
+            merged = p.mul_(e).add_(ng.mul_(ne))
+            if normalize:
+                div = pw.mul_(e).add_(nw.mul_(ne))
+                zero = torch.abs(div, out=ng).sign_().neg_().add_(1)  # 1 where the divisor is 0
+                merged.div_(div.add_(zero))
+        else:
+            merged = acc
+            if normalize and abs(total) >= 1e-8:
+                merged.div_(total)
+        if lambda_ != 1:
+            merged.mul_(lambda_)
+        torch.add(merged, bc, out=of[a:b])
+    return out

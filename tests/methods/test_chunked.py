@@ -1,0 +1,70 @@
+"""The chunked path for large CPU tensors gives the whole-tensor path's bits."""
+
+import pytest
+import torch
+
+from splice.methods import _chunked
+from splice.methods._sparsify import SORT_LIMIT, magnitude_
+from splice.methods._task_vectors import merge_task_vectors
+
+
+def _models(n, k=3, quantized=False, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    outs = []
+    for _ in range(k):
+        d = 0.02 * torch.randn(n, generator=g)
+        if quantized:  # few distinct magnitudes: many ties at every threshold
+            d = (d * 200).round() / 200
+        outs.append((base + d).to(dtype))
+    return outs, base.to(dtype)
+
+
+def _whole(tensors, base, **kw):
+    """The whole-tensor path, forced by a sparsify callback (float32 inputs)."""
+    dens = kw.pop("trim_density", None)
+    ts = [t.float() for t in tensors]
+    sp = (lambda i, d, s: magnitude_(d, dens[i], False, scratch=s)) if dens else (lambda i, d, s: d)
+    return merge_task_vectors(ts, base.float(), sparsify=sp, **kw)
+
+
+N = SORT_LIMIT + 3 * _chunked.CHUNK + 123  # several chunks and a ragged last one
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(weight=[1.0, 1.0, 1.0], trim_density=[0.2, 0.2, 0.2], consensus=True, normalize=True),
+        dict(weight=[1.0, 0.5, -0.3], trim_density=[0.5, 0.1, 0.9], consensus=True, normalize=False, lambda_=0.7),
+        dict(weight=[0.3, 0.3, 0.4], trim_density=[1.0, 0.0, 0.3], consensus=True, normalize=True),
+        dict(weight=[1.0, 0.5, 0.25], consensus=False, normalize=True, lambda_=1.5),
+        dict(weight=[1.0, 0.5, 0.25], consensus=False, normalize=False),
+    ],
+)
+def test_chunked_is_bit_identical_to_whole_tensor_path(kw, quantized):
+    ts, base = _models(N, quantized=quantized)
+    fast = merge_task_vectors(ts, base, **dict(kw))  # bf16 inputs, chunked
+    slow = _whole(ts, base, **dict(kw))
+    assert fast.dtype == torch.float32
+    assert torch.equal(fast, slow)
+
+
+def test_trim_keeps_exactly_k_with_lowest_index_ties():
+    ts, base = _models(N, k=1, quantized=True, dtype=torch.float32)
+    d = ts[0] - base
+    for density in (0.05, 0.3, 0.77):
+        trim = _chunked.magnitude_trim(ts[0], base, density, torch.float32)
+        assert trim.ties is not None and trim.ties.numel() > 0  # quantized deltas tie at the threshold
+        expected = magnitude_(d.clone(), density)
+        assert int(torch.count_nonzero(expected)) == int(density * N)
+        kept = torch.nn.functional.hardshrink(d, trim.threshold)
+        kept[trim.ties] = d[trim.ties]
+        assert torch.equal(kept, expected)
+
+
+def test_chunked_accepts_half_precision_without_rounding_the_arithmetic():
+    ts, base = _models(N, dtype=torch.float16)
+    out = merge_task_vectors(ts, base, weight=[1 / 3] * 3)
+    ref = base.double() + sum((t.double() - base.double()) / 3 for t in ts)
+    assert (out.double() - ref).abs().max() < 1e-6
