@@ -28,6 +28,18 @@ def _whole(tensors, base, **kw):
     return merge_task_vectors(ts, base.float(), sparsify=sp, **kw)
 
 
+@pytest.fixture(params=["kernels", "torch"], autouse=True)
+def path(request, monkeypatch):
+    """Run every test through the fused numba kernels and through the torch fallback."""
+    from splice.methods import _kernels
+
+    if request.param == "kernels" and not _kernels.AVAILABLE:
+        pytest.skip("numba not installed")
+    if request.param == "torch":
+        monkeypatch.setattr(_kernels, "AVAILABLE", False)
+    return request.param
+
+
 N = SORT_LIMIT + 3 * _chunked.CHUNK + 123  # several chunks and a ragged last one
 
 
@@ -55,11 +67,14 @@ def test_trim_keeps_exactly_k_with_lowest_index_ties():
     d = ts[0] - base
     for density in (0.05, 0.3, 0.77):
         trim = _chunked.magnitude_trim(ts[0], base, density, torch.float32)
-        assert trim.ties is not None and trim.ties.numel() > 0  # quantized deltas tie at the threshold
+        tied = (d.abs() == trim.threshold).nonzero().squeeze(1)
+        assert 0 < trim.cutoff < N and tied.numel() > 1  # quantized deltas tie at the threshold
         expected = magnitude_(d.clone(), density)
         assert int(torch.count_nonzero(expected)) == int(density * N)
         kept = torch.nn.functional.hardshrink(d, trim.threshold)
-        kept[trim.ties] = d[trim.ties]
+        first = tied[tied < trim.cutoff]
+        assert 0 < first.numel() < tied.numel()  # some of the tied are kept, not all
+        kept[first] = d[first]
         assert torch.equal(kept, expected)
 
 

@@ -28,16 +28,24 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from . import _kernels
 from ._sparsify import _SAMPLE, _SPREAD, Bracket, bracket
 
 CHUNK = 1 << 16  # elements per chunk: a handful of 256 KiB float32 buffers stay in L2
+# The bracket holds about 2 * 5 sigma of a 32768-sample quantile: at most ~2.8% of a tensor
+# (at the median).  Room for twice that; more (a bad sample) falls back to a full bracket.
+_CANDIDATE_SHARE = 0.06
 
 
 class Trim(NamedTuple):
-    """One model's magnitude trim: keep ``|x| > threshold`` plus the entries at ``ties``."""
+    """One model's magnitude trim: keep ``|x| > threshold``, and ``|x| == threshold`` before ``cutoff``.
 
-    threshold: float | None  # None: keep everything
-    ties: torch.Tensor | None  # ascending flat positions with |x| == threshold that are kept too
+    The kept entries tied at the threshold are the lowest flat indices among
+    the tied (``magnitude_``'s tie rule), so one position bound describes them.
+    """
+
+    threshold: float | None  # None: keep everything; inf: keep nothing
+    cutoff: int = 0  # entries equal to the threshold at flat positions < cutoff are kept
 
 
 def _spans(n: int):
@@ -63,10 +71,24 @@ def _magnitude_bracket(t: torch.Tensor, base: torch.Tensor, k: int, cdt: torch.d
     if lo_i < 0 or hi_i >= _SAMPLE:  # the bracket touches an end: rare for a trim density
         return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
     lo, hi = sample[lo_i], sample[hi_i]
-    lo_f, hi_f = lo.item(), hi.item()
+    if _kernels.AVAILABLE and cdt == torch.float32:
+        below, idx, vals = _scan_kernel(tf, bf, lo.item(), hi.item(), n)
+        if idx is None:  # far more entries inside the bracket than expected
+            return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
+    else:
+        below, idx, vals = _scan_torch(tf, bf, lo.item(), hi.item(), n, cdt)
+    if below >= k:
+        return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
+    if below + idx.numel() < k:
+        return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
+    return Bracket(torch.kthvalue(vals, k - below).values, below, idx, vals)
+
+
+def _scan_torch(tf, bf, lo_f, hi_f, n, cdt):
+    """Count ``|tf - bf| < lo``, gather positions and values in [lo, hi]; torch and numpy."""
     below = 0
     index, values = [], []
-    buf = torch.empty(CHUNK, dtype=cdt, device=t.device)
+    buf = torch.empty(CHUNK, dtype=cdt, device=tf.device)
     mask, upper = np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool)
     for a, b in _spans(n):
         # upcast before subtracting: bf16 - bf16 would round the difference to bf16
@@ -80,13 +102,32 @@ def _magnitude_bracket(t: torch.Tensor, base: torch.Tensor, k: int, cdt: torch.d
         if pos.size:
             values.append(torch.from_numpy(mn[pos]))
             index.append(torch.from_numpy(pos).add_(a))
-    if below >= k:
-        return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
-    idx = torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=t.device)
-    if below + idx.numel() < k:
-        return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
-    vals = torch.cat(values) if values else torch.empty(0, dtype=cdt, device=t.device)
-    return Bracket(torch.kthvalue(vals, k - below).values, below, idx, vals)
+    idx = torch.cat(index) if index else torch.empty(0, dtype=torch.long)
+    vals = torch.cat(values) if values else torch.empty(0, dtype=cdt)
+    return below, idx, vals
+
+
+def _bits(tensors):
+    """Raw-bit numpy views for the kernels (uint16 of bf16 or uint32 of float32) and the shift to float32.
+
+    Mixed or other dtypes (float16) are upcast to float32 first.
+    """
+    dts = {t.dtype for t in tensors}
+    if dts == {torch.bfloat16}:
+        return [t.reshape(-1).view(torch.int16).numpy().view(np.uint16) for t in tensors], 16
+    ts = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in tensors]
+    return [t.reshape(-1).view(torch.int32).numpy().view(np.uint32) for t in ts], 0
+
+
+def _scan_kernel(tf, bf, lo_f, hi_f, n):
+    """``_scan_torch`` with the fused kernel; (below, None, None) if far more fall inside than expected."""
+    cap = max(1 << 16, int(n * _CANDIDATE_SHARE))
+    idx, val = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.float32)
+    (x, b), shift = _bits([tf.contiguous(), bf.contiguous()])
+    below, found = _kernels.scan(x, b, shift, np.float32(lo_f), np.float32(hi_f), idx, val)
+    if found < 0:
+        return below, None, None
+    return int(below), torch.from_numpy(idx[:found].copy()), torch.from_numpy(val[:found].copy())
 
 
 def magnitude_trim(t: torch.Tensor, base: torch.Tensor, density: float, cdt: torch.dtype) -> Trim:
@@ -97,21 +138,40 @@ def magnitude_trim(t: torch.Tensor, base: torch.Tensor, density: float, cdt: tor
     """
     n = t.numel()
     if density >= 1:
-        return Trim(None, None)
+        return Trim(None)
     if density <= 0:
-        return Trim(math.inf, None)
+        return Trim(math.inf)
     k = max(1, int(density * n))
     if k >= n:
-        return Trim(None, None)
+        return Trim(None)
+    if _kernels.AVAILABLE and cdt == torch.float32:
+        return _trim_kernel(t, base, n, k)
     sel = _magnitude_bracket(t, base, n - k + 1, cdt)
     v = sel.value
     if float(v) == 0.0:
-        return Trim(None, None)
+        return Trim(None)
     at_or_above = n - sel.count_below(v)
-    if at_or_above == k:
-        return Trim(float(torch.nextafter(v, torch.zeros_like(v))), None)
+    if at_or_above == k:  # every entry equal to v is kept
+        return Trim(float(v), n)
     tied = sel.positions_equal(v)
-    return Trim(float(v), tied[: k - (at_or_above - tied.numel())])
+    keep = k - (at_or_above - tied.numel())  # how many of the tied are kept (the first ones)
+    return Trim(float(v), int(tied[keep - 1]) + 1 if keep > 0 else 0)
+
+
+def _trim_kernel(t: torch.Tensor, base: torch.Tensor, n: int, k: int) -> Trim:
+    """``magnitude_trim`` by radix select: the k-th largest magnitude, then where its kept ties end."""
+    (x, b), shift = _bits([t.contiguous(), base.contiguous()])
+    bits, below, equal = _kernels.select(x, b, shift, n - k + 1)
+    v = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    if v == 0.0:
+        return Trim(None)
+    at_or_above = n - int(below)
+    if at_or_above == k:
+        return Trim(v, n)
+    keep = k - (at_or_above - int(equal))  # the first ``keep`` entries equal to v are kept
+    if keep <= 0:
+        return Trim(v, 0)
+    return Trim(v, int(_kernels.nth_equal(x, b, shift, np.uint32(bits), keep)) + 1)
 
 
 def merge_chunked(
@@ -126,13 +186,13 @@ def merge_chunked(
     cdt: torch.dtype,
 ) -> torch.Tensor:
     """Steps 1-5 of ``_task_vectors`` chunk by chunk; returns a new ``cdt`` tensor."""
+    if _kernels.AVAILABLE and cdt == torch.float32:
+        return _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_)
     n = base.numel()
     out = torch.empty(base.shape, dtype=cdt, device=base.device)
     of, bf = out.reshape(-1), base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     dev = base.device
-    # tie positions as numpy arrays: per-chunk lookups and fix-ups are cheap there
-    tie_pos = [None if (tr is None or tr.ties is None or not tr.ties.numel()) else tr.ties.cpu().numpy() for tr in (trims or [])]
 
     def buf() -> torch.Tensor:
         return torch.empty(CHUNK, dtype=cdt, device=dev)
@@ -157,12 +217,10 @@ def merge_chunked(
                     d = d.zero_()
                 else:
                     k = torch.ops.aten.hardshrink.out(d, trim.threshold, out=kept[:m])
-                    tp = tie_pos[i]
-                    if tp is not None:
-                        lo, hi = np.searchsorted(tp, (a, b))
-                        if hi > lo:
-                            at = tp[lo:hi] - a
-                            k.numpy()[at] = d.numpy()[at]
+                    if trim.cutoff > a:  # entries equal to the threshold before the cutoff stay
+                        seg = d.numpy()[: min(m, trim.cutoff - a)]
+                        eq = np.flatnonzero(np.abs(seg) == np.float32(trim.threshold))
+                        k.numpy()[eq] = seg[eq]
                     d = k
             d.mul_(weights[i])
             if consensus:
@@ -195,4 +253,26 @@ def merge_chunked(
         if lambda_ != 1:
             merged.mul_(lambda_)
         torch.add(merged, bc, out=of[a:b])
+    return out
+
+
+def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_) -> torch.Tensor:
+    """``merge_chunked`` with the fused kernel: one pass over the inputs for all models."""
+    k = len(tensors)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    views, shift = _bits([t.contiguous() for t in (*tensors, base)])
+    mode = np.full(k, _kernels.KEEP_ALL, dtype=np.int8)
+    thr = np.zeros(k, dtype=np.float32)
+    cutoff = np.zeros(k, dtype=np.int64)
+    for i, tr in enumerate(trims or []):
+        if tr is None or tr.threshold is None:
+            continue
+        if math.isinf(tr.threshold):
+            mode[i] = _kernels.DROP_ALL
+        else:
+            mode[i], thr[i], cutoff[i] = _kernels.THRESHOLD, tr.threshold, tr.cutoff
+    w = np.asarray(weights, dtype=np.float32)
+    total = np.float32(w.sum(dtype=np.float32)) if (normalize and not consensus) else np.float32(1)
+    _kernels.gta(tuple(views[:k]), views[k], shift, mode, thr, cutoff, w,
+                 consensus, normalize, total, np.float32(lambda_), out.reshape(-1).numpy())
     return out

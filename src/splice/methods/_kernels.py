@@ -1,0 +1,261 @@
+"""Fused per-chunk loops for ``_chunked``, compiled with numba when it is installed.
+
+Each kernel does in one pass over a chunk what the torch version in
+``_chunked`` does in a dozen, with the same float32 operations in the same
+order, so results are bit-identical (tests compare the two).  Kernels release
+the GIL, so the engine's worker threads run them on every core at once.
+
+``AVAILABLE`` is False when numba is missing; ``_chunked`` then runs its torch
+code.  Compiled code is cached beside this file (numba ``cache=True``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # pragma: no cover - exercised by whichever path the environment has
+    import numba
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover
+    numba = None
+    AVAILABLE = False
+
+KEEP_ALL, THRESHOLD, DROP_ALL = 0, 1, 2  # trim modes per model
+
+
+CHUNK = 1 << 14  # elements per inner block: the block's float32 scratch stays in L1/L2
+
+
+def _scan(x, b, shift, lo, hi, idx, val):
+    """Magnitudes ``|x - b|`` of a whole tensor: count those below ``lo``, collect those in [lo, hi].
+
+    ``x``, ``b``: the raw bits of float32 (uint32, ``shift`` 0) or bfloat16
+    (uint16, ``shift`` 16) tensors, flat.  Fills ``idx``/``val`` with the flat
+    positions and magnitudes inside the bracket, ascending; returns (count below,
+    count inside), or count inside = -1 when ``idx`` is too small.
+    """
+    n = b.shape[0]
+    xu = np.empty(CHUNK, np.uint32)
+    bu = np.empty(CHUNK, np.uint32)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    mag = np.empty(CHUNK, np.float32)
+    cap = idx.shape[0]
+    sh = np.uint32(shift)
+    below = 0
+    found = 0
+    # (element loops index block slices with the bare loop variable: an ``a + j`` index
+    # carries a negative-index check that stops LLVM from vectorizing the loop)
+    for a in range(0, n, CHUNK):
+        m = min(CHUNK, n - a)
+        xa = x[a : a + m]
+        ba = b[a : a + m]
+        for j in range(m):
+            xu[j] = np.uint32(xa[j]) << sh
+            bu[j] = np.uint32(ba[j]) << sh
+        inside = 0
+        for j in range(m):
+            v = abs(xf[j] - bf[j])
+            mag[j] = v
+            below += v < lo
+            inside += (v >= lo) & (v <= hi)
+        if inside:
+            if found + inside > cap:
+                return below, -1
+            for j in range(m):
+                v = mag[j]
+                if v >= lo and v <= hi:
+                    idx[found] = a + j
+                    val[found] = v
+                    found += 1
+    return below, found
+
+
+def _select(x, b, shift, k):
+    """The k-th smallest (1-based) of ``|x - b|`` over whole flat tensors, by a two-level radix select.
+
+    Non-negative float32 values order like their bit patterns, so a histogram
+    of the top 16 bits finds the bucket holding the k-th value and a second
+    histogram of the low 16 bits inside that bucket finds the value itself.
+    Two passes, no sorting, exact, and indifferent to ties (bf16 deltas have
+    few distinct magnitudes, which defeats sampling-based brackets).  Returns
+    (the value's bits, how many are smaller, how many are equal).
+    """
+    n = b.shape[0]
+    sh = np.uint32(shift)
+    xu = np.empty(CHUNK, np.uint32)
+    bu = np.empty(CHUNK, np.uint32)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    mu = np.empty(CHUNK, np.uint32)
+    mf = mu.view(np.float32)
+    # four interleaved histograms: runs of equal values (common in bf16 deltas) would
+    # otherwise chain every increment on the previous one
+    h4 = np.zeros((4, (1 << 16) + 1), np.int64)  # + a spill bin for the second pass
+    for a in range(0, n, CHUNK):
+        m = min(CHUNK, n - a)
+        xa = x[a : a + m]
+        ba = b[a : a + m]
+        for j in range(m):
+            xu[j] = np.uint32(xa[j]) << sh
+            bu[j] = np.uint32(ba[j]) << sh
+        for j in range(m):
+            mf[j] = abs(xf[j] - bf[j])
+        j = 0
+        while j + 4 <= m:
+            h4[0, mu[j] >> np.uint32(16)] += 1
+            h4[1, mu[j + 1] >> np.uint32(16)] += 1
+            h4[2, mu[j + 2] >> np.uint32(16)] += 1
+            h4[3, mu[j + 3] >> np.uint32(16)] += 1
+            j += 4
+        while j < m:
+            h4[0, mu[j] >> np.uint32(16)] += 1
+            j += 1
+    hi = h4[0] + h4[1] + h4[2] + h4[3]
+    h4[:] = 0
+    below = 0
+    top = 0
+    for top in range(1 << 16):
+        if below + hi[top] >= k:
+            break
+        below += hi[top]
+    for a in range(0, n, CHUNK):
+        m = min(CHUNK, n - a)
+        xa = x[a : a + m]
+        ba = b[a : a + m]
+        for j in range(m):
+            xu[j] = np.uint32(xa[j]) << sh
+            bu[j] = np.uint32(ba[j]) << sh
+        for j in range(m):
+            mf[j] = abs(xf[j] - bf[j])
+        for j in range(m):  # branch-free: entries outside the bucket go to the spill bin
+            u = mu[j]
+            h4[j & 3, (u & np.uint32(0xFFFF)) if (u >> np.uint32(16)) == top else np.uint32(1 << 16)] += 1
+    lo = h4[0] + h4[1] + h4[2] + h4[3]
+    low = 0
+    for low in range(1 << 16):
+        if below + lo[low] >= k:
+            break
+        below += lo[low]
+    return (np.uint32(top) << np.uint32(16)) | np.uint32(low), below, lo[low]
+
+
+def _nth_equal(x, b, shift, value_bits, count):
+    """Flat position of the ``count``-th (1-based) entry whose ``|x - b|`` has bits ``value_bits``; -1 if none."""
+    n = b.shape[0]
+    sh = np.uint32(shift)
+    xu = np.empty(CHUNK, np.uint32)
+    bu = np.empty(CHUNK, np.uint32)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    mu = np.empty(CHUNK, np.uint32)
+    mf = mu.view(np.float32)
+    seen = 0
+    for a in range(0, n, CHUNK):
+        m = min(CHUNK, n - a)
+        xa = x[a : a + m]
+        ba = b[a : a + m]
+        for j in range(m):
+            xu[j] = np.uint32(xa[j]) << sh
+            bu[j] = np.uint32(ba[j]) << sh
+        hits = 0
+        for j in range(m):
+            mf[j] = abs(xf[j] - bf[j])
+            hits += mu[j] == value_bits
+        if seen + hits < count:
+            seen += hits
+            continue
+        for j in range(m):
+            if mu[j] == value_bits:
+                seen += 1
+                if seen == count:
+                    return a + j
+    return -1
+
+
+def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, out):
+    """Steps 1-5 of ``_task_vectors`` over whole flat tensors of K models (``xs``, a tuple).
+
+    ``xs``, ``b``: raw bits as in ``_scan``.  Trim of model i (``mode[i]``):
+    keep all; keep ``|d| > thr`` (torch's hardshrink: not ``-thr <= d <= thr``)
+    and ``|d| == thr`` at flat positions below ``cutoff[i]``; or drop all.  Then
+    ``d *= w[i]`` and either a TIES sign election (``consensus``) or a plain
+    sum; ``normalize`` divides by the agreeing weights (a zero divisor counts
+    as 1) or by ``total`` (skipped when ``|total| < 1e-8``); ``lam`` scales;
+    the base is added; ``out`` (float32) receives the result.
+
+    Models are processed one at a time over a block, accumulating into block
+    arrays, so the element loops have no branches and vectorize.  Per element
+    this is the torch path's sequence of float32 operations.
+    """
+    n = b.shape[0]
+    k = len(xs)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    sh = np.uint32(shift)
+    xu = np.empty(CHUNK, np.uint32)
+    bu = np.empty(CHUNK, np.uint32)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    votes = np.empty(CHUNK, np.float32)
+    pos = np.empty(CHUNK, np.float32)
+    neg = np.empty(CHUNK, np.float32)
+    pw = np.empty(CHUNK, np.float32)
+    nw = np.empty(CHUNK, np.float32)
+    for a in range(0, n, CHUNK):
+        m = min(CHUNK, n - a)
+        ba = b[a : a + m]
+        oa = out[a : a + m]
+        for j in range(m):
+            bu[j] = np.uint32(ba[j]) << sh
+            votes[j] = zero
+            pos[j] = zero
+            neg[j] = zero
+            pw[j] = zero
+            nw[j] = zero
+        for i in range(k):
+            xa = xs[i][a : a + m]
+            for j in range(m):
+                xu[j] = np.uint32(xa[j]) << sh
+            wi = w[i]
+            t = thr[i]
+            md = mode[i]
+            ties_before = cutoff[i] - a  # block positions below this keep entries equal to t
+            for j in range(m):
+                d = xf[j] - bf[j]
+                if md == 2:
+                    d = zero
+                elif md == 1:
+                    ad = abs(d)
+                    drop = (ad <= t) & ~((ad == t) & (j < ties_before))
+                    d = zero if drop else d
+                d = d * wi
+                votes[j] += d
+                if consensus:
+                    pos[j] += d if d > zero else zero
+                    pw[j] += wi if d > zero else zero
+                    neg[j] += d if d < zero else zero
+                    nw[j] += wi if d < zero else zero
+        for j in range(m):
+            if consensus:
+                up = votes[j] >= zero
+                r = pos[j] if up else neg[j]
+                if normalize:
+                    div = pw[j] if up else nw[j]
+                    div = one if div == zero else div
+                    r = r / div
+            else:
+                r = votes[j]
+                if normalize and abs(total) >= 1e-8:
+                    r = r / total
+            oa[j] = r * lam + bf[j]
+
+
+if AVAILABLE:
+    scan = numba.njit(nogil=True, cache=True)(_scan)
+    select = numba.njit(nogil=True, cache=True)(_select)
+    nth_equal = numba.njit(nogil=True, cache=True)(_nth_equal)
+    gta = numba.njit(nogil=True, cache=True)(_gta)
+else:  # pragma: no cover
+    scan = select = nth_equal = gta = None
