@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB (default), 500MB, 2GiB")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (loaded with weights_only=True)")
     p.add_argument("--workers", type=int, default=None, help="tensors processed at once (default: cores, at least 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per operation (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per operation (default: cores / workers)")
     _add_common(p)
     p.set_defaults(func=cmd_merge)
 

@@ -82,7 +82,7 @@ class MergeOptions:
     allow_pickle: bool = False
     quiet: bool = False
     workers: int | None = None  # concurrent tensor jobs; default: one per core, at least 2
-    threads: int | None = None  # torch intra-op threads; default: cores
+    threads: int | None = None  # torch intra-op threads; default: cores / workers (CPU)
     check_finite: bool = True
     memory_budget: int = 1 << 30  # bytes of tensors in flight (at least the largest job)
     write_card: bool = True
@@ -372,12 +372,23 @@ class Runner:
         return out.to(device="cpu", dtype=job.out_dtype)
 
     def run(self, sink: Callable[[str, torch.Tensor], None], progress: Callable[[Job], None] | None = None) -> None:
-        jobs = self.plan.jobs
         _return_freed_memory()
         cores = os.cpu_count() or 1
         workers = self.opts.workers or max(2, cores)
-        if self.opts.threads:
-            torch.set_num_threads(self.opts.threads)
+        # Parallelism comes from tensors in flight; torch threads per worker default to the
+        # cores' share (2 workers x 2 threads on 2 cores oversubscribe: ~8% slower measured).
+        threads = self.opts.threads or (max(1, cores // workers) if self.device.type == "cpu" else None)
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            self._run(workers, sink, progress)
+        finally:
+            if threads:
+                torch.set_num_threads(before)
+
+    def _run(self, workers: int, sink: Callable[[str, torch.Tensor], None], progress: Callable[[Job], None] | None) -> None:
+        jobs = self.plan.jobs
         if workers == 1:
             for job in jobs:
                 sink(job.out_name, self.compute(job))

@@ -92,7 +92,8 @@ def _select(x, b, shift, k):
     mf = mu.view(np.float32)
     # four interleaved histograms: runs of equal values (common in bf16 deltas) would
     # otherwise chain every increment on the previous one
-    h4 = np.zeros((4, (1 << 16) + 1), np.int64)  # + a spill bin for the second pass
+    # int32 counts keep all four in L2 (callers pass tensors of fewer than 2**31 elements)
+    h4 = np.zeros((4, (1 << 16) + 1), np.int32)  # + a spill bin for the second pass
     for a in range(0, n, CHUNK):
         m = min(CHUNK, n - a)
         xa = x[a : a + m]
@@ -112,7 +113,7 @@ def _select(x, b, shift, k):
         while j < m:
             h4[0, mu[j] >> np.uint32(16)] += 1
             j += 1
-    hi = h4[0] + h4[1] + h4[2] + h4[3]
+    hi = h4[0].astype(np.int64) + h4[1] + h4[2] + h4[3]
     h4[:] = 0
     below = 0
     top = 0
@@ -132,7 +133,7 @@ def _select(x, b, shift, k):
         for j in range(m):  # branch-free: entries outside the bucket go to the spill bin
             u = mu[j]
             h4[j & 3, (u & np.uint32(0xFFFF)) if (u >> np.uint32(16)) == top else np.uint32(1 << 16)] += 1
-    lo = h4[0] + h4[1] + h4[2] + h4[3]
+    lo = h4[0].astype(np.int64) + h4[1] + h4[2] + h4[3]
     low = 0
     for low in range(1 << 16):
         if below + lo[low] >= k:

@@ -76,7 +76,7 @@ def merge_task_vectors(
     if not tensors:
         return base.to(cdt, copy=True)
     weights = [float(w) for w in weight]
-    if sparsify is None and base.device.type == "cpu" and base.numel() > SORT_LIMIT:
+    if sparsify is None and base.device.type == "cpu" and SORT_LIMIT < base.numel() < 2**31:
         trims = None
         if trim_density is not None:
             trims = [_chunked.magnitude_trim(t, base, float(d), cdt) for t, d in zip(tensors, trim_density)]
