@@ -168,3 +168,10 @@ def test_parity_with_mergekit():
             (expected,) = mk_multislerp((group,), parameters=params)
             actual = run(xs, base if with_base else None, **params)
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_models_all_equal_to_the_base_give_the_base():
+    # MLP-only fine-tunes leave every other tensor equal to the base: no directions at all
+    base = torch.randn(6, 4)
+    out = run([base.clone(), base.clone(), base.clone()], base, weight=[1.0, 1.0, 1.0])
+    assert torch.equal(out, base)

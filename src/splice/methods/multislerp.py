@@ -19,7 +19,8 @@ step is the identity and the result is simply
 which is what is computed here, one model at a time (mergekit's result differs
 only by the rounding noise of v, about 1e-7 relative).
 
-If |m| < eps the directions cancel: two models then fall back to the linear
+If every x_i is zero (all models equal the base) the result is the base (mergekit
+raises there).  Otherwise if |m| < eps the directions cancel: two models then fall back to the linear
 w_0 x_0 + w_1 x_1 (+ base); more models are an error. One model is returned
 unchanged.
 
@@ -91,7 +92,12 @@ def multislerp(
         norms.append(n)
         m.add_(x * (w[i] / (n + eps)))
     m_norm = torch.linalg.vector_norm(m)
-    if m_norm.item() < eps:
+    if m_norm.item() < eps and all(float(n) < eps for n in norms):
+        # every model equals the base (or is zero): the result's norm, sum_i w_i n_i, is 0.
+        # mergekit 0.1.5 raises here; this is the formula's limit, and what a user expects
+        # for tensors no fine-tune touched (e.g. norms of MLP-only fine-tunes).
+        out = torch.zeros_like(m)
+    elif m_norm.item() < eps:
         if len(tensors) != 2:
             raise ValueError(
                 "multislerp: the weighted directions cancel out (e.g. a and -a with equal "
