@@ -12,10 +12,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
 
 
-def add_skip_parser(sub) -> None:
-    from .skip.plan import STRATEGIES
+# The registered strategies and their one-line summaries, written out here so that building
+# the parser (every `splice ...` call, `--help` included) does not import splice.skip and torch.
+# tests/skip/test_cli.py keeps this equal to splice.skip.STRATEGIES.
+STRATEGY_SUMMARIES = {
+    "balanced": "spread the dropped layers evenly over the intermediate layers (no data)",
+    "block-influence": "drop the layers whose output is most similar to their input",
+    "angular": "drop the contiguous block of layers with the smallest angular distance across it",
+    "ffn": "drop only MLP blocks, those that change the residual stream least",
+}
 
-    strategies = "; ".join(f"{n}: {p.summary}" for n, p in STRATEGIES.items())
+
+def add_skip_parser(sub) -> None:
+    STRATEGIES = STRATEGY_SUMMARIES
+    strategies = "; ".join(f"{n}: {summary}" for n, summary in STRATEGIES.items())
     p = sub.add_parser(
         "skip",
         help="drop layers (or MLP blocks) for speed: plan, write a pruned checkpoint, optionally heal it",

@@ -109,3 +109,22 @@ def test_zoo_tiny_base_self_speculative_is_lossless(tmp_path):
         plain = generate_plain(m, ids, 24)
         for skip in ("auto", "mlp1-2"):
             assert SelfSpeculativeDecoder(m, skip).generate(ids, 24).tokens == plain.tokens
+
+
+def test_cli_strategy_summaries_match_the_registry():
+    # the CLI writes them out so that `splice --help` does not import torch
+    from splice.cli_skip import STRATEGY_SUMMARIES
+    from splice.skip import STRATEGIES
+
+    assert STRATEGY_SUMMARIES == {name: p.summary for name, p in STRATEGIES.items()}
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, splice.cli as c\n"
+            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numba') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
