@@ -29,12 +29,9 @@ import numpy as np
 import torch
 
 from . import _kernels
-from ._sparsify import _SAMPLE, _SPREAD, Bracket, bracket
+from ._sparsify import _SAMPLE, Bracket, bracket, sample_bounds
 
 CHUNK = 1 << 16  # elements per chunk: a handful of 256 KiB float32 buffers stay in L2
-# The bracket holds about 2 * 5 sigma of a 32768-sample quantile: at most ~2.8% of a tensor
-# (at the median).  Room for twice that; more (a bad sample) falls back to a full bracket.
-_CANDIDATE_SHARE = 0.06
 
 
 class Trim(NamedTuple):
@@ -62,29 +59,16 @@ def _magnitude_bracket(t: torch.Tensor, base: torch.Tensor, k: int, cdt: torch.d
     """
     tf, bf = t.reshape(-1), base.reshape(-1)
     n = tf.numel()
-    g = torch.Generator(device=t.device).manual_seed(0x5EED)
-    picks = torch.randint(0, n, (_SAMPLE,), generator=g, device=t.device)
-    sample = torch.sort((tf[picks].to(cdt) - bf[picks].to(cdt)).abs_()).values
-    q = (k - 0.5) / n
-    spread = _SPREAD * math.sqrt(_SAMPLE * q * (1 - q)) + 2
-    lo_i, hi_i = math.floor(q * _SAMPLE - spread), math.ceil(q * _SAMPLE + spread)
+    sample, lo_i, hi_i = sample_bounds(n, k, lambda picks: (tf[picks].to(cdt) - bf[picks].to(cdt)).abs_(), t.device)
     if lo_i < 0 or hi_i >= _SAMPLE:  # the bracket touches an end: rare for a trim density
         return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
-    lo, hi = sample[lo_i], sample[hi_i]
-    if _kernels.AVAILABLE and cdt == torch.float32:
-        below, idx, vals = _scan_kernel(tf, bf, lo.item(), hi.item(), n)
-        if idx is None:  # far more entries inside the bracket than expected
-            return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
-    else:
-        below, idx, vals = _scan_torch(tf, bf, lo.item(), hi.item(), n, cdt)
-    if below >= k:
-        return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
-    if below + idx.numel() < k:
+    below, idx, vals = _scan(tf, bf, sample[lo_i].item(), sample[hi_i].item(), n, cdt)
+    if below >= k or below + idx.numel() < k:  # the sample missed: materialize once
         return bracket((tf.to(cdt) - bf.to(cdt)).abs_(), k)
     return Bracket(torch.kthvalue(vals, k - below).values, below, idx, vals)
 
 
-def _scan_torch(tf, bf, lo_f, hi_f, n, cdt):
+def _scan(tf, bf, lo_f, hi_f, n, cdt):
     """Count ``|tf - bf| < lo``, gather positions and values in [lo, hi]; torch and numpy."""
     below = 0
     index, values = [], []
@@ -119,17 +103,6 @@ def _bits(tensors):
     return [t.reshape(-1).view(torch.int32).numpy().view(np.uint32) for t in ts], 0
 
 
-def _scan_kernel(tf, bf, lo_f, hi_f, n):
-    """``_scan_torch`` with the fused kernel; (below, None, None) if far more fall inside than expected."""
-    cap = max(1 << 16, int(n * _CANDIDATE_SHARE))
-    idx, val = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.float32)
-    (x, b), shift = _bits([tf.contiguous(), bf.contiguous()])
-    below, found = _kernels.scan(x, b, shift, np.float32(lo_f), np.float32(hi_f), idx, val)
-    if found < 0:
-        return below, None, None
-    return int(below), torch.from_numpy(idx[:found].copy()), torch.from_numpy(val[:found].copy())
-
-
 def magnitude_trim(t: torch.Tensor, base: torch.Tensor, density: float, cdt: torch.dtype) -> Trim:
     """The trim ``_sparsify.magnitude_`` applies to ``t - base``, found chunk by chunk.
 
@@ -145,33 +118,32 @@ def magnitude_trim(t: torch.Tensor, base: torch.Tensor, density: float, cdt: tor
     if k >= n:
         return Trim(None)
     if _kernels.AVAILABLE and cdt == torch.float32:
-        return _trim_kernel(t, base, n, k)
+        # radix select over the raw bits: the k-th largest magnitude, its rank, its ties
+        (x, b), shift = _bits([t.contiguous(), base.contiguous()])
+        bits, below, equal = _kernels.select(x, b, shift, n - k + 1)
+        v = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+        return _trim_at(v, int(below), int(equal), n, k,
+                        lambda j: int(_kernels.nth_equal(x, b, shift, np.uint32(bits), j)))
     sel = _magnitude_bracket(t, base, n - k + 1, cdt)
     v = sel.value
-    if float(v) == 0.0:
+    tied = sel.positions_equal(v) if float(v) != 0.0 else None
+    return _trim_at(float(v), sel.count_below(v), 0 if tied is None else tied.numel(), n, k,
+                    lambda j: int(tied[j - 1]))
+
+
+def _trim_at(v: float, below: int, equal: int, n: int, k: int, nth_equal) -> Trim:
+    """The trim keeping the k largest of n magnitudes, the k-th being ``v``.
+
+    ``below``/``equal``: how many magnitudes are smaller than / equal to v;
+    ``nth_equal(j)``: flat position of the j-th (1-based) entry equal to v.
+    """
+    if v == 0.0:  # every non-zero entry is kept; dropping zeros changes nothing
         return Trim(None)
-    at_or_above = n - sel.count_below(v)
+    at_or_above = n - below
     if at_or_above == k:  # every entry equal to v is kept
-        return Trim(float(v), n)
-    tied = sel.positions_equal(v)
-    keep = k - (at_or_above - tied.numel())  # how many of the tied are kept (the first ones)
-    return Trim(float(v), int(tied[keep - 1]) + 1 if keep > 0 else 0)
-
-
-def _trim_kernel(t: torch.Tensor, base: torch.Tensor, n: int, k: int) -> Trim:
-    """``magnitude_trim`` by radix select: the k-th largest magnitude, then where its kept ties end."""
-    (x, b), shift = _bits([t.contiguous(), base.contiguous()])
-    bits, below, equal = _kernels.select(x, b, shift, n - k + 1)
-    v = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
-    if v == 0.0:
-        return Trim(None)
-    at_or_above = n - int(below)
-    if at_or_above == k:
         return Trim(v, n)
-    keep = k - (at_or_above - int(equal))  # the first ``keep`` entries equal to v are kept
-    if keep <= 0:
-        return Trim(v, 0)
-    return Trim(v, int(_kernels.nth_equal(x, b, shift, np.uint32(bits), keep)) + 1)
+    keep = k - (at_or_above - equal)  # how many of the tied are kept (the first ones)
+    return Trim(v, nth_equal(keep) + 1 if keep > 0 else 0)
 
 
 def merge_chunked(

@@ -27,49 +27,25 @@ KEEP_ALL, THRESHOLD, DROP_ALL = 0, 1, 2  # trim modes per model
 CHUNK = 1 << 14  # elements per inner block: the block's float32 scratch stays in L1/L2
 
 
-def _scan(x, b, shift, lo, hi, idx, val):
-    """Magnitudes ``|x - b|`` of a whole tensor: count those below ``lo``, collect those in [lo, hi].
+def _load_block(src, a, m, sh, dst):
+    """Bits of ``src[a:a+m]`` (uint16 bf16 or uint32 float32) into ``dst`` as float32 bits.
 
-    ``x``, ``b``: the raw bits of float32 (uint32, ``shift`` 0) or bfloat16
-    (uint16, ``shift`` 16) tensors, flat.  Fills ``idx``/``val`` with the flat
-    positions and magnitudes inside the bracket, ascending; returns (count below,
-    count inside), or count inside = -1 when ``idx`` is too small.
+    The element loop indexes the slice with the bare loop variable: an ``a + j``
+    index carries a negative-index check that stops LLVM from vectorizing.
     """
-    n = b.shape[0]
-    xu = np.empty(CHUNK, np.uint32)
-    bu = np.empty(CHUNK, np.uint32)
+    sa = src[a : a + m]
+    for j in range(m):
+        dst[j] = np.uint32(sa[j]) << sh
+
+
+def _block_magnitudes(x, b, a, m, sh, xu, bu, mf):
+    """``mf[:m] = |x - b|`` over ``[a, a+m)`` as float32 (``xu``/``bu``: float32-bit scratch)."""
+    _load_block(x, a, m, sh, xu)
+    _load_block(b, a, m, sh, bu)
     xf = xu.view(np.float32)
     bf = bu.view(np.float32)
-    mag = np.empty(CHUNK, np.float32)
-    cap = idx.shape[0]
-    sh = np.uint32(shift)
-    below = 0
-    found = 0
-    # (element loops index block slices with the bare loop variable: an ``a + j`` index
-    # carries a negative-index check that stops LLVM from vectorizing the loop)
-    for a in range(0, n, CHUNK):
-        m = min(CHUNK, n - a)
-        xa = x[a : a + m]
-        ba = b[a : a + m]
-        for j in range(m):
-            xu[j] = np.uint32(xa[j]) << sh
-            bu[j] = np.uint32(ba[j]) << sh
-        inside = 0
-        for j in range(m):
-            v = abs(xf[j] - bf[j])
-            mag[j] = v
-            below += v < lo
-            inside += (v >= lo) & (v <= hi)
-        if inside:
-            if found + inside > cap:
-                return below, -1
-            for j in range(m):
-                v = mag[j]
-                if v >= lo and v <= hi:
-                    idx[found] = a + j
-                    val[found] = v
-                    found += 1
-    return below, found
+    for j in range(m):
+        mf[j] = abs(xf[j] - bf[j])
 
 
 def _select(x, b, shift, k):
@@ -81,13 +57,14 @@ def _select(x, b, shift, k):
     Two passes, no sorting, exact, and indifferent to ties (bf16 deltas have
     few distinct magnitudes, which defeats sampling-based brackets).  Returns
     (the value's bits, how many are smaller, how many are equal).
+
+    ``x``, ``b``: the raw bits of float32 (uint32, ``shift`` 0) or bfloat16
+    (uint16, ``shift`` 16) tensors, flat.
     """
     n = b.shape[0]
     sh = np.uint32(shift)
     xu = np.empty(CHUNK, np.uint32)
     bu = np.empty(CHUNK, np.uint32)
-    xf = xu.view(np.float32)
-    bf = bu.view(np.float32)
     mu = np.empty(CHUNK, np.uint32)
     mf = mu.view(np.float32)
     # four interleaved histograms: runs of equal values (common in bf16 deltas) would
@@ -96,13 +73,7 @@ def _select(x, b, shift, k):
     h4 = np.zeros((4, (1 << 16) + 1), np.int32)  # + a spill bin for the second pass
     for a in range(0, n, CHUNK):
         m = min(CHUNK, n - a)
-        xa = x[a : a + m]
-        ba = b[a : a + m]
-        for j in range(m):
-            xu[j] = np.uint32(xa[j]) << sh
-            bu[j] = np.uint32(ba[j]) << sh
-        for j in range(m):
-            mf[j] = abs(xf[j] - bf[j])
+        _block_magnitudes(x, b, a, m, sh, xu, bu, mf)
         j = 0
         while j + 4 <= m:
             h4[0, mu[j] >> np.uint32(16)] += 1
@@ -123,13 +94,7 @@ def _select(x, b, shift, k):
         below += hi[top]
     for a in range(0, n, CHUNK):
         m = min(CHUNK, n - a)
-        xa = x[a : a + m]
-        ba = b[a : a + m]
-        for j in range(m):
-            xu[j] = np.uint32(xa[j]) << sh
-            bu[j] = np.uint32(ba[j]) << sh
-        for j in range(m):
-            mf[j] = abs(xf[j] - bf[j])
+        _block_magnitudes(x, b, a, m, sh, xu, bu, mf)
         for j in range(m):  # branch-free: entries outside the bucket go to the spill bin
             u = mu[j]
             h4[j & 3, (u & np.uint32(0xFFFF)) if (u >> np.uint32(16)) == top else np.uint32(1 << 16)] += 1
@@ -148,21 +113,14 @@ def _nth_equal(x, b, shift, value_bits, count):
     sh = np.uint32(shift)
     xu = np.empty(CHUNK, np.uint32)
     bu = np.empty(CHUNK, np.uint32)
-    xf = xu.view(np.float32)
-    bf = bu.view(np.float32)
     mu = np.empty(CHUNK, np.uint32)
     mf = mu.view(np.float32)
     seen = 0
     for a in range(0, n, CHUNK):
         m = min(CHUNK, n - a)
-        xa = x[a : a + m]
-        ba = b[a : a + m]
-        for j in range(m):
-            xu[j] = np.uint32(xa[j]) << sh
-            bu[j] = np.uint32(ba[j]) << sh
+        _block_magnitudes(x, b, a, m, sh, xu, bu, mf)
         hits = 0
         for j in range(m):
-            mf[j] = abs(xf[j] - bf[j])
             hits += mu[j] == value_bits
         if seen + hits < count:
             seen += hits
@@ -178,7 +136,7 @@ def _nth_equal(x, b, shift, value_bits, count):
 def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, out):
     """Steps 1-5 of ``_task_vectors`` over whole flat tensors of K models (``xs``, a tuple).
 
-    ``xs``, ``b``: raw bits as in ``_scan``.  Trim of model i (``mode[i]``):
+    ``xs``, ``b``: raw bits as in ``_select``.  Trim of model i (``mode[i]``):
     keep all; keep ``|d| > thr`` (torch's hardshrink: not ``-thr <= d <= thr``)
     and ``|d| == thr`` at flat positions below ``cutoff[i]``; or drop all.  Then
     ``d *= w[i]`` and either a TIES sign election (``consensus``) or a plain
@@ -206,28 +164,25 @@ def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, o
     nw = np.empty(CHUNK, np.float32)
     for a in range(0, n, CHUNK):
         m = min(CHUNK, n - a)
-        ba = b[a : a + m]
         oa = out[a : a + m]
+        _load_block(b, a, m, sh, bu)
         for j in range(m):
-            bu[j] = np.uint32(ba[j]) << sh
             votes[j] = zero
             pos[j] = zero
             neg[j] = zero
             pw[j] = zero
             nw[j] = zero
         for i in range(k):
-            xa = xs[i][a : a + m]
-            for j in range(m):
-                xu[j] = np.uint32(xa[j]) << sh
+            _load_block(xs[i], a, m, sh, xu)
             wi = w[i]
             t = thr[i]
             md = mode[i]
             ties_before = cutoff[i] - a  # block positions below this keep entries equal to t
             for j in range(m):
                 d = xf[j] - bf[j]
-                if md == 2:
+                if md == DROP_ALL:
                     d = zero
-                elif md == 1:
+                elif md == THRESHOLD:
                     ad = abs(d)
                     drop = (ad <= t) & ~((ad == t) & (j < ties_before))
                     d = zero if drop else d
@@ -254,9 +209,11 @@ def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, o
 
 
 if AVAILABLE:
-    scan = numba.njit(nogil=True, cache=True)(_scan)
+    # the helpers first: the kernels resolve these globals when they compile
+    _load_block = numba.njit(nogil=True, cache=True)(_load_block)
+    _block_magnitudes = numba.njit(nogil=True, cache=True)(_block_magnitudes)
     select = numba.njit(nogil=True, cache=True)(_select)
     nth_equal = numba.njit(nogil=True, cache=True)(_nth_equal)
     gta = numba.njit(nogil=True, cache=True)(_gta)
 else:  # pragma: no cover
-    scan = select = nth_equal = gta = None
+    select = nth_equal = gta = None

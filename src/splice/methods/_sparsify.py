@@ -76,6 +76,22 @@ def _whole(values: torch.Tensor, k: int) -> Bracket:
     return Bracket(torch.kthvalue(values, k).values, 0, None, values)
 
 
+def sample_bounds(n: int, k: int, gather, device) -> tuple[torch.Tensor, int, int]:
+    """A fixed-seed sample of a flat tensor's n entries, sorted, and the sample ranks bracketing the k-th.
+
+    ``gather(picks)`` returns the entries at the flat positions ``picks``.  The
+    k-th smallest lies between ``sample[lo_i]`` and ``sample[hi_i]`` unless a
+    5-sigma event happens; ``lo_i`` may be < 0 and ``hi_i`` >= the sample size
+    (no bound on that side).
+    """
+    g = torch.Generator(device=device).manual_seed(0x5EED)
+    picks = torch.randint(0, n, (_SAMPLE,), generator=g, device=device)
+    sample = torch.sort(gather(picks)).values
+    q = (k - 0.5) / n
+    spread = _SPREAD * math.sqrt(_SAMPLE * q * (1 - q)) + 2
+    return sample, math.floor(q * _SAMPLE - spread), math.ceil(q * _SAMPLE + spread)
+
+
 def bracket(values: torch.Tensor, k: int) -> Bracket:
     """The k-th smallest entry (1-based) of a flat tensor, exactly, in linear time.
 
@@ -89,12 +105,7 @@ def bracket(values: torch.Tensor, k: int) -> Bracket:
     n = values.numel()
     if n <= SORT_LIMIT:
         return _whole(values, k)
-    g = torch.Generator(device=values.device).manual_seed(0x5EED)
-    picks = torch.randint(0, n, (_SAMPLE,), generator=g, device=values.device)
-    sample = torch.sort(values[picks]).values
-    q = (k - 0.5) / n
-    spread = _SPREAD * math.sqrt(_SAMPLE * q * (1 - q)) + 2
-    lo_i, hi_i = math.floor(q * _SAMPLE - spread), math.ceil(q * _SAMPLE + spread)
+    sample, lo_i, hi_i = sample_bounds(n, k, lambda picks: values[picks], values.device)
     inside = values >= sample[lo_i] if lo_i >= 0 else None
     below = n - int(torch.count_nonzero(inside)) if inside is not None else 0
     if below >= k:
