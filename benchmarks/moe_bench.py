@@ -56,7 +56,7 @@ def eval_model(path: Path, texts: dict[str, str], *, seq_len: int, max_tokens: i
     import torch.nn.functional as F
 
     from splice.eval import load_model
-    from splice.eval.perplexity import windows
+    from splice.eval.perplexity import padded_batch, windows
 
     model, tok = load_model(path)
     model.eval()
@@ -70,13 +70,7 @@ def eval_model(path: Path, texts: dict[str, str], *, seq_len: int, max_tokens: i
         count = 0
         with torch.inference_mode():
             for b in range(0, len(wins), batch):
-                chunk = wins[b : b + batch]
-                n = max(len(w) for w in chunk)
-                ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), n), dtype=torch.long)
-                for i, w in enumerate(chunk):
-                    ids[i, : len(w)] = torch.tensor(w)
-                    mask[i, : len(w)] = 1
+                ids, mask = padded_batch(wins[b : b + batch], pad)
                 want_routes = own is not None and dom in own
                 res = model(input_ids=ids, attention_mask=mask, output_router_logits=want_routes) if want_routes else model(input_ids=ids, attention_mask=mask)
                 lp = F.cross_entropy(res.logits.float()[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")

@@ -93,6 +93,19 @@ def windows(tokenizer, text: str, seq_len: int, max_tokens: int | None):
     return out, nbytes
 
 
+def padded_batch(chunk: list[list[int]], pad_id: int):
+    """Token windows as a right-padded ``input_ids`` tensor and its ``attention_mask``."""
+    import torch
+
+    n = max(len(w) for w in chunk)
+    ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), n), dtype=torch.long)
+    for i, w in enumerate(chunk):
+        ids[i, : len(w)] = torch.tensor(w)
+        mask[i, : len(w)] = 1
+    return ids, mask
+
+
 def nll_windows(model, wins: list[list[int]], batch_size: int, pad_id: int, progress=None) -> list[tuple[float, int]]:
     """Summed NLL (nats) and predicted-token count for each window."""
     import torch
@@ -102,12 +115,7 @@ def nll_windows(model, wins: list[list[int]], batch_size: int, pad_id: int, prog
     with torch.inference_mode():
         for b in range(0, len(wins), batch_size):
             chunk = wins[b : b + batch_size]
-            n = max(len(w) for w in chunk)
-            ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            for i, w in enumerate(chunk):
-                ids[i, : len(w)] = torch.tensor(w)
-                mask[i, : len(w)] = 1
+            ids, mask = padded_batch(chunk, pad_id)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
             lp = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
             m = mask[:, 1:].float()
