@@ -24,8 +24,7 @@ STRATEGY_SUMMARIES = {
 
 
 def add_skip_parser(sub) -> None:
-    STRATEGIES = STRATEGY_SUMMARIES
-    strategies = "; ".join(f"{n}: {summary}" for n, summary in STRATEGIES.items())
+    strategies = "; ".join(f"{n}: {summary}" for n, summary in STRATEGY_SUMMARIES.items())
     p = sub.add_parser(
         "skip",
         help="drop layers (or MLP blocks) for speed: plan, write a pruned checkpoint, optionally heal it",
@@ -33,7 +32,7 @@ def add_skip_parser(sub) -> None:
     )
     p.add_argument("model", help="model folder, .safetensors or .gguf file")
     p.add_argument("-o", "--out", help="output folder for the pruned model")
-    p.add_argument("--strategy", default="balanced", help=f"one of {', '.join(STRATEGIES)} (default balanced)")
+    p.add_argument("--strategy", default="balanced", help=f"one of {', '.join(STRATEGY_SUMMARIES)} (default balanced)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--speedup", type=float, help="target decode speedup (the cost model picks the count)")
     how.add_argument("--drop", type=int, help="number of layers to drop (MLP blocks for --strategy ffn)")

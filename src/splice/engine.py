@@ -372,7 +372,7 @@ class Runner:
         return out.to(device="cpu", dtype=job.out_dtype)
 
     def run(self, sink: Callable[[str, torch.Tensor], None], progress: Callable[[Job], None] | None = None) -> None:
-        _return_freed_memory()
+        _tune_malloc()
         cores = os.cpu_count() or 1
         workers = self.opts.workers or max(2, cores)
         # Parallelism comes from tensors in flight; torch threads per worker default to the
@@ -438,7 +438,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
-def _return_freed_memory() -> None:
+def _tune_malloc() -> None:
     """Fix glibc's malloc thresholds so memory stays bounded and buffers are reused.
 
     By default glibc raises its mmap threshold after big frees and then keeps

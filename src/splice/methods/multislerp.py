@@ -96,7 +96,7 @@ def multislerp(
         # every model equals the base (or is zero): the result's norm, sum_i w_i n_i, is 0.
         # mergekit 0.1.5 raises here; this is the formula's limit, and what a user expects
         # for tensors no fine-tune touched (e.g. norms of MLP-only fine-tunes).
-        out = torch.zeros_like(m)
+        out = m.zero_()
     elif m_norm.item() < eps:
         if len(tensors) != 2:
             raise ValueError(
