@@ -188,3 +188,18 @@ def test_more_families_merge_and_stack_without_family_code(tmp_path, family):
     if "layer_types" in cfg_out:
         src = json.loads((paths[0] / "config.json").read_text())["layer_types"]
         assert cfg_out["layer_types"] == src[0:3] + src[2:4]
+
+
+def test_gradient_gives_pre_and_post_layer_tensors_t0_as_mergekit(llama_trio):
+    """mergekit plans embeddings, the final norm and an untied lm_head with t = 0."""
+    base, (a, b, _) = llama_trio
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(a), "parameters": {"weight": [0.1, 0.9]}}, {"model": str(b), "parameters": {"weight": 1.0}}],
+    }
+    plan = splice.plan(recipe)
+    w = {j.out_name: j.kwargs["weight"][0] for j in plan.jobs}
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert w[name] == pytest.approx(0.1), name
+    assert w["model.layers.0.mlp.up_proj.weight"] == pytest.approx(0.1)
+    assert w["model.layers.3.mlp.up_proj.weight"] == pytest.approx(0.9)

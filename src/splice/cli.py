@@ -26,6 +26,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         workers=args.workers,
         threads=args.threads,
+        tune_malloc=True,  # the CLI owns its process; a library call leaves the allocator alone
     )
     s = run_merge(args.recipe, args.out, opts)
     print(f"wrote {s['out']}: {s['method']}, {s['layers']} layers, {s['tensors']} tensors, {_size(s['bytes'])} in {s['seconds']:.1f}s")
@@ -146,12 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from .errors import SpliceError
 
+    from .signals import terminate_as_interrupt
+
     try:
-        return int(args.func(args) or 0)
+        with terminate_as_interrupt():
+            return int(args.func(args) or 0)
     except SpliceError as e:
         if getattr(args, "verbose", False):
             raise
-        print(f"splice: error: {e}", file=sys.stderr)
+        print(f"splice: error: {e.cli_message(vars(args))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("splice: interrupted; nothing was written", file=sys.stderr)

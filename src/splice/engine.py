@@ -86,6 +86,10 @@ class MergeOptions:
     check_finite: bool = True
     memory_budget: int = 1 << 30  # bytes of tensors in flight (at least the largest job)
     write_card: bool = True
+    # Fix glibc's malloc thresholds for this process (faster, bounded RSS; see _tune_malloc).
+    # It changes the whole process's allocator and cannot be undone, so the library leaves
+    # it off and the CLI, which owns its process, turns it on.
+    tune_malloc: bool = False
 
 
 # ------------------------------------------------------------------ planning
@@ -298,8 +302,11 @@ class Planner:
                     add(out_name, names, sl, t)
                 layer_sources.append(src_layer)
                 out_layer += 1
+        # mergekit plans the tensors before and after the layers with t = 0 (its
+        # ConfigReader(t=0) for pre- and post-weights), so a gradient gives the final
+        # norm and the output head its first value, not its last.
         for name in post:
-            non_layer_job(name, slices[-1], 1.0)
+            non_layer_job(name, slices[-1], 0.0)
 
         new_cfg = arch.restack_config(cfg, layer_sources)
         tcfg = arch.text_config(new_cfg)
@@ -372,7 +379,8 @@ class Runner:
         return out.to(device="cpu", dtype=job.out_dtype)
 
     def run(self, sink: Callable[[str, torch.Tensor], None], progress: Callable[[Job], None] | None = None) -> None:
-        _tune_malloc()
+        if self.opts.tune_malloc:
+            _tune_malloc()
         cores = os.cpu_count() or 1
         workers = self.opts.workers or max(2, cores)
         # Parallelism comes from tensors in flight; torch threads per worker default to the

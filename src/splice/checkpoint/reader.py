@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, option
 from .safetensors_io import TensorFile, TensorInfo, read_header
 
 TOKENIZER_FILES = (
@@ -116,7 +116,7 @@ class FolderSource(ModelSource):
             return files
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
             raise CheckpointError(
-                f"{folder}: only pickle weights (.bin/.pt) found; pass --allow-pickle to load them (weights_only)"
+                f"{folder}: only pickle weights (.bin/.pt) found; pass {option('allow_pickle')} to load them (weights_only)"
             )
         raise CheckpointError(f"{folder}: no model weights (*.safetensors) found")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, option
 from .safetensors_io import dtype_size, plan_layout, tensor_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
@@ -57,7 +57,7 @@ def check_output(out: Path, force: bool) -> None:
         if not out.is_dir():
             raise CheckpointError(f"output {out} exists and is not a folder")
         if any(out.iterdir()) and not force:
-            raise CheckpointError(f"output {out} exists and is not empty; pass --force to overwrite it")
+            raise CheckpointError(f"output {out} exists and is not empty; pass {option('force')} to overwrite it")
 
 
 class CheckpointWriter:
