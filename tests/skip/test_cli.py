@@ -113,7 +113,7 @@ def test_zoo_tiny_base_self_speculative_is_lossless(tmp_path):
 
 def test_cli_strategy_summaries_match_the_registry():
     # the CLI writes them out so that `splice --help` does not import torch
-    from splice.cli_skip import STRATEGY_SUMMARIES
+    from splice.cli.skip import STRATEGY_SUMMARIES
     from splice.skip import STRATEGIES
 
     assert STRATEGY_SUMMARIES == {name: p.summary for name, p in STRATEGIES.items()}

@@ -6,10 +6,7 @@ import argparse
 import json
 import sys
 
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+from .common import add_common
 
 
 # The registered strategies and their one-line summaries, written out here so that building
@@ -23,7 +20,7 @@ STRATEGY_SUMMARIES = {
 }
 
 
-def add_skip_parser(sub) -> None:
+def add_skip(sub) -> None:
     strategies = "; ".join(f"{n}: {summary}" for n, summary in STRATEGY_SUMMARIES.items())
     p = sub.add_parser(
         "skip",
@@ -47,12 +44,12 @@ def add_skip_parser(sub) -> None:
     p.add_argument("--heal-batch", type=int, default=4, help="sequences per healing step (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    _common(p)
+    add_common(p)
     p.set_defaults(func=cmd_skip)
 
 
 def cmd_skip(args: argparse.Namespace) -> int:
-    from .skip import SkipError, plan, prune
+    from ..skip import SkipError, plan, prune
 
     if not args.plan_only and not args.out:
         raise SkipError("give -o OUT to write the pruned model, or --plan-only to only print the plan")
@@ -63,7 +60,7 @@ def cmd_skip(args: argparse.Namespace) -> int:
     if args.out and not args.plan_only:
         from pathlib import Path
 
-        from .checkpoint.writer import check_output
+        from ..checkpoint.writer import check_output
 
         check_output(Path(args.out).resolve(), args.force)  # fail before calibrating
     p = plan(args.model, args.strategy, drop=args.drop, ratio=args.ratio, speedup=args.speedup, calibration=args.calibration,
@@ -85,7 +82,7 @@ def cmd_skip(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_generate_parser(sub) -> None:
+def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text, optionally with lossless self-speculative decoding")
     p.add_argument("model", help="model folder, .safetensors or .gguf file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -105,7 +102,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--compare", action="store_true", help="also run plain decoding on the same prompt and report the speedup")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
-    _common(p)
+    add_common(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -115,8 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from .skip import SelfSpeculativeDecoder, SkipError, generate_plain, load_model, parse_units
-    from .skip.model import decoder_layers
+    from ..skip import SelfSpeculativeDecoder, SkipError, generate_plain, load_model, parse_units
+    from ..skip.model import decoder_layers
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,21 +1,13 @@
-"""The command line: parse arguments, call the library, print. Nothing else lives here."""
+"""``splice merge``, ``splice plan`` and ``splice methods``: parse, call the library, print."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Sequence
-
-from . import __version__
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+from .common import add_common
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .engine import MergeOptions, run_merge
+    from ..engine import MergeOptions, run_merge
 
     opts = MergeOptions(
         force=args.force,
@@ -34,7 +26,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .engine import plan_recipe
+    from ..engine import plan_recipe
 
     plan, sources = plan_recipe(args.recipe, allow_pickle=args.allow_pickle)
     print(f"method {plan.method.name}; {len(plan.layer_sources)} output layers from source layers {plan.layer_sources}")
@@ -52,7 +44,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import NO_DEFAULT, all_methods
+    from ..methods import NO_DEFAULT, all_methods
 
     if args.markdown:
         print("| method | what it does | base | parameters (per-model / global) | source |")
@@ -86,11 +78,7 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splice", description="Compose new language models out of existing checkpoints.")
-    parser.add_argument("--version", action="version", version=f"splice {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge (or stack) models from a mergekit-style YAML recipe")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("-o", "--out", required=True, help="output folder")
@@ -101,66 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (loaded with weights_only=True)")
     p.add_argument("--workers", type=int, default=None, help="tensors processed at once (default: cores, at least 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per operation (default: cores / workers)")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_merge)
 
+
+def add_plan(sub) -> None:
     p = sub.add_parser("plan", help="show what a recipe would do, without running it")
     p.add_argument("recipe")
     p.add_argument("--allow-pickle", action="store_true")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_plan)
 
+
+def add_methods(sub) -> None:
     p = sub.add_parser("methods", help="list merge methods, their parameters and defaults")
     p.add_argument("--markdown", action="store_true", help="print the README's methods table")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_methods)
-
-    for hook in _extension_parsers():
-        hook(sub)
-    return parser
-
-
-EXTENSION_MODULES = ("cli_zoo", "cli_skip", "cli_moe")
-
-
-def _extension_parsers():
-    """Subcommands of the operation packages: every ``add_*_parser(sub)`` in the cli_* modules."""
-    import importlib
-
-    hooks = []
-    for mod in EXTENSION_MODULES:
-        try:
-            m = importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.{mod}":
-                continue
-            raise
-        hooks += [getattr(m, n) for n in sorted(dir(m)) if n.startswith("add_") and n.endswith("_parser")]
-    return hooks
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    from .errors import SpliceError
-
-    from .signals import terminate_as_interrupt
-
-    try:
-        with terminate_as_interrupt():
-            return int(args.func(args) or 0)
-    except SpliceError as e:
-        if getattr(args, "verbose", False):
-            raise
-        print(f"splice: error: {e.cli_message(vars(args))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("splice: interrupted; nothing was written", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

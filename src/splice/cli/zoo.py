@@ -10,14 +10,11 @@ import argparse
 import json
 import sys
 
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+from .common import add_common
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    from .errors import SpliceError
+    from ..errors import SpliceError
 
     out: dict[str, str] = {}
     for v in values or []:
@@ -30,7 +27,7 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 # -- zoo -----------------------------------------------------------------
 def cmd_zoo_build(args: argparse.Namespace) -> int:
-    from .zoo import build_zoo, default_zoo_dir
+    from ..zoo import build_zoo, default_zoo_dir
 
     out = args.out or str(default_zoo_dir(args.tier))
     m = build_zoo(args.tier, out, seed=args.seed, quiet=args.quiet, threads=args.threads)
@@ -40,7 +37,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_info(args: argparse.Namespace) -> int:
-    from .zoo import default_zoo_dir, load_manifest
+    from ..zoo import default_zoo_dir, load_manifest
 
     out = args.dir or str(default_zoo_dir(args.tier))
     m = load_manifest(out)
@@ -56,7 +53,7 @@ def cmd_zoo_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_zoo_parser(sub) -> None:
+def add_zoo(sub) -> None:
     p = sub.add_parser("zoo", help="build the model zoo: real corpora, a base model and domain experts")
     zsub = p.add_subparsers(dest="zoo_command", metavar="ACTION")
     b = zsub.add_parser("build", help="build (or finish building) a zoo tier; cached and resumable")
@@ -65,28 +62,28 @@ def add_zoo_parser(sub) -> None:
     b.add_argument("--out", default=None, help="output folder (default: the splice cache, ~/.cache/splice/zoo/TIER)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    _common(b)
+    add_common(b)
     b.set_defaults(func=cmd_zoo_build)
     i = zsub.add_parser("info", help="show a built zoo's domains and models")
     i.add_argument("dir", nargs="?", default=None)
     i.add_argument("--tier", choices=["tiny", "smol"], default="tiny")
     i.add_argument("--json", action="store_true", help="print the manifest")
-    _common(i)
+    add_common(i)
     i.set_defaults(func=cmd_zoo_info)
     p.set_defaults(func=lambda a: (p.print_help(), 0)[1])
 
 
 # -- eval ----------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .errors import SpliceError
-    from .eval import evaluate, format_table, run_lm_eval, write_json
+    from ..errors import SpliceError
+    from ..eval import evaluate, format_table, run_lm_eval, write_json
 
     domains = _pairs(args.domain, "--domain")
     tasks = _pairs(args.task, "--task")
     experts = _pairs(args.expert, "--expert")
     models = list(args.models)
     if args.zoo:
-        from .zoo import zoo_paths
+        from ..zoo import zoo_paths
 
         zp = zoo_paths(args.zoo)
         domains = {**{d: str(p) for d, p in zp["heldout"].items()}, **domains}
@@ -119,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_parser(sub) -> None:
+def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="per-domain loss, perplexity and bits/byte; multiple-choice accuracy; normalized scores")
     p.add_argument("models", nargs="*", metavar="MODEL", help="model folders, .gguf files, or cached HF ids")
     p.add_argument("--domain", action="append", metavar="NAME=FILE", help="text (.txt) or JSONL with \"text\" (repeatable)")
@@ -135,13 +132,13 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--json", metavar="OUT", help="write all results as JSON")
     p.add_argument("--lm-eval", metavar="TASKS", help="run lm-evaluation-harness tasks (comma-separated) instead")
     p.add_argument("--limit", type=int, default=None, help="with --lm-eval: items per task")
-    _common(p)
+    add_common(p)
     p.set_defaults(func=cmd_eval)
 
 
 # -- demo ----------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .zoo.demo import run_demo
+    from ..zoo.demo import run_demo
 
     res = run_demo(args.zoo, args.out, zoo_dir=args.zoo_dir, seed=args.seed, quiet=args.quiet,
                    methods=args.methods.split(",") if args.methods else None, max_tokens=args.tokens,
@@ -156,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_demo_parser(sub) -> None:
+def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="merge the zoo's experts with every method, evaluate, and name the winner")
     p.add_argument("--zoo", choices=["tiny", "smol"], default="tiny", help="which zoo tier (built if absent)")
     p.add_argument("--zoo-dir", default=None, help="zoo folder (default: the splice cache)")
@@ -165,5 +162,5 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=None, help="evaluation tokens per domain (default: per tier)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
-    _common(p)
+    add_common(p)
     p.set_defaults(func=cmd_demo)

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from .common import add_common, add_output
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+def _moe_common(p: argparse.ArgumentParser) -> None:
+    add_output(p)
     p.add_argument("--seed", type=int, default=0, help="seed for random gates, noise and text sampling (default 0)")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB (default), 500MB")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    add_common(p)
 
 
 def cmd_moe(args: argparse.Namespace) -> int:
-    from .moe.build import MoEOptions, build_moe
+    from ..moe.build import MoEOptions, build_moe
 
     opts = MoEOptions(
         force=args.force,
@@ -48,7 +47,7 @@ def cmd_moe(args: argparse.Namespace) -> int:
 
 
 def cmd_moe_compress(args: argparse.Namespace) -> int:
-    from .moe.compress import compress_moe
+    from ..moe.compress import compress_moe
 
     s = compress_moe(
         args.moe,
@@ -66,7 +65,7 @@ def cmd_moe_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_moe_parser(sub) -> None:
+def add_moe(sub) -> None:
     p = sub.add_parser(
         "moe",
         help="build a mixture-of-experts model from dense experts (mergekit-moe recipes)",
@@ -78,11 +77,11 @@ def add_moe_parser(sub) -> None:
     p.add_argument("--calibration-lr", type=float, default=0.01, help="router learning rate for --calibrate (default 0.01)")
     p.add_argument("--balance", type=float, default=0.01, help="load-balancing coefficient for --calibrate (default 0.01)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (loaded with weights_only=True)")
-    _common(p)
+    _moe_common(p)
     p.set_defaults(func=cmd_moe)
 
 
-def add_moe_compress_parser(sub) -> None:
+def add_moe_compress(sub) -> None:
     p = sub.add_parser(
         "moe-compress",
         help="merge a MoE's experts into fewer (M-SMoE style), using calibration text",
@@ -92,5 +91,5 @@ def add_moe_compress_parser(sub) -> None:
     p.add_argument("--experts", type=int, required=True, help="experts per layer to keep")
     p.add_argument("--calibration", nargs="+", required=True, metavar="FILE", help="text files (.txt, .jsonl) to count expert usage on")
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens to use (default 4096)")
-    _common(p)
+    _moe_common(p)
     p.set_defaults(func=cmd_moe_compress)
