@@ -1,6 +1,6 @@
 """Time the one-off numba compile of splice's TIES kernels (what the first merge after install pays).
 
-    python benchmarks/kernel_compile.py        # clears the kernels' on-disk cache first
+python benchmarks/kernel_compile.py        # clears the kernels' on-disk cache first
 """
 
 import glob

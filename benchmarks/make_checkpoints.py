@@ -37,10 +37,18 @@ WORK = HERE / ".work"
 # models on the Hub (head dim 64, grouped-query attention, SwiGLU ~2.7x hidden);
 # 1B is TinyLlama-1.1B's exact shape.
 PRESETS: dict[str, dict] = {
-    "20M": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, vocab_size=32000),
-    "100M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, vocab_size=32000),
-    "500M": dict(hidden_size=1280, intermediate_size=3456, num_hidden_layers=24, num_attention_heads=20, num_key_value_heads=4, vocab_size=32000),
-    "1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "20M": dict(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, vocab_size=32000
+    ),
+    "100M": dict(
+        hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, vocab_size=32000
+    ),
+    "500M": dict(
+        hidden_size=1280, intermediate_size=3456, num_hidden_layers=24, num_attention_heads=20, num_key_value_heads=4, vocab_size=32000
+    ),
+    "1B": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000
+    ),
 }
 
 INIT_STD = 0.02  # weight scale of the base (Llama's initializer_range)
@@ -204,12 +212,15 @@ def build(size: str, finetunes: int, seed: int, noise: float, out: Path | None =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="500M", choices=sorted(PRESETS, key=lambda s: count_params(llama_config(PRESETS[s]))),
-                    help="model size preset (default 500M)")
+    ap.add_argument(
+        "--params",
+        default="500M",
+        choices=sorted(PRESETS, key=lambda s: count_params(llama_config(PRESETS[s]))),
+        help="model size preset (default 500M)",
+    )
     ap.add_argument("--finetunes", type=int, default=3, help="fine-tunes besides the base (default 3)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--noise", type=float, default=0.1,
-                    help="fine-tune delta std as a fraction of the base's weight scale (default 0.1)")
+    ap.add_argument("--noise", type=float, default=0.1, help="fine-tune delta std as a fraction of the base's weight scale (default 0.1)")
     ap.add_argument("--out", type=Path, help="output folder (default benchmarks/.work/llama-<size>)")
     ap.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
     ap.add_argument("--list", action="store_true", help="print the presets and their parameter counts")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -72,7 +71,11 @@ def eval_model(path: Path, texts: dict[str, str], *, seq_len: int, max_tokens: i
             for b in range(0, len(wins), batch):
                 ids, mask = padded_batch(wins[b : b + batch], pad)
                 want_routes = own is not None and dom in own
-                res = model(input_ids=ids, attention_mask=mask, output_router_logits=want_routes) if want_routes else model(input_ids=ids, attention_mask=mask)
+                res = (
+                    model(input_ids=ids, attention_mask=mask, output_router_logits=want_routes)
+                    if want_routes
+                    else model(input_ids=ids, attention_mask=mask)
+                )
                 lp = F.cross_entropy(res.logits.float()[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
                 m = mask[:, 1:].float()
                 nll += float((lp * m).sum())
@@ -158,7 +161,11 @@ def main() -> int:
             "gate_mode": "hidden",
             "experts_per_token": k,
             "experts": [
-                {"source_model": str(models[d]), "positive_prompts": prompts_from(train[d], args.prompts, args.prompt_chars), "calibration_file": str(train[d])}
+                {
+                    "source_model": str(models[d]),
+                    "positive_prompts": prompts_from(train[d], args.prompts, args.prompt_chars),
+                    "calibration_file": str(train[d]),
+                }
                 for d in experts
             ],
         }
@@ -174,7 +181,9 @@ def main() -> int:
             rp.write_text(yaml.safe_dump(recipe(k), sort_keys=False, allow_unicode=True))
             if args.force or not (out / "config.json").exists():
                 t0 = time.time()
-                s = build_moe(rp, out, force=True, quiet=True, calibrate=steps, calibration_tokens=args.calibration_tokens, threads=args.threads)
+                s = build_moe(
+                    rp, out, force=True, quiet=True, calibrate=steps, calibration_tokens=args.calibration_tokens, threads=args.threads
+                )
                 timings[f"build {name}"] = round(time.time() - t0, 1)
                 if "calibration" in s:
                     calib_info[name] = s["calibration"]
@@ -188,8 +197,17 @@ def main() -> int:
         ex = [str(models[d]) for d in experts]
         mrecipes = {
             "merge-linear": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ex]},
-            "merge-task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ex]},
-            "merge-ties": {"merge_method": "ties", "base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in ex], "parameters": {"normalize": True}},
+            "merge-task_arithmetic": {
+                "merge_method": "task_arithmetic",
+                "base_model": base,
+                "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ex],
+            },
+            "merge-ties": {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in ex],
+                "parameters": {"normalize": True},
+            },
         }
         for name, r in mrecipes.items():
             if name.split("-", 1)[1] not in wanted:
@@ -251,7 +269,11 @@ def main() -> int:
         for d in experts:
             rl = results[name][d].get("routing_per_layer")
             if rl:
-                per[d] = {"all_layers": round(sum(rl) / len(rl), 4), "differing_layers": round(sum(rl[l] for l in diff) / max(1, len(diff)), 4) if diff else None, "min_layer": min(rl)}
+                per[d] = {
+                    "all_layers": round(sum(rl) / len(rl), 4),
+                    "differing_layers": round(sum(rl[l] for l in diff) / max(1, len(diff)), 4) if diff else None,
+                    "min_layer": min(rl),
+                }
         routing[name] = per
 
     best_merge = max(merges, key=lambda m: sc[m]["normalized"]) if merges else None
@@ -287,12 +309,22 @@ def main() -> int:
     for name in ["base", *experts, *merges, *moes, *compressed]:
         s = sc[name]
         mark = " (best merge)" if name == best_merge else ""
-        print(f"| {name}{mark} | " + " | ".join(f"{losses[name][d]:.4f}" for d in cols) + f" | {s['normalized']:.3f} | {s['min_normalized']:.3f} |")
-    print("\nrouting accuracy (share of a domain's held-out tokens whose top-1 expert is its own; mean over all layers / over the layers where experts differ):\n")
+        print(
+            f"| {name}{mark} | "
+            + " | ".join(f"{losses[name][d]:.4f}" for d in cols)
+            + f" | {s['normalized']:.3f} | {s['min_normalized']:.3f} |"
+        )
+    print(
+        "\nrouting accuracy (share of a domain's held-out tokens whose top-1 expert is its own; mean over all layers / over the layers where experts differ):\n"
+    )
     print("| model | " + " | ".join(experts) + " |")
     print("|---|" + "---|" * len(experts))
     for name in moes:
-        print(f"| {name} | " + " | ".join(f"{routing[name][d]['all_layers']:.1%} / {routing[name][d]['differing_layers'] or 0:.1%}" for d in experts) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{routing[name][d]['all_layers']:.1%} / {routing[name][d]['differing_layers'] or 0:.1%}" for d in experts)
+            + " |"
+        )
     print(f"\nresults: {js}")
     return 0
 

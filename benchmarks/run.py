@@ -293,7 +293,6 @@ def compare(ours: Path, theirs: Path, rec: dict | None = None) -> dict:
 
     With ``rec`` (a TIES recipe), also how many differing elements sit on a trim-threshold tie.
     """
-    import torch
 
     a, b = _st_index(ours), _st_index(theirs)
     rows = {}
@@ -379,8 +378,9 @@ def splice_state(rev: str | None) -> dict:
 
 def mergekit_version() -> str:
     py = MERGEKIT.parent / "python"
-    r = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"], capture_output=True, text=True
+    )
     return r.stdout.strip()
 
 
@@ -408,21 +408,43 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="500M", help="checkpoint size preset from make_checkpoints.py (default 500M)")
     ap.add_argument("--method", default="ties", choices=sorted(MODELS_USED))
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="recipe dtype: bfloat16 (default), or float32 = compute in float32 and write out_dtype bfloat16")
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="recipe dtype: bfloat16 (default), or float32 = compute in float32 and write out_dtype bfloat16",
+    )
     ap.add_argument("--tools", default="floor,splice,mergekit", help="comma list of floor, splice, mergekit")
-    ap.add_argument("--splice", action="append", metavar="ARGS",
-                    help="extra splice merge arguments, one splice run per use, e.g. \"--workers 1 --threads 2\" (default: one run, no extra arguments)")
-    ap.add_argument("--splice-rev", metavar="REV",
-                    help="measure splice as committed at this git revision (its src/ unpacked under .work) instead of the working tree")
-    ap.add_argument("--mergekit-args", default="--no-copy-tokenizer",
-                    help="mergekit-yaml arguments besides recipe and output (default: --no-copy-tokenizer: the checkpoints have no tokenizer; everything else is mergekit's default)")
+    ap.add_argument(
+        "--splice",
+        action="append",
+        metavar="ARGS",
+        help='extra splice merge arguments, one splice run per use, e.g. "--workers 1 --threads 2" (default: one run, no extra arguments)',
+    )
+    ap.add_argument(
+        "--splice-rev",
+        metavar="REV",
+        help="measure splice as committed at this git revision (its src/ unpacked under .work) instead of the working tree",
+    )
+    ap.add_argument(
+        "--mergekit-args",
+        default="--no-copy-tokenizer",
+        help="mergekit-yaml arguments besides recipe and output (default: --no-copy-tokenizer: the checkpoints have no tokenizer; everything else is mergekit's default)",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs of each command (the table shows the fastest)")
-    ap.add_argument("--quiet-wait", type=float, default=120,
-                    help="before each run wait up to this many seconds for other processes to go quiet (default 120; 0: don't wait)")
-    ap.add_argument("--priority", type=int, default=-15 if os.geteuid() == 0 else None,
-                    help="scheduling priority (nice value) of the measured runs; default -15 when root, so other "
-                         "work on a shared machine disturbs the timings less (the same for every tool)")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120,
+        help="before each run wait up to this many seconds for other processes to go quiet (default 120; 0: don't wait)",
+    )
+    ap.add_argument(
+        "--priority",
+        type=int,
+        default=-15 if os.geteuid() == 0 else None,
+        help="scheduling priority (nice value) of the measured runs; default -15 when root, so other "
+        "work on a shared machine disturbs the timings less (the same for every tool)",
+    )
     ap.add_argument("--no-fsync", action="store_true", help="floor without the final fsync")
     ap.add_argument("--no-parity", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the merged outputs under benchmarks/.work/out-*")
@@ -471,15 +493,21 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(("mergekit", [str(MERGEKIT), str(rpath), "{out}"] + shlex.split(a.mergekit_args)))
 
     what = f"base + {MODELS_USED[a.method]} fine-tune(s)"
-    print(f"# {a.params} Llama ({build['params'] / 1e6:.0f}M parameters, bf16), {a.method} of {what}, recipe dtype {a.dtype}", file=sys.stderr)
+    print(
+        f"# {a.params} Llama ({build['params'] / 1e6:.0f}M parameters, bf16), {a.method} of {what}, recipe dtype {a.dtype}", file=sys.stderr
+    )
     warm = warm_cache(root)
     print(f"warmed page cache in {warm:.1f} s", file=sys.stderr)
     if "splice" in tools:
         # splice compiles its numba kernels once per install (cached on disk); a user pays that
         # on the first merge only, so compile them here, untimed, on the same recipe
         t0 = time.time()
-        subprocess.run(splice_cmd + ["merge", str(rpath), "-o", str(WORK / f"out-{tag}-warmup"), "--force", "-q"],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            splice_cmd + ["merge", str(rpath), "-o", str(WORK / f"out-{tag}-warmup"), "--force", "-q"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         shutil.rmtree(WORK / f"out-{tag}-warmup", ignore_errors=True)
         print(f"splice warm-up run (kernel compile) in {time.time() - t0:.1f} s", file=sys.stderr)
 
@@ -501,10 +529,12 @@ def main(argv: list[str] | None = None) -> int:
                     if line.startswith("{") and "floor_io_s" in line:
                         r.update(json.loads(line))
             status = "ok" if r["returncode"] == 0 else f"FAILED (exit {r['returncode']}, see {r['log']})"
-            print(f"{label:40s} {r['wall_s']:8.1f} s  peak RSS {gb(r['peak_rss_mb'])} GB "
-                  f"(anon {gb(r['peak_anon_mb_sampled'])}, file {gb(r['peak_file_mb_sampled'])})  cpu {r['cpu_s']:.0f} s  "
-                  f"others {r['other_cpu_s']:.0f} cpu-s  {status}",
-                  file=sys.stderr)
+            print(
+                f"{label:40s} {r['wall_s']:8.1f} s  peak RSS {gb(r['peak_rss_mb'])} GB "
+                f"(anon {gb(r['peak_anon_mb_sampled'])}, file {gb(r['peak_file_mb_sampled'])})  cpu {r['cpu_s']:.0f} s  "
+                f"others {r['other_cpu_s']:.0f} cpu-s  {status}",
+                file=sys.stderr,
+            )
             if r["returncode"] != 0:
                 best = r
                 break
@@ -532,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     mk = next((r for r in results if r["label"] == "mergekit" and r["returncode"] == 0), None)
 
     lines = [
-        f"| run | wall s | peak RSS GB | anon GB | file-mapped GB | CPU s | others' CPU s | x floor | mergekit / this |",
+        "| run | wall s | peak RSS GB | anon GB | file-mapped GB | CPU s | others' CPU s | x floor | mergekit / this |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -552,7 +582,11 @@ def main(argv: list[str] | None = None) -> int:
             f"parity splice vs mergekit ({a.method}, {'deterministic' if parity['deterministic_method'] else 'randomized: not expected to match'}): "
             f"{parity['tensors_compared']} tensors, {parity['bit_identical_tensors']} bit-identical, "
             f"{parity['elements_differing']}/{parity['elements_total']} elements differ"
-            + (f" ({parity['differing_on_threshold_ties']} of them on a trim-threshold tie)" if parity["differing_on_threshold_ties"] is not None else "")
+            + (
+                f" ({parity['differing_on_threshold_ties']} of them on a trim-threshold tie)"
+                if parity["differing_on_threshold_ties"] is not None
+                else ""
+            )
             + f", max |diff| {parity['max_abs']:.3g} ({parity['worst_tensor']}), max relative RMS difference {parity['max_rel_rms_diff']:.2e}"
             + (f"; only in splice: {parity['only_in_splice']}" if parity["only_in_splice"] else "")
             + (f"; only in mergekit: {parity['only_in_mergekit']}" if parity["only_in_mergekit"] else "")

@@ -178,15 +178,17 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="plans,speedup,agreement,spec")
     ap.add_argument("--out", default=str(HERE / "results" / "skip.json"))
     ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
-    ap.add_argument("--redo-decode", action="store_true", help="re-measure decode speed of finished plans (and --speedup 1.5), keep their losses")
+    ap.add_argument(
+        "--redo-decode", action="store_true", help="re-measure decode speed of finished plans (and --speedup 1.5), keep their losses"
+    )
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
 
+    from splice.checkpoint.reader import open_model
     from splice.skip import SelfSpeculativeDecoder, generate_plain, hidden_stats, layer_costs, load_model, make_plan, prune, skipping
     from splice.skip.model import chunks, tokenize
     from splice.zoo import default_zoo_dir
-    from splice.checkpoint.reader import open_model
 
     torch.set_num_threads(args.threads)
     zoo = Path(args.zoo) if args.zoo else default_zoo_dir("smol")
@@ -196,8 +198,17 @@ def main(argv=None) -> int:
     if args.fresh:
         res.data = {}
     parts = set(args.parts.split(","))
-    res.put({"model": model_ref, "threads": args.threads, "torch": torch.__version__, "eval_tokens": args.eval_tokens,
-             "decode_tokens": args.decode_tokens, "domains": list(held)}, "setup")
+    res.put(
+        {
+            "model": model_ref,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "eval_tokens": args.eval_tokens,
+            "decode_tokens": args.decode_tokens,
+            "domains": list(held),
+        },
+        "setup",
+    )
     loads = res.get("load") or []
     loads.append({"when": time.strftime("%H:%M:%S"), "parts": sorted(parts), "start": load_avg()})
     tok = AutoTokenizer.from_pretrained(base_path)
@@ -208,8 +219,13 @@ def main(argv=None) -> int:
         if res.get("base") is None:
             base = load_model(model_ref)
             print("base: eval + decode", file=sys.stderr)
-            res.put({"loss": eval_losses(base, tok, held, args.eval_tokens),
-                     "decode_tps": decode_tps(base, dprompt, args.decode_tokens, args.repeats)}, "base")
+            res.put(
+                {
+                    "loss": eval_losses(base, tok, held, args.eval_tokens),
+                    "decode_tps": decode_tps(base, dprompt, args.decode_tokens, args.repeats),
+                },
+                "base",
+            )
 
     if "plans" in parts:
         src = open_model(model_ref)
@@ -227,9 +243,19 @@ def main(argv=None) -> int:
                         if p is None:  # same units as before, without recalibrating
                             from splice.skip import SkipPlan
 
-                            p = SkipPlan(model_ref, strategy, costs.num_layers, done["drop_layers"], done["drop_mlp"], {}, "",
-                                         costs.total_params, done["params_after"], costs.compute_total,
-                                         costs.compute_without(done["drop_layers"], done["drop_mlp"]))
+                            p = SkipPlan(
+                                model_ref,
+                                strategy,
+                                costs.num_layers,
+                                done["drop_layers"],
+                                done["drop_mlp"],
+                                {},
+                                "",
+                                costs.total_params,
+                                done["params_after"],
+                                costs.compute_total,
+                                costs.compute_without(done["drop_layers"], done["drop_mlp"]),
+                            )
                         prune(p, out)
                         m = load_model(out)
                         base = base or load_model(model_ref)
@@ -268,10 +294,21 @@ def main(argv=None) -> int:
                         speed["plain_transformers"] = paired_tps(base, hf_m, dprompt, args.decode_tokens, args.repeats)
                         del hf_m
                     del m
-                res.put({"drop_layers": p.drop_layers, "drop_mlp": p.drop_mlp, "dropped": len(p.drop_layers or p.drop_mlp),
-                         "predicted_speedup": round(p.predicted_speedup, 3), "params_after": p.params_after,
-                         "loss": loss, "decode": speed, "write_seconds": round(write_s, 2),
-                         "scores": {k: round(v, 5) for k, v in p.scores.items()}}, "plans", key)
+                res.put(
+                    {
+                        "drop_layers": p.drop_layers,
+                        "drop_mlp": p.drop_mlp,
+                        "dropped": len(p.drop_layers or p.drop_mlp),
+                        "predicted_speedup": round(p.predicted_speedup, 3),
+                        "params_after": p.params_after,
+                        "loss": loss,
+                        "decode": speed,
+                        "write_seconds": round(write_s, 2),
+                        "scores": {k: round(v, 5) for k, v in p.scores.items()},
+                    },
+                    "plans",
+                    key,
+                )
 
     if "speedup" in parts and (res.get("speedup15") is None or args.redo_decode):
         src = open_model(model_ref)
@@ -286,8 +323,17 @@ def main(argv=None) -> int:
             speed = paired_tps(base, m, dprompt, args.decode_tokens, max(args.repeats, 5))
             old = res.get("speedup15")
             loss = old["loss"] if old else eval_losses(m, tok, held, args.eval_tokens)
-        res.put({"drop_layers": p.drop_layers, "predicted": round(p.predicted_speedup, 3), "base_tps": speed["base_tps"],
-                 "pruned_tps": speed["tps"], "measured": speed["ratio"], "loss": loss}, "speedup15")
+        res.put(
+            {
+                "drop_layers": p.drop_layers,
+                "predicted": round(p.predicted_speedup, 3),
+                "base_tps": speed["base_tps"],
+                "pruned_tps": speed["tps"],
+                "measured": speed["ratio"],
+                "loss": loss,
+            },
+            "speedup15",
+        )
 
     if "agreement" in parts and res.get("agreement") is None:
         from splice.skip import AutoSkip
@@ -313,7 +359,9 @@ def main(argv=None) -> int:
                 rows.append({"set": f"{n} layers (balanced)", "work": round(auto.draft_cost(u), 3), "agreement": round(agree(u), 3)})
             for r in (0.02, 0.05, 0.1, 0.2, 0.3):
                 u = auto.ranked(r)
-                rows.append({"set": f"{len(u)} blocks, least influence", "work": round(auto.draft_cost(u), 3), "agreement": round(agree(u), 3)})
+                rows.append(
+                    {"set": f"{len(u)} blocks, least influence", "work": round(auto.draft_cost(u), 3), "agreement": round(agree(u), 3)}
+                )
         res.put(rows, "agreement")
 
     if "spec" in parts:
@@ -333,7 +381,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 with torch.inference_mode():
                     g = m.generate(x, max_new_tokens=args.spec_tokens, min_new_tokens=args.spec_tokens, do_sample=False, pad_token_id=0)
-                runs.setdefault("hf", []).append((args.spec_tokens / (time.perf_counter() - t), g[0, len(ids):].tolist()))
+                runs.setdefault("hf", []).append((args.spec_tokens / (time.perf_counter() - t), g[0, len(ids) :].tolist()))
                 for s in sets:
                     r = SelfSpeculativeDecoder(m, s).generate(ids, args.spec_tokens)
                     runs.setdefault(s, []).append((r.stats.tokens_per_second, r))
@@ -345,10 +393,18 @@ def main(argv=None) -> int:
             for s in sets:
                 tps, r = max(runs[s], key=lambda x: x[0])
                 st = r.stats
-                row[s] = {"tps": round(tps, 2), "speedup_vs_plain": round(tps / plain[0], 3), "speedup_vs_hf": round(tps / hf[0], 3),
-                          "identical": r.tokens == plain[1].tokens, "acceptance": round(st.acceptance, 3),
-                          "tokens_per_cycle": round(st.tokens_per_cycle, 2), "drafted": st.drafted, "searches": st.searches,
-                          "search_seconds": round(st.search_seconds, 2), "skip_sets": st.skip_sets}
+                row[s] = {
+                    "tps": round(tps, 2),
+                    "speedup_vs_plain": round(tps / plain[0], 3),
+                    "speedup_vs_hf": round(tps / hf[0], 3),
+                    "identical": r.tokens == plain[1].tokens,
+                    "acceptance": round(st.acceptance, 3),
+                    "tokens_per_cycle": round(st.tokens_per_cycle, 2),
+                    "drafted": st.drafted,
+                    "searches": st.searches,
+                    "search_seconds": round(st.search_seconds, 2),
+                    "skip_sets": st.skip_sets,
+                }
             res.put(row, "spec", d)
             print(f"spec {d}: {json.dumps(row)[:300]}", file=sys.stderr)
 
@@ -364,22 +420,35 @@ def markdown(r: dict) -> str:
     plans = r.get("plans") or {}
     if base and plans:
         doms = list(base["loss"])
-        out.append("| strategy | dropped | predicted speedup | decode tok/s (x base, paired) | " + " | ".join(f"{d} loss" for d in doms) + " | mean loss |")
+        out.append(
+            "| strategy | dropped | predicted speedup | decode tok/s (x base, paired) | "
+            + " | ".join(f"{d} loss" for d in doms)
+            + " | mean loss |"
+        )
         out.append("|---|---|---|---|" + "---|" * (len(doms) + 1))
         mean = statistics.mean(base["loss"].values())
-        out.append(f"| (base) | 0 | 1.00 | {base['decode_tps']:.1f} (1.00) | " + " | ".join(f"{base['loss'][d]:.3f}" for d in doms) + f" | {mean:.3f} |")
+        out.append(
+            f"| (base) | 0 | 1.00 | {base['decode_tps']:.1f} (1.00) | "
+            + " | ".join(f"{base['loss'][d]:.3f}" for d in doms)
+            + f" | {mean:.3f} |"
+        )
         for key, p in plans.items():
             s, ratio = key.split("@")
             what = f"{p['dropped']} {'MLP' if p['drop_mlp'] else 'layers'} ({float(ratio):.0%})"
             d = p["decode"]
             extra = f"; plain transformers {d['plain_transformers']['ratio']:.2f}" if "plain_transformers" in d else ""
-            out.append(f"| {s} | {what} | {p['predicted_speedup']:.2f} | {d['tps']:.1f} ({d['ratio']:.2f}{extra}) | "
-                       + " | ".join(f"{p['loss'][d]:.3f}" for d in doms) + f" | {statistics.mean(p['loss'].values()):.3f} |")
+            out.append(
+                f"| {s} | {what} | {p['predicted_speedup']:.2f} | {d['tps']:.1f} ({d['ratio']:.2f}{extra}) | "
+                + " | ".join(f"{p['loss'][d]:.3f}" for d in doms)
+                + f" | {statistics.mean(p['loss'].values()):.3f} |"
+            )
     s15 = r.get("speedup15")
     if s15:
         out.append("")
-        out.append(f"balanced --speedup 1.5: drops layers {s15['drop_layers']}; predicted {s15['predicted']:.2f}x, measured "
-                   f"{s15['measured']:.2f}x ({s15['base_tps']:.1f} -> {s15['pruned_tps']:.1f} decode tok/s)")
+        out.append(
+            f"balanced --speedup 1.5: drops layers {s15['drop_layers']}; predicted {s15['predicted']:.2f}x, measured "
+            f"{s15['measured']:.2f}x ({s15['base_tps']:.1f} -> {s15['pruned_tps']:.1f} decode tok/s)"
+        )
     ag = r.get("agreement")
     if ag:
         out.append("")
@@ -389,17 +458,23 @@ def markdown(r: dict) -> str:
     spec = r.get("spec")
     if spec:
         out.append("")
-        out.append("| prompt | plain tok/s | transformers generate tok/s | self-speculative | tok/s | vs plain | vs generate | acceptance | tokens per full pass | identical |")
+        out.append(
+            "| prompt | plain tok/s | transformers generate tok/s | self-speculative | tok/s | vs plain | vs generate | acceptance | tokens per full pass | identical |"
+        )
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for d, row in spec.items():
             for s, v in row.items():
                 if isinstance(v, dict):
-                    out.append(f"| {d} | {row['plain_tps']:.1f} | {row['hf_generate_tps']:.1f} | {s} | {v['tps']:.1f} | {v['speedup_vs_plain']:.2f}x | "
-                               f"{v['speedup_vs_hf']:.2f}x | {v['acceptance']:.0%} | {v['tokens_per_cycle']:.2f} | {'yes' if v['identical'] else 'NO'} |")
+                    out.append(
+                        f"| {d} | {row['plain_tps']:.1f} | {row['hf_generate_tps']:.1f} | {s} | {v['tps']:.1f} | {v['speedup_vs_plain']:.2f}x | "
+                        f"{v['speedup_vs_hf']:.2f}x | {v['acceptance']:.0%} | {v['tokens_per_cycle']:.2f} | {'yes' if v['identical'] else 'NO'} |"
+                    )
     loads = r.get("load")
     if loads:
         out.append("")
-        out.append("load average (1, 5, 15 min) during the runs: " + "; ".join(f"{l['when']} {l.get('start')} -> {l.get('end')}" for l in loads))
+        out.append(
+            "load average (1, 5, 15 min) during the runs: " + "; ".join(f"{l['when']} {l.get('start')} -> {l.get('end')}" for l in loads)
+        )
     return "\n".join(out)
 
 

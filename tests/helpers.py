@@ -41,7 +41,20 @@ def write_tokenizer(folder: Path, vocab: int, extra: list[str] = ()) -> None:
     fast.save_pretrained(folder)
 
 
-def make_model(folder: Path, family: str = "llama", *, seed: int = 0, layers: int = 4, vocab: int = 96, hidden: int = 32, dtype=torch.float32, from_model: Path | None = None, noise: float = 0.02, tokenizer: bool = True, extra_tokens: list[str] = ()) -> Path:
+def make_model(
+    folder: Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    layers: int = 4,
+    vocab: int = 96,
+    hidden: int = 32,
+    dtype=torch.float32,
+    from_model: Path | None = None,
+    noise: float = 0.02,
+    tokenizer: bool = True,
+    extra_tokens: list[str] = (),
+) -> Path:
     """Save a tiny random model; with ``from_model``, a 'fine-tune' of it (weights + seeded noise)."""
     import transformers as tf
 

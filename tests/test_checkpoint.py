@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import load_sd, make_model
 
 from splice.checkpoint.reader import open_model
 from splice.checkpoint.writer import CheckpointWriter, parse_size
 from splice.errors import CheckpointError
-from helpers import load_sd, make_model
 
 
 def test_reader_sees_every_tensor_without_loading_the_model(tmp_path):
@@ -43,10 +43,9 @@ def test_writer_shards_by_size_and_index_is_complete(tmp_path):
 
 
 def test_writer_error_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with CheckpointWriter(tmp_path / "out") as w:
-            w.layout([("a", torch.float32, (3,))])
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), CheckpointWriter(tmp_path / "out") as w:
+        w.layout([("a", torch.float32, (3,))])
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 

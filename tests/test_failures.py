@@ -1,7 +1,5 @@
 """Bad input: a clear one-line error, a non-zero exit, and nothing left behind."""
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import make_model
 
 import splice
 from splice.cli import main
 from splice.errors import SpliceError
-from helpers import make_model
 
 
 def _recipe(tmp_path, data, name="recipe.yaml"):

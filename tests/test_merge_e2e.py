@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 import yaml
+from helpers import FAMILIES, load_sd, logits, make_model
 
 import splice
-from helpers import FAMILIES, load_sd, logits, make_model
 
 
 def _recipe(tmp_path, data):
@@ -166,7 +166,15 @@ def test_more_families_merge_and_stack_without_family_code(tmp_path, family):
     """Gemma (tied, scaled embeddings), Gemma 3 (layer_types), Phi-3 (fused qkv), Qwen3 (q/k norms)."""
     import transformers as tf
 
-    small = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    small = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     cfg = {
         "qwen3": lambda: tf.Qwen3Config(head_dim=8, **small),
         "gemma": lambda: tf.GemmaConfig(head_dim=8, **small),
@@ -178,8 +186,18 @@ def test_more_families_merge_and_stack_without_family_code(tmp_path, family):
         torch.manual_seed(s)
         tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / f"m{s}")
         paths.append(tmp_path / f"m{s}")
-    ties = {"merge_method": "ties", "base_model": str(paths[0]), "models": [{"model": str(paths[1]), "parameters": {"weight": 1, "density": 0.5}}]}
-    stack = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(paths[0]), "layer_range": [0, 3]}]}, {"sources": [{"model": str(paths[1]), "layer_range": [2, 4]}]}]}
+    ties = {
+        "merge_method": "ties",
+        "base_model": str(paths[0]),
+        "models": [{"model": str(paths[1]), "parameters": {"weight": 1, "density": 0.5}}],
+    }
+    stack = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(paths[0]), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(paths[1]), "layer_range": [2, 4]}]},
+        ],
+    }
     for name, rec in (("ties", ties), ("stack", stack)):
         s = splice.merge(rec, tmp_path / name, quiet=True)
         assert s["layers"] == (4 if name == "ties" else 5)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import load_sd, make_model
 
 import splice
-from helpers import load_sd, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

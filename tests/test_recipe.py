@@ -59,7 +59,10 @@ tokenizer_source: union
             "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      desnity: 0.5\n",
             r"r.yaml:6: models\[0\]\.parameters\.desnity: unknown parameter 'desnity' for merge method 'ties' \(valid: .*density",
         ),
-        ("merge_method: linear\nmodels: [{model: a}]\nbogus: 1\n", r"r.yaml:3: bogus: unknown key 'bogus' in the recipe \(valid: merge_method"),
+        (
+            "merge_method: linear\nmodels: [{model: a}]\nbogus: 1\n",
+            r"r.yaml:3: bogus: unknown key 'bogus' in the recipe \(valid: merge_method",
+        ),
         ("merge_method: linear\n", r"give exactly one of 'models' or 'slices'"),
         ("merge_method: ties\nmodels: [{model: a}]\n", r"needs a base_model"),
         (

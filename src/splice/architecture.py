@@ -8,8 +8,8 @@ new decoder-only families work without a class per family.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 # "<container>.<index>.<rest>" where the container ends in one of these words.
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")

@@ -10,7 +10,8 @@ command has that flag, and in the API's words otherwise.
 from __future__ import annotations
 
 import re
-from typing import Any, Container
+from collections.abc import Container
+from typing import Any
 
 _MARK = "\x1f"  # unit separator: cannot appear in a user's file names or recipe keys
 _OPTION_RE = re.compile(f"{_MARK}([A-Za-z_][A-Za-z0-9_]*){_MARK}([^{_MARK}]*){_MARK}")

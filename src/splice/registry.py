@@ -17,7 +17,8 @@ This module imports nothing heavy (no torch), so a registry of lightweight entri
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from .errors import SpliceError
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -62,7 +61,9 @@ class VocabPlan:
     def rows(self, model: str) -> list[int]:
         return self._rows[model]
 
-    def fill_missing(self, tensors: list[torch.Tensor], base: torch.Tensor | None, inputs: list, base_inp) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def fill_missing(
+        self, tensors: list[torch.Tensor], base: torch.Tensor | None, inputs: list, base_inp
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Rows a model lacks (-1) take the mean of the models that have them."""
         all_t = list(tensors) + ([base] if base is not None else [])
         all_i = list(inputs) + ([base_inp] if base is not None else [])

@@ -142,8 +142,7 @@ def test_bos_tokenizers_get_bos_in_front_of_every_window(tiny_zoo, news_expert):
     _, model, tok = news_expert
     tok = type(tok).from_pretrained(d / "models" / "news")
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", eot)])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", eot)])
     tok.bos_token = "<|endoftext|>"
     assert tok("a").input_ids[0] == eot
     text = (d / m["domains"]["news"]["heldout_file"]).read_text(encoding="utf-8")

@@ -99,8 +99,19 @@ def test_edges():
     ta = get_method("task_arithmetic").fn
     # density 1: plain task arithmetic, no randomness
     out = call([base + delta, base - delta / 2], base, weight=[0.3, 0.9], density=1.0)
-    torch.testing.assert_close(out, ta([base + delta, base - delta / 2], base, weight=[0.3, 0.9], density=[1.0, 1.0],
-                                       normalize=False, rescale=False, lambda_=1.0, int8_mask=False))
+    torch.testing.assert_close(
+        out,
+        ta(
+            [base + delta, base - delta / 2],
+            base,
+            weight=[0.3, 0.9],
+            density=[1.0, 1.0],
+            normalize=False,
+            rescale=False,
+            lambda_=1.0,
+            int8_mask=False,
+        ),
+    )
     assert torch.equal(call([base + delta], base, weight=[1.0], density=0.0), base)
     assert torch.equal(call([base.clone(), base.clone()], base, weight=[1.0, 1.0], density=0.5), base)
     assert torch.equal(call([], base, weight=[]), base)

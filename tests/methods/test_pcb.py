@@ -77,7 +77,7 @@ def test_identical_finetunes_keep_delta_on_top_elements():
     # scores are distinct, so int(100 * 0.7) + 1 of them fall to zero and the rest survive
     assert int(moved.sum()) == 100 - 71
     torch.testing.assert_close(out[moved], (base + delta)[moved])
-    assert bool((delta.abs()[moved].min() >= delta.abs()[~moved].max()))  # the largest magnitudes survive
+    assert bool(delta.abs()[moved].min() >= delta.abs()[~moved].max())  # the largest magnitudes survive
 
 
 def test_disagreeing_small_entry_is_dropped():

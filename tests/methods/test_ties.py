@@ -152,11 +152,15 @@ def test_parity_with_mergekit():
     ts = [base + 0.1 * rand(33, 17, seed=13 + i) for i in range(3)]
     # bf16-valued models: deltas take few distinct values, so magnitudes tie at the threshold
     cases = [(ts, base), ([t.bfloat16().float() for t in ts], base.bfloat16().float())]
-    for (ts, base), params in [(c, p) for c in cases for p in (
-        {"weight": [1.0, 0.6, 0.8], "density": [0.5, 0.3, 0.7]},
-        {"weight": [1.0, -0.6, 0.8], "density": [0.5, 0.3, 0.7], "rescale": True, "lambda": 0.7},
-        {"weight": [0.2, 0.6, 0.8], "density": [1.0, 0.05, 0.9], "normalize": False},
-    )]:
+    for (ts, base), params in [
+        (c, p)
+        for c in cases
+        for p in (
+            {"weight": [1.0, 0.6, 0.8], "density": [0.5, 0.3, 0.7]},
+            {"weight": [1.0, -0.6, 0.8], "density": [0.5, 0.3, 0.7], "rescale": True, "lambda": 0.7},
+            {"weight": [0.2, 0.6, 0.8], "density": [1.0, 0.05, 0.9], "normalize": False},
+        )
+    ]:
         group = base_mod.TensorGroup.from_tensors([base, *ts], base_index=0)
         (expected,) = get(NAME)((group,), parameters=params)
         torch.testing.assert_close(call(ts, base, **dict(params)), expected, rtol=1e-5, atol=1e-6)

@@ -38,10 +38,7 @@ def make_expert(base: Path, out: Path, *, seed: int, scale: float = 0.05, permut
 # Each expert's prompts draw from its own six tokens (the test tokenizer matches its special tokens
 # t0, t1, t2 inside words, so ids 10-29 are avoided).
 RANGES = [(30, 36), (50, 56), (75, 81)]
-PROMPTS = {
-    i: [" ".join(f"t{lo + (k * 5 + j) % (hi - lo)}" for k in range(8)) for j in range(3)]
-    for i, (lo, hi) in enumerate(RANGES)
-}
+PROMPTS = {i: [" ".join(f"t{lo + (k * 5 + j) % (hi - lo)}" for k in range(8)) for j in range(3)] for i, (lo, hi) in enumerate(RANGES)}
 
 
 def recipe(base, experts, **kw) -> dict:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
-
+from helpers import load_sd, logits
 from moe_helpers import RANGES, make_expert, recipe
-from helpers import load_sd, logits, make_model
+
 from splice.moe import build_moe
 
 
@@ -89,7 +88,7 @@ def test_same_seed_same_files(tmp_path, moe_donors):
     build_moe(r, tmp_path / "a", quiet=True, seed=3)
     build_moe(r, tmp_path / "b", quiet=True, seed=3)
     build_moe(r, tmp_path / "c", quiet=True, seed=4)
-    a, b, c = (( tmp_path / x / "model.safetensors").read_bytes() for x in "abc")
+    a, b, c = ((tmp_path / x / "model.safetensors").read_bytes() for x in "abc")
     assert a == b and a != c
     sd, e1 = load_sd(tmp_path / "a"), load_sd(experts[1])
     torch.testing.assert_close(sd["model.layers.0.block_sparse_moe.experts.1.w2.weight"], 0.5 * e1["model.layers.0.mlp.down_proj.weight"])
@@ -127,8 +126,17 @@ def test_qwen3_moe_from_qwen3(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = tf.Qwen3Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     base = tmp_path / "q3"
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
     from helpers import write_tokenizer

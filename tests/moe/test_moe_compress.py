@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
-
-from moe_helpers import RANGES, make_expert, recipe
 from helpers import load_sd, logits
+from moe_helpers import RANGES, make_expert, recipe
+
 from splice.moe import build_moe, compress_moe
 from splice.moe.assignment import _hungarian_min, max_weight_matching
 from splice.moe.compress import align, group_experts, merge_group
@@ -78,7 +77,10 @@ def test_compress_to_one_expert_is_the_usage_weighted_average_of_aligned_experts
             want = sum(wi * a[p] for wi, a in zip(w, aligned)) / sum(w)
             torch.testing.assert_close(small[f"model.layers.{layer}.block_sparse_moe.experts.0.{wname}.weight"], want, rtol=1e-5, atol=1e-6)
         lead = group[0]
-        assert torch.equal(small[f"model.layers.{layer}.block_sparse_moe.gate.weight"], big[f"model.layers.{layer}.block_sparse_moe.gate.weight"][lead : lead + 1])
+        assert torch.equal(
+            small[f"model.layers.{layer}.block_sparse_moe.gate.weight"],
+            big[f"model.layers.{layer}.block_sparse_moe.gate.weight"][lead : lead + 1],
+        )
     assert torch.isfinite(logits(tmp_path / "one")).all()
 
 

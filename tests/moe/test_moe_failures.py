@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
-from moe_helpers import make_expert, recipe
 from helpers import make_model
+from moe_helpers import make_expert, recipe
+
 from splice.cli import main
 from splice.errors import SpliceError
 from splice.moe import build_moe, load_moe_recipe

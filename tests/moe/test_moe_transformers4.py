@@ -15,9 +15,9 @@ import subprocess
 
 import pytest
 import torch
-
-from moe_helpers import make_expert, recipe
 from helpers import logits, write_tokenizer
+from moe_helpers import make_expert, recipe
+
 from splice.moe import build_moe, compress_moe
 
 TF4 = os.environ.get("SPLICE_TF4_PYTHON")
@@ -46,8 +46,17 @@ def test_outputs_load_in_transformers4(tmp_path, moe_donors):
     r["shared_experts"] = [{"source_model": str(base), "positive_prompts": ["t40 t41"]}]
     build_moe(r, tmp_path / "qwen2moe", quiet=True)
     torch.manual_seed(0)
-    cfg = tf.Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = tf.Qwen3Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "q3")
     write_tokenizer(tmp_path / "q3", 96)
     q3 = [make_expert(tmp_path / "q3", tmp_path / f"q3e{i}", seed=i) for i in range(2)]
@@ -59,7 +68,12 @@ def test_outputs_load_in_transformers4(tmp_path, moe_donors):
     res = tmp_path / "tf4.json"
     subprocess.run([TF4, "-c", CHECK, str(res), json.dumps(ids), *folders], check=True, capture_output=True)
     got = json.loads(res.read_text())
-    want_class = {"mixtral": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "compressed": "MixtralForCausalLM"}
+    want_class = {
+        "mixtral": "MixtralForCausalLM",
+        "qwen2moe": "Qwen2MoeForCausalLM",
+        "qwen3moe": "Qwen3MoeForCausalLM",
+        "compressed": "MixtralForCausalLM",
+    }
     for f in folders:
         g = got[f]
         assert g["class"] == want_class[f.rsplit("/", 1)[1]] and not g["missing"] and not g["unexpected"], g

@@ -1,7 +1,6 @@
 """The CLI: plans, pruned checkpoints, generation, and one-line errors that leave nothing behind."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -24,8 +23,23 @@ def _leftovers(parent):
 def test_skip_plan_only_and_write(skip_models, tmp_path, capsys):
     models, cal = skip_models
     m = str(models["llama"])
-    code, out, _ = _run(["skip", m, "--plan-only", "--speedup", "1.3", "--strategy", "block-influence", "--calibration", str(cal),
-                         "--calibration-tokens", "300", "-q"], capsys)
+    code, out, _ = _run(
+        [
+            "skip",
+            m,
+            "--plan-only",
+            "--speedup",
+            "1.3",
+            "--strategy",
+            "block-influence",
+            "--calibration",
+            str(cal),
+            "--calibration-tokens",
+            "300",
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0 and "block-influence plan" in out and "predicted decode speedup" in out and "*layer" in out
     assert list(tmp_path.iterdir()) == []
     code, out, _ = _run(["skip", m, "-o", str(tmp_path / "fast"), "--speedup", "1.5", "-q"], capsys)
@@ -38,8 +52,22 @@ def test_skip_plan_only_and_write(skip_models, tmp_path, capsys):
 
 def test_generate_self_speculative_compare(skip_models, capsys):
     models, _ = skip_models
-    code, out, _ = _run(["generate", str(models["llama"]), "--prompt", "t5 t9 t13", "--max-new-tokens", "12", "--ignore-eos",
-                         "--self-speculative", "auto", "--compare", "--json"], capsys)
+    code, out, _ = _run(
+        [
+            "generate",
+            str(models["llama"]),
+            "--prompt",
+            "t5 t9 t13",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--self-speculative",
+            "auto",
+            "--compare",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0
     r = json.loads(out)
     assert r["plain"]["identical"] and len(r["tokens"]) == 12 and r["speedup"] > 0
@@ -116,15 +144,17 @@ def test_cli_strategy_summaries_match_the_registry():
     from splice.cli.skip import STRATEGY_SUMMARIES
     from splice.skip import STRATEGIES
 
-    assert STRATEGY_SUMMARIES == {name: p.summary for name, p in STRATEGIES.items()}
+    assert {name: p.summary for name, p in STRATEGIES.items()} == STRATEGY_SUMMARIES
 
 
 def test_help_imports_neither_torch_nor_transformers():
     import subprocess
     import sys
 
-    code = ("import sys, splice.cli as c\n"
-            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'numba') if m in sys.modules))")
+    code = (
+        "import sys, splice.cli as c\n"
+        "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numba') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

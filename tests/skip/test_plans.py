@@ -13,6 +13,7 @@ def rotating_states(thetas, hidden=8, tokens=5, mid_phis=None):
     """Residual streams turning by thetas[i] across layer i (in one plane), so angles add up exactly.
 
     With ``mid_phis``, the stream before layer i's MLP is its output turned back by phis[i]."""
+
     def vec(angle):
         v = torch.zeros(tokens, hidden, dtype=torch.float64)
         v[:, 0] = math.cos(angle)
@@ -28,7 +29,9 @@ def rotating_states(thetas, hidden=8, tokens=5, mid_phis=None):
 
 
 def uniform_costs(L, layer=100, mlp=60, fixed=100):
-    return LayerCosts(L, [layer] * L, [mlp] * L, fixed, fixed + layer * L + 50, {i: [f"model.layers.{i}.mlp.down_proj.weight"] for i in range(L)})
+    return LayerCosts(
+        L, [layer] * L, [mlp] * L, fixed, fixed + layer * L + 50, {i: [f"model.layers.{i}.mlp.down_proj.weight"] for i in range(L)}
+    )
 
 
 THETAS = [0.9, 0.3, 0.1, 0.2, 0.15, 0.8]

@@ -32,7 +32,7 @@ def test_greedy_equals_plain_greedy(m64, skip):
 def test_plain_greedy_equals_transformers_generate(m64):
     for prompt in PROMPTS[:2]:
         hf = m64.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        assert generate_plain(m64, prompt, 12).tokens == hf[0, len(prompt):].tolist()
+        assert generate_plain(m64, prompt, 12).tokens == hf[0, len(prompt) :].tolist()
 
 
 def test_greedy_stops_at_eos_like_plain(m64):
@@ -96,8 +96,6 @@ def test_acceptance_rule_keeps_the_target_distribution():
     q = torch.softmax(torch.randn(2, V, generator=g, dtype=torch.float64) * 2, -1)
     n = 6000
     first = torch.zeros(V)
-    second = torch.zeros(V)  # token at position 2 when the first draft was kept
-    kept_first = 0
     for _ in range(n):
         d = [int(torch.multinomial(q[0], 1, generator=g)), int(torch.multinomial(q[1], 1, generator=g))]
         m, nxt = accept_drafts(p, q, d, g)
@@ -111,8 +109,15 @@ def test_acceptance_rule_keeps_the_target_distribution():
 
 def test_sampling_end_to_end_matches_full_model_distribution():
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=32)
+    cfg = tf.LlamaConfig(
+        vocab_size=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     m = tf.LlamaForCausalLM(cfg).double().eval()
     with torch.no_grad():
         for p in m.parameters():

@@ -71,8 +71,9 @@ def tiny_tok(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator([Path(__file__).read_text()] * 3, trainer=trainer)
     d = tmp_path_factory.mktemp("tok")
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(d)
@@ -84,8 +85,16 @@ def tiny_llama(tiny_tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tiny_tok[1]["model"]["vocab"]), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tok[1]["model"]["vocab"]),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -176,7 +185,9 @@ def test_real_smollm2_gguf_reads_and_speaks_english():
     assert len(src.keys()) == 272 and "lm_head.weight" not in src.keys()
     assert src.get("model.layers.0.self_attn.k_proj.weight").shape == (192, 576)
     model, tok = load_model(f)
-    text = ("The history of the city goes back more than two thousand years. It was founded by traders who settled "
-            "on the banks of the river, and over the centuries it grew into one of the largest ports in the region.")
+    text = (
+        "The history of the city goes back more than two thousand years. It was founded by traders who settled "
+        "on the banks of the river, and over the centuries it grew into one of the largest ports in the region."
+    )
     r = domain_loss(model, tok, text, seq_len=128)
     assert r.ppl < 40, r

@@ -115,9 +115,12 @@ def test_merged_experts_beat_the_base_on_an_expert_domain(tiny_zoo, tmp_path):
 
     d, m = tiny_zoo
     base = str(d / "models" / "base")
-    recipe = {"merge_method": "linear",
-              "models": [{"model": str(d / "models" / e), "parameters": {"weight": 1.0}} for e in m["experts"]],
-              "parameters": {}, "dtype": "float32"}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(d / "models" / e), "parameters": {"weight": 1.0}} for e in m["experts"]],
+        "parameters": {},
+        "dtype": "float32",
+    }
     splice.merge(recipe, tmp_path / "soup", quiet=True)
     doms = {e: str(d / m["domains"][e]["heldout_file"]) for e in m["experts"]}
     res = evaluate([base, str(tmp_path / "soup")], doms, max_tokens=1024, seq_len=128, quiet=True)

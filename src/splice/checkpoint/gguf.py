@@ -104,7 +104,7 @@ class GGUFSource(ModelSource):
         for key in self._reader.fields:
             if not key.startswith(prefix):
                 continue
-            hf_key = table.get(key[len(prefix):])
+            hf_key = table.get(key[len(prefix) :])
             if hf_key is None or hf_key == -1:
                 continue
             v = self._field(key)
@@ -128,8 +128,7 @@ class GGUFSource(ModelSource):
         model_type = raw.pop("model_type", None) or _ARCH_TO_MODEL_TYPE.get(self._arch, self._arch)
         model_type = _ARCH_TO_MODEL_TYPE.get(model_type, model_type)
         raw.pop("_model_name_or_path", None)
-        for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                                 ("pad_token_id", "padding_token_id")):
+        for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
             v = self._field(f"tokenizer.ggml.{gguf_key}")
             if v is not None and hf_key not in raw:
                 raw[hf_key] = int(v)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -177,10 +177,7 @@ class PickleSource(FolderSource):
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{f}: not a state dict")
             self._tensors.update(sd)
-        self._infos = {
-            k: TensorInfo(k, v.dtype, tuple(v.shape), f, 0, v.numel() * v.element_size())
-            for k, v in self._tensors.items()
-        }
+        self._infos = {k: TensorInfo(k, v.dtype, tuple(v.shape), f, 0, v.numel() * v.element_size()) for k, v in self._tensors.items()}
         self._maps = {}
         self._lock = threading.Lock()
 

@@ -98,9 +98,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if end - start != numel * dtype_size(dt) or start < 0:
             raise CheckpointError(f"{path}: tensor {name!r} has inconsistent size in header")
         if base + end > size:
-            raise CheckpointError(
-                f"{path}: truncated file: tensor {name!r} ends at byte {base + end} but the file has {size}"
-            )
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {base + end} but the file has {size}")
         infos[name] = TensorInfo(name, dt, shape, path, base + start, base + end)
     return infos, {str(k): str(v) for k, v in meta.items()}
 

@@ -31,7 +31,20 @@ def parse_size(value: str | int) -> int:
     if isinstance(value, int):
         return value
     s = str(value).strip().upper().replace(" ", "")
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "K": 1000, "M": 1000**2, "G": 1000**3, "B": 1}
+    units = {
+        "KIB": 1024,
+        "MIB": 1024**2,
+        "GIB": 1024**3,
+        "TIB": 1024**4,
+        "KB": 1000,
+        "MB": 1000**2,
+        "GB": 1000**3,
+        "TB": 1000**4,
+        "K": 1000,
+        "M": 1000**2,
+        "G": 1000**3,
+        "B": 1,
+    }
     for u in sorted(units, key=len, reverse=True):
         if s.endswith(u):
             num = s[: -len(u)]
@@ -187,7 +200,7 @@ class CheckpointWriter:
         self._fds = []
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -61,7 +61,9 @@ def cmd_moe_compress(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         threads=args.threads,
     )
-    print(f"wrote {s['out']}: {s['experts_before']} -> {s['experts']} experts per layer, merged on {s['tokens']} calibration tokens in {s['seconds']:.1f}s")
+    print(
+        f"wrote {s['out']}: {s['experts_before']} -> {s['experts']} experts per layer, merged on {s['tokens']} calibration tokens in {s['seconds']:.1f}s"
+    )
     return 0
 
 
@@ -72,8 +74,16 @@ def add_moe(sub) -> None:
         description="Dense fine-tunes of one base become the experts of a Mixtral / Qwen2-MoE / Qwen3-MoE model.",
     )
     p.add_argument("recipe", help="MoE recipe YAML (mergekit-moe keys)")
-    p.add_argument("--calibrate", type=int, default=0, metavar="STEPS", help="then train only the routers for STEPS steps on the experts' own text (calibration_file, else prompts)")
-    p.add_argument("--calibration-tokens", type=int, default=2048, metavar="N", help="tokens of text per expert for --calibrate (default 2048)")
+    p.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="then train only the routers for STEPS steps on the experts' own text (calibration_file, else prompts)",
+    )
+    p.add_argument(
+        "--calibration-tokens", type=int, default=2048, metavar="N", help="tokens of text per expert for --calibrate (default 2048)"
+    )
     p.add_argument("--calibration-lr", type=float, default=0.01, help="router learning rate for --calibrate (default 0.01)")
     p.add_argument("--balance", type=float, default=0.01, help="load-balancing coefficient for --calibrate (default 0.01)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (loaded with weights_only=True)")

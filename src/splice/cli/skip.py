@@ -8,7 +8,6 @@ import sys
 
 from .common import add_common
 
-
 # The registered strategies and their one-line summaries, written out here so that building
 # the parser (every `splice ...` call, `--help` included) does not import splice.skip and torch.
 # tests/skip/test_cli.py keeps this equal to splice.skip.STRATEGIES.
@@ -39,7 +38,9 @@ def add_skip(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default 256)")
     p.add_argument("--plan-only", action="store_true", help="print the plan, write nothing")
     p.add_argument("--json", action="store_true", help="print the plan (and result) as JSON")
-    p.add_argument("--heal", type=int, default=0, metavar="N", help="fine-tune the layers next to the cuts for N steps on the calibration text")
+    p.add_argument(
+        "--heal", type=int, default=0, metavar="N", help="fine-tune the layers next to the cuts for N steps on the calibration text"
+    )
     p.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate for --heal (default 1e-4)")
     p.add_argument("--heal-batch", type=int, default=4, help="sequences per healing step (default 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -63,13 +64,32 @@ def cmd_skip(args: argparse.Namespace) -> int:
         from ..checkpoint.writer import check_output
 
         check_output(Path(args.out).resolve(), args.force)  # fail before calibrating
-    p = plan(args.model, args.strategy, drop=args.drop, ratio=args.ratio, speedup=args.speedup, calibration=args.calibration,
-             calibration_tokens=args.calibration_tokens, seq_len=args.seq_len, quiet=args.quiet)
+    p = plan(
+        args.model,
+        args.strategy,
+        drop=args.drop,
+        ratio=args.ratio,
+        speedup=args.speedup,
+        calibration=args.calibration,
+        calibration_tokens=args.calibration_tokens,
+        seq_len=args.seq_len,
+        quiet=args.quiet,
+    )
     result = None
     if not args.plan_only:
-        result = prune(p, args.out, force=args.force, quiet=args.quiet, heal_steps=args.heal, calibration=args.calibration,
-                       heal_lr=args.heal_lr, heal_batch=args.heal_batch, seq_len=args.seq_len, seed=args.seed,
-                       calibration_tokens=max(args.calibration_tokens, 16384))
+        result = prune(
+            p,
+            args.out,
+            force=args.force,
+            quiet=args.quiet,
+            heal_steps=args.heal,
+            calibration=args.calibration,
+            heal_lr=args.heal_lr,
+            heal_batch=args.heal_batch,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            calibration_tokens=max(args.calibration_tokens, 16384),
+        )
     if args.json:
         print(json.dumps({"plan": p.to_dict(), "result": result}, indent=2))
         return 0
@@ -77,7 +97,9 @@ def cmd_skip(args: argparse.Namespace) -> int:
     if result:
         h = result.get("healed")
         if h:
-            print(f"healed layers {h['layers']} for {h['steps']} steps: held-out loss {h['loss_before']:.4f} -> {h['loss_after']:.4f} ({h['seconds']:.0f}s)")
+            print(
+                f"healed layers {h['layers']} for {h['steps']} steps: held-out loss {h['loss_before']:.4f} -> {h['loss_after']:.4f} ({h['seconds']:.0f}s)"
+            )
         print(f"wrote {result['out']}: {result['layers']} layers")
     return 0
 
@@ -135,8 +157,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos = None if args.ignore_eos else tok.eos_token_id
     samp = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=eos)
     if args.self_speculative:
-        dec = SelfSpeculativeDecoder(model, args.self_speculative, max_draft=args.max_draft, draft_length=args.draft_length,
-                                     confidence=args.confidence, seed=args.seed)
+        dec = SelfSpeculativeDecoder(
+            model,
+            args.self_speculative,
+            max_draft=args.max_draft,
+            draft_length=args.draft_length,
+            confidence=args.confidence,
+            seed=args.seed,
+        )
         res = dec.generate(ids, args.max_new_tokens, **samp)
     else:
         skip = parse_units(args.skip, len(decoder_layers(model))) if args.skip else ()
@@ -157,10 +185,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         line = f"{s.new_tokens} tokens in {s.seconds:.2f}s: {s.tokens_per_second:.1f} tokens/s"
         if args.self_speculative:
             sets = ", ".join(f"{k} ({v} cycles)" for k, v in sorted(s.skip_sets.items(), key=lambda kv: -kv[1])[:3])
-            line += (f"; self-speculative: acceptance {s.acceptance:.1%} ({s.accepted}/{s.drafted} drafts), "
-                     f"{s.tokens_per_cycle:.2f} tokens per full pass; skip {sets}")
+            line += (
+                f"; self-speculative: acceptance {s.acceptance:.1%} ({s.accepted}/{s.drafted} drafts), "
+                f"{s.tokens_per_cycle:.2f} tokens per full pass; skip {sets}"
+            )
         print(line, file=sys.stderr)
         if plain is not None:
-            same = "identical output" if plain.tokens == res.tokens else "different output" + (" (expected when sampling)" if args.temperature > 0 else "")
-            print(f"plain decoding: {plain.stats.tokens_per_second:.1f} tokens/s; speedup {report['speedup']:.2f}x; {same}", file=sys.stderr)
+            same = (
+                "identical output"
+                if plain.tokens == res.tokens
+                else "different output" + (" (expected when sampling)" if args.temperature > 0 else "")
+            )
+            print(
+                f"plain decoding: {plain.stats.tokens_per_second:.1f} tokens/s; speedup {report['speedup']:.2f}x; {same}", file=sys.stderr
+            )
     return 0

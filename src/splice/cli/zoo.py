@@ -31,8 +31,10 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
     out = args.out or str(default_zoo_dir(args.tier))
     m = build_zoo(args.tier, out, seed=args.seed, quiet=args.quiet, threads=args.threads)
-    print(f"zoo '{args.tier}' in {out}: base + experts {', '.join(m['experts'])}; "
-          f"domains {', '.join(m['domains'])}; {m['last_run_seconds']['total']:.1f} s this run")
+    print(
+        f"zoo '{args.tier}' in {out}: base + experts {', '.join(m['experts'])}; "
+        f"domains {', '.join(m['domains'])}; {m['last_run_seconds']['total']:.1f} s this run"
+    )
     return 0
 
 
@@ -46,8 +48,10 @@ def cmd_zoo_info(args: argparse.Namespace) -> int:
         return 0
     print(f"zoo '{m['tier']}' in {out} (seed {m['seed']})")
     for d, v in m["domains"].items():
-        print(f"  domain {d:12s} train {v['train_docs']:5d} docs {v['train_chars']:>9,d} chars | held-out "
-              f"{v['heldout_docs']:4d} docs {v['heldout_chars']:>7,d} chars | {v['licence']}")
+        print(
+            f"  domain {d:12s} train {v['train_docs']:5d} docs {v['train_chars']:>9,d} chars | held-out "
+            f"{v['heldout_docs']:4d} docs {v['heldout_chars']:>7,d} chars | {v['licence']}"
+        )
     for n, v in m["models"].items():
         print(f"  model  {n:12s} {out}/{v['path']}")
     return 0
@@ -57,8 +61,12 @@ def add_zoo(sub) -> None:
     p = sub.add_parser("zoo", help="build the model zoo: real corpora, a base model and domain experts")
     zsub = p.add_subparsers(dest="zoo_command", metavar="ACTION")
     b = zsub.add_parser("build", help="build (or finish building) a zoo tier; cached and resumable")
-    b.add_argument("--tier", choices=["tiny", "smol"], default="tiny",
-                   help="tiny: ~1M-param Llama trained here (minutes); smol: SmolLM2-135M from its packaged GGUF")
+    b.add_argument(
+        "--tier",
+        choices=["tiny", "smol"],
+        default="tiny",
+        help="tiny: ~1M-param Llama trained here (minutes); smol: SmolLM2-135M from its packaged GGUF",
+    )
     b.add_argument("--out", default=None, help="output folder (default: the splice cache, ~/.cache/splice/zoo/TIER)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -107,8 +115,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SpliceError("splice eval: give at least one --domain NAME=FILE or --task NAME=FILE (or --zoo DIR)")
     if args.base is not None and args.base not in models:
         models.insert(0, args.base)
-    res = evaluate(models, domains, tasks, max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                   quiet=args.quiet, base=args.base, experts=experts or None, general=args.general)
+    res = evaluate(
+        models,
+        domains,
+        tasks,
+        max_tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        quiet=args.quiet,
+        base=args.base,
+        experts=experts or None,
+        general=args.general,
+    )
     print(format_table(res))
     if args.json:
         write_json(res, args.json)
@@ -119,9 +137,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="per-domain loss, perplexity and bits/byte; multiple-choice accuracy; normalized scores")
     p.add_argument("models", nargs="*", metavar="MODEL", help="model folders, .gguf files, or cached HF ids")
-    p.add_argument("--domain", action="append", metavar="NAME=FILE", help="text (.txt) or JSONL with \"text\" (repeatable)")
-    p.add_argument("--task", action="append", metavar="NAME=FILE",
-                   help="multiple-choice JSONL {\"context\", \"choices\", \"label\"} (repeatable)")
+    p.add_argument("--domain", action="append", metavar="NAME=FILE", help='text (.txt) or JSONL with "text" (repeatable)')
+    p.add_argument(
+        "--task", action="append", metavar="NAME=FILE", help='multiple-choice JSONL {"context", "choices", "label"} (repeatable)'
+    )
     p.add_argument("--zoo", metavar="DIR", help="use a built zoo's held-out domains, task, base and experts")
     p.add_argument("--base", metavar="MODEL", help="base model: report normalized scores against it")
     p.add_argument("--expert", action="append", metavar="DOMAIN=MODEL", help="the expert tuned on DOMAIN (repeatable)")
@@ -140,13 +159,21 @@ def add_eval(sub) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..zoo.demo import run_demo
 
-    res = run_demo(args.zoo, args.out, zoo_dir=args.zoo_dir, seed=args.seed, quiet=args.quiet,
-                   methods=args.methods.split(",") if args.methods else None, max_tokens=args.tokens,
-                   chart=not args.no_chart)
+    res = run_demo(
+        args.zoo,
+        args.out,
+        zoo_dir=args.zoo_dir,
+        seed=args.seed,
+        quiet=args.quiet,
+        methods=args.methods.split(",") if args.methods else None,
+        max_tokens=args.tokens,
+        chart=not args.no_chart,
+    )
     print(res["table"])
     print()
-    print(f"wrote {args.out}/leaderboard.json" + (f" and {res['chart']}" if res.get("chart") else
-                                                   " (no chart: matplotlib is not installed)"))
+    print(
+        f"wrote {args.out}/leaderboard.json" + (f" and {res['chart']}" if res.get("chart") else " (no chart: matplotlib is not installed)")
+    )
     for label, err in res["skipped"].items():
         print(f"skipped {label}: {err}", file=sys.stderr)
     print(res["summary"])

@@ -8,6 +8,17 @@ from .plan import TORCH_DTYPES, Input, Job, Plan, RecipePlanner, open_sources, p
 from .run import MergeOptions, Runner, job_memory, run_merge
 
 __all__ = [
-    "TORCH_DTYPES", "Input", "Job", "MergeOptions", "Plan", "RecipePlanner", "Runner", "job_memory", "merge_state_dicts",
-    "merge_tensors", "open_sources", "plan_recipe", "run_merge",
+    "TORCH_DTYPES",
+    "Input",
+    "Job",
+    "MergeOptions",
+    "Plan",
+    "RecipePlanner",
+    "Runner",
+    "job_memory",
+    "merge_state_dicts",
+    "merge_tensors",
+    "open_sources",
+    "plan_recipe",
+    "run_merge",
 ]

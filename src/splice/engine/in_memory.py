@@ -13,7 +13,9 @@ from .run import _seed_for
 # ------------------------------------------------------------------ in memory
 
 
-def merge_tensors(method: str, tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, seed: int | None = None, name: str = "", **params: Any) -> torch.Tensor:
+def merge_tensors(
+    method: str, tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, seed: int | None = None, name: str = "", **params: Any
+) -> torch.Tensor:
     """Merge one parameter's tensors with a registered method (parameters as in recipes).
 
     Per-model parameters may be given as scalars (applied to every model) or lists.
@@ -45,7 +47,15 @@ def merge_tensors(method: str, tensors: list[torch.Tensor], base: torch.Tensor |
     return out.to(dt)
 
 
-def merge_state_dicts(method: str, state_dicts: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor] | None = None, *, parameters: list[dict] | dict | None = None, seed: int | None = None, **global_params: Any) -> dict[str, torch.Tensor]:
+def merge_state_dicts(
+    method: str,
+    state_dicts: list[dict[str, torch.Tensor]],
+    base: dict[str, torch.Tensor] | None = None,
+    *,
+    parameters: list[dict] | dict | None = None,
+    seed: int | None = None,
+    **global_params: Any,
+) -> dict[str, torch.Tensor]:
     """Merge whole in-memory state dicts tensor by tensor.
 
     ``parameters``: per-model dicts (one per state dict), e.g. ``[{"weight": 0.5}, ...]``;

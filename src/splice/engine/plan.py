@@ -106,7 +106,9 @@ class RecipePlanner:
                 return v
         return None
 
-    def _resolve(self, name_in: dict[str, str], out_name: str, t: float, sl: Slice, base: str | None, contributors: list[str]) -> dict[str, Any]:
+    def _resolve(
+        self, name_in: dict[str, str], out_name: str, t: float, sl: Slice, base: str | None, contributors: list[str]
+    ) -> dict[str, Any]:
         kw: dict[str, Any] = {}
         for p in self.method.params:
             if p.per_model:
@@ -154,9 +156,13 @@ class RecipePlanner:
                     raise RecipeError(f"slice {i}: base model {base} must be one of the slice's sources for {method.name!r}")
             n_contrib = len([s for s in sl.sources if not (uses_base and s.model == base)])
             if n_contrib < method.min_models:
-                raise RecipeError(f"merge method {method.name!r} needs at least {method.min_models} model(s) besides the base, got {n_contrib}")
+                raise RecipeError(
+                    f"merge method {method.name!r} needs at least {method.min_models} model(s) besides the base, got {n_contrib}"
+                )
             if method.max_models is not None and n_contrib > method.max_models:
-                raise RecipeError(f"merge method {method.name!r} takes at most {method.max_models} model(s) besides the base, got {n_contrib}")
+                raise RecipeError(
+                    f"merge method {method.name!r} takes at most {method.max_models} model(s) besides the base, got {n_contrib}"
+                )
             for s in sl.sources:
                 n = arch.num_layers(self._src(s.model).config, self._src(s.model).keys())
                 if s.layer_range[1] > n:
@@ -199,9 +205,7 @@ class RecipePlanner:
             if not vocab and len(set(shapes.values())) > 1:
                 desc = ", ".join(f"{m} {list(s)}" for m, s in shapes.items())
                 if role.vocab and len({sh[1:] for sh in shapes.values()}) == 1:
-                    raise MergeError(
-                        f"tensor {out_name}: vocabulary sizes differ ({desc}); set tokenizer_source: base or union"
-                    )
+                    raise MergeError(f"tensor {out_name}: vocabulary sizes differ ({desc}); set tokenizer_source: base or union")
                 raise MergeError(f"tensor {out_name}: shape mismatch ({desc})")
             ref_model = base if base in names else contributors[0]
             shape = tuple(shapes[ref_model])
@@ -296,7 +300,9 @@ def open_sources(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelS
     return out
 
 
-def plan_recipe(recipe: Recipe | str | Path | dict, sources: dict[str, ModelSource] | None = None, allow_pickle: bool = False) -> tuple[Plan, dict[str, ModelSource]]:
+def plan_recipe(
+    recipe: Recipe | str | Path | dict, sources: dict[str, ModelSource] | None = None, allow_pickle: bool = False
+) -> tuple[Plan, dict[str, ModelSource]]:
     recipe = load_recipe(recipe)
     sources = sources or open_sources(recipe, allow_pickle)
     return RecipePlanner(recipe, sources).build(), sources

@@ -14,10 +14,11 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -215,7 +216,9 @@ def _progress_bar(total_bytes: int, n: int, quiet: bool):
         return None, None
     from tqdm import tqdm
 
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr, dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr, dynamic_ncols=True, leave=False
+    )
     count = [0]
     lock = threading.Lock()
 
@@ -263,4 +266,11 @@ def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: 
         for s in sources.values():
             s.close()
     elapsed = time.perf_counter() - t0
-    return {"out": str(final), "bytes": plan.total_bytes, "tensors": len(plan.jobs), "seconds": elapsed, "layers": len(plan.layer_sources), "method": plan.method.name}
+    return {
+        "out": str(final),
+        "bytes": plan.total_bytes,
+        "tensors": len(plan.jobs),
+        "seconds": elapsed,
+        "layers": len(plan.layer_sources),
+        "method": plan.method.name,
+    }

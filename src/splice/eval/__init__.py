@@ -1,9 +1,9 @@
 """``splice eval``: measure what a checkpoint (or a composition) is worth on real text and tasks.
 
-    from splice.eval import evaluate
-    res = evaluate(["zoo/models/base", "merged/"], domains={"news": "zoo/data/news/heldout.txt"},
-                   tasks={"bbc_topics": "zoo/data/tasks/bbc_topics.jsonl"}, max_tokens=4096)
-    res["models"]["merged/"]["domains"]["news"]["loss"]
+from splice.eval import evaluate
+res = evaluate(["zoo/models/base", "merged/"], domains={"news": "zoo/data/news/heldout.txt"},
+               tasks={"bbc_topics": "zoo/data/tasks/bbc_topics.jsonl"}, max_tokens=4096)
+res["models"]["merged/"]["domains"]["news"]["loss"]
 """
 
 from __future__ import annotations
@@ -17,8 +17,18 @@ from .choice import multiple_choice, read_task
 from .perplexity import DomainResult, domain_loss, read_text
 from .scores import normalized_scores
 
-__all__ = ["evaluate", "evaluate_model", "normalized_scores", "domain_loss", "multiple_choice", "read_task",
-           "read_text", "DomainResult", "load_model", "run_lm_eval"]
+__all__ = [
+    "evaluate",
+    "evaluate_model",
+    "normalized_scores",
+    "domain_loss",
+    "multiple_choice",
+    "read_task",
+    "read_text",
+    "DomainResult",
+    "load_model",
+    "run_lm_eval",
+]
 
 
 def load_model(ref, **kw):
@@ -33,9 +43,19 @@ def _name_models(refs: list[str]) -> dict[str, str]:
     return {str(r): (b if base.count(b) == 1 else str(r)) for r, b in zip(refs, base)}
 
 
-def evaluate_model(ref, domains: dict[str, str], tasks: dict[str, str] | None = None, *, max_tokens: int | None = None,
-                   seq_len: int = 256, batch_size: int = 8, quiet: bool = False, label: str | None = None,
-                   texts: dict[str, str] | None = None, task_items: dict[str, list] | None = None) -> dict:
+def evaluate_model(
+    ref,
+    domains: dict[str, str],
+    tasks: dict[str, str] | None = None,
+    *,
+    max_tokens: int | None = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    quiet: bool = False,
+    label: str | None = None,
+    texts: dict[str, str] | None = None,
+    task_items: dict[str, list] | None = None,
+) -> dict:
     """Evaluate one checkpoint on every domain and task; returns a JSON-ready dict."""
     import torch
 
@@ -56,8 +76,9 @@ def evaluate_model(ref, domains: dict[str, str], tasks: dict[str, str] | None = 
     n_threads = torch.get_num_threads()
     try:
         for d, text in texts.items():
-            out["domains"][d] = domain_loss(model, tok, text, seq_len=sl, max_tokens=max_tokens,
-                                            batch_size=batch_size, progress=upd).to_dict()
+            out["domains"][d] = domain_loss(
+                model, tok, text, seq_len=sl, max_tokens=max_tokens, batch_size=batch_size, progress=upd
+            ).to_dict()
         for t, items in task_items.items():
             out["tasks"][t] = multiple_choice(model, tok, items, progress=upd)
     finally:
@@ -71,10 +92,20 @@ def evaluate_model(ref, domains: dict[str, str], tasks: dict[str, str] | None = 
     return out
 
 
-def evaluate(models: list, domains: dict[str, str], tasks: dict[str, str] | None = None, *,
-             max_tokens: int | None = None, seq_len: int = 256, batch_size: int = 8, quiet: bool = False,
-             base: str | None = None, experts: dict[str, str] | None = None, general: str | None = None,
-             names: dict[str, str] | None = None) -> dict:
+def evaluate(
+    models: list,
+    domains: dict[str, str],
+    tasks: dict[str, str] | None = None,
+    *,
+    max_tokens: int | None = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    quiet: bool = False,
+    base: str | None = None,
+    experts: dict[str, str] | None = None,
+    general: str | None = None,
+    names: dict[str, str] | None = None,
+) -> dict:
     """Evaluate several checkpoints on the same domains/tasks; add normalized scores when a base is named.
 
     ``base`` and ``experts`` (domain -> model reference) name models among ``models``.
@@ -83,12 +114,25 @@ def evaluate(models: list, domains: dict[str, str], tasks: dict[str, str] | None
     names = names or _name_models(refs)
     texts = {d: read_text(p) for d, p in domains.items()}
     items = {t: read_task(p) for t, p in (tasks or {}).items()}
-    res: dict = {"domains": {d: str(p) for d, p in domains.items()}, "tasks": {t: str(p) for t, p in (tasks or {}).items()},
-                 "max_tokens": max_tokens, "models": {}}
+    res: dict = {
+        "domains": {d: str(p) for d, p in domains.items()},
+        "tasks": {t: str(p) for t, p in (tasks or {}).items()},
+        "max_tokens": max_tokens,
+        "models": {},
+    }
     for r in refs:
-        res["models"][names[r]] = evaluate_model(r, domains, tasks, max_tokens=max_tokens, seq_len=seq_len,
-                                                 batch_size=batch_size, quiet=quiet, label=names[r], texts=texts,
-                                                 task_items=items)
+        res["models"][names[r]] = evaluate_model(
+            r,
+            domains,
+            tasks,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            quiet=quiet,
+            label=names[r],
+            texts=texts,
+            task_items=items,
+        )
     if base is not None:
         losses = {n: {d: v["loss"] for d, v in m["domains"].items()} for n, m in res["models"].items()}
         ex = {d: names.get(str(e), str(e)) for d, e in (experts or {}).items()}
@@ -127,8 +171,14 @@ def run_lm_eval(ref, tasks: list[str], *, batch_size: int = 8, limit: int | None
         path = gguf_to_folder(src, tmp.name)
     src.close()
     try:
-        r = simple_evaluate(model="hf", model_args=f"pretrained={path},dtype=float32,trust_remote_code=False",
-                           tasks=tasks, batch_size=batch_size, limit=limit, device="cpu")
+        r = simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={path},dtype=float32,trust_remote_code=False",
+            tasks=tasks,
+            batch_size=batch_size,
+            limit=limit,
+            device="cpu",
+        )
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -149,8 +199,10 @@ def format_table(res: dict) -> str:
         row = [n] + [f"{m['domains'][d]['loss']:.4f}" for d in doms] + [f"{m['tasks'][t]['acc']:.3f}" for t in tasks]
         if has_scores:
             s = m.get("scores", {})
-            row += ["-" if s.get("normalized") is None else f"{s['normalized']:.3f}",
-                    "-" if s.get("forgetting") is None else f"{100 * s['forgetting']:+.2f}"]
+            row += [
+                "-" if s.get("normalized") is None else f"{s['normalized']:.3f}",
+                "-" if s.get("forgetting") is None else f"{100 * s['forgetting']:+.2f}",
+            ]
         row.append(f"{m['seconds']:.1f}")
         rows.append(row)
     w = [max(len(r[i]) for r in rows) for i in range(len(head))]

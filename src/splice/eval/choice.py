@@ -29,7 +29,7 @@ def read_task(path) -> list[dict]:
         except ValueError:
             raise SpliceError(f"{p}:{i}: not valid JSON") from None
         if not isinstance(it, dict) or not isinstance(it.get("context"), str) or not isinstance(it.get("choices"), list):
-            raise SpliceError(f"{p}:{i}: expected {{\"context\": str, \"choices\": [str, ...], \"label\": int}}")
+            raise SpliceError(f'{p}:{i}: expected {{"context": str, "choices": [str, ...], "label": int}}')
         lab = it.get("label")
         if not isinstance(lab, int) or not 0 <= lab < len(it["choices"]):
             raise SpliceError(f"{p}:{i}: label must be an index into choices")

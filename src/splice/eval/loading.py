@@ -16,10 +16,9 @@ def load_model(ref: str | os.PathLike, *, dtype: str = "float32", tokenizer: str
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from ..checkpoint.reader import FolderSource, open_model
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch_dtype = getattr(torch, dtype)
@@ -30,8 +29,7 @@ def load_model(ref: str | os.PathLike, *, dtype: str = "float32", tokenizer: str
             raise CheckpointError(f"model {ref}: no tokenizer files found (pass a tokenizer folder)")
         tok = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
         if type(src) is FolderSource and (Path(src.path) / "config.json").exists():
-            model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch_dtype, trust_remote_code=False,
-                                                         use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch_dtype, trust_remote_code=False, use_safetensors=True)
         else:
             cfg = dict(src.config)
             model_type = cfg.pop("model_type", None)

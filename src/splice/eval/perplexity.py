@@ -45,7 +45,7 @@ def read_text(path) -> str:
                 try:
                     docs.append(json.loads(line)["text"])
                 except (ValueError, KeyError, TypeError):
-                    raise SpliceError(f"{p}:{i}: expected a JSON object with a \"text\" field") from None
+                    raise SpliceError(f'{p}:{i}: expected a JSON object with a "text" field') from None
         return "\n\n".join(docs)
     return raw
 
@@ -126,8 +126,9 @@ def nll_windows(model, wins: list[list[int]], batch_size: int, pad_id: int, prog
     return res
 
 
-def domain_loss(model, tokenizer, text: str, *, seq_len: int = 256, max_tokens: int | None = None,
-                batch_size: int = 8, progress=None) -> DomainResult:
+def domain_loss(
+    model, tokenizer, text: str, *, seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8, progress=None
+) -> DomainResult:
     wins, nbytes = windows(tokenizer, text, seq_len, max_tokens)
     if not wins:
         from ..errors import SpliceError

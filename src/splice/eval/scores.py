@@ -14,8 +14,9 @@ worse): ``(loss_M,g - loss_B,g) / loss_B,g``.
 from __future__ import annotations
 
 
-def normalized_scores(losses: dict[str, dict[str, float]], base: str, experts: dict[str, str],
-                      general: str | None = None) -> dict[str, dict]:
+def normalized_scores(
+    losses: dict[str, dict[str, float]], base: str, experts: dict[str, str], general: str | None = None
+) -> dict[str, dict]:
     """``losses[model][domain]`` -> per-model ``{"per_domain", "normalized", "forgetting", ...}``.
 
     ``experts`` maps each expert domain to the name of its expert model.
@@ -32,9 +33,11 @@ def normalized_scores(losses: dict[str, dict[str, float]], base: str, experts: d
             gain = losses[base][dom] - losses[ename][dom]
             per[dom] = None if gain <= 0 else (losses[base][dom] - dl[dom]) / gain
         vals = [v for v in per.values() if v is not None]
-        row = {"per_domain": {k: (round(v, 4) if v is not None else None) for k, v in per.items()},
-               "normalized": round(sum(vals) / len(vals), 4) if vals else None,
-               "min_normalized": round(min(vals), 4) if vals else None}
+        row = {
+            "per_domain": {k: (round(v, 4) if v is not None else None) for k, v in per.items()},
+            "normalized": round(sum(vals) / len(vals), 4) if vals else None,
+            "min_normalized": round(min(vals), 4) if vals else None,
+        }
         if general and general in dl and general in losses[base]:
             lb = losses[base][general]
             row["forgetting"] = round((dl[general] - lb) / lb, 5)

@@ -23,7 +23,8 @@ plain magnitude trim (TIES) or none (task arithmetic) and ``rescale`` is off.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -122,13 +123,11 @@ def magnitude_trim(t: torch.Tensor, base: torch.Tensor, density: float, cdt: tor
         (x, b), shift = _bits([t.contiguous(), base.contiguous()])
         bits, below, equal = _kernels.select(x, b, shift, n - k + 1)
         v = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
-        return _trim_at(v, int(below), int(equal), n, k,
-                        lambda j: int(_kernels.nth_equal(x, b, shift, np.uint32(bits), j)))
+        return _trim_at(v, int(below), int(equal), n, k, lambda j: int(_kernels.nth_equal(x, b, shift, np.uint32(bits), j)))
     sel = _magnitude_bracket(t, base, n - k + 1, cdt)
     v = sel.value
     tied = sel.positions_equal(v) if float(v) != 0.0 else None
-    return _trim_at(float(v), sel.count_below(v), 0 if tied is None else tied.numel(), n, k,
-                    lambda j: int(tied[j - 1]))
+    return _trim_at(float(v), sel.count_below(v), 0 if tied is None else tied.numel(), n, k, lambda j: int(tied[j - 1]))
 
 
 def _trim_at(v: float, below: int, equal: int, n: int, k: int, nth_equal) -> Trim:
@@ -245,6 +244,7 @@ def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_) 
             mode[i], thr[i], cutoff[i] = _kernels.THRESHOLD, tr.threshold, tr.cutoff
     w = np.asarray(weights, dtype=np.float32)
     total = np.float32(w.sum(dtype=np.float32)) if (normalize and not consensus) else np.float32(1)
-    _kernels.gta(tuple(views[:k]), views[k], shift, mode, thr, cutoff, w,
-                 consensus, normalize, total, np.float32(lambda_), out.reshape(-1).numpy())
+    _kernels.gta(
+        tuple(views[:k]), views[k], shift, mode, thr, cutoff, w, consensus, normalize, total, np.float32(lambda_), out.reshape(-1).numpy()
+    )
     return out

@@ -7,7 +7,7 @@ inputs.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -32,9 +32,7 @@ def check_count(tensors: Sequence[torch.Tensor], method: str, lo: int, hi: int |
         raise ValueError(f"{method}: needs {want} model tensor(s) besides the base, got {n}")
 
 
-def arc_coefficients(
-    t: float | torch.Tensor, cos: torch.Tensor, straight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def arc_coefficients(t: float | torch.Tensor, cos: torch.Tensor, straight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients (c0, c1) so that c0*v0 + c1*v1 walks the great circle.
 
     With theta = arccos(cos):  c0 = sin((1-t) theta) / sin theta,

@@ -193,9 +193,7 @@ def _shrink(x: torch.Tensor, below: torch.Tensor, out: torch.Tensor | None) -> t
     return torch.ops.aten.hardshrink.out(x, lambd, out=out)
 
 
-def magnitude_(
-    delta: torch.Tensor, density: float, rescale: bool = False, *, scratch: torch.Tensor | None = None
-) -> torch.Tensor:
+def magnitude_(delta: torch.Tensor, density: float, rescale: bool = False, *, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """TIES trim: keep the ``max(1, int(density * numel))`` largest magnitudes.
 
     Returns the trimmed delta: ``delta`` itself, or ``scratch`` (a working
@@ -338,9 +336,7 @@ def della_(
     if density <= 0:
         return delta.zero_()
     if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"della: epsilon must keep density +- epsilon inside (0, 1) (density={density}, epsilon={epsilon})"
-        )
+        raise ValueError(f"della: epsilon must keep density +- epsilon inside (0, 1) (density={density}, epsilon={epsilon})")
     before = _l1(delta) if rescale else None
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     ncols = rows.shape[1]

@@ -19,7 +19,8 @@ to every tensor, 1-D or not, embeddings included (it refuses mismatched shapes).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

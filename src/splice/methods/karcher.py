@@ -23,7 +23,7 @@ Parameter names, defaults and behaviour follow mergekit's `karcher`: no base
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -21,7 +21,7 @@ mergekit's `model_stock`: base required, at least two other models.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

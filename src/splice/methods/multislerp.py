@@ -31,7 +31,7 @@ optional, one or more other models, per-model `weight`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -99,10 +99,7 @@ def multislerp(
         out = m.zero_()
     elif m_norm.item() < eps:
         if len(tensors) != 2:
-            raise ValueError(
-                "multislerp: the weighted directions cancel out (e.g. a and -a with equal "
-                "weights); change the weights"
-            )
+            raise ValueError("multislerp: the weighted directions cancel out (e.g. a and -a with equal weights); change the weights")
         out = offset(0) * w[0]
         out.add_(offset(1), alpha=w[1])
     else:

@@ -16,7 +16,7 @@ mergekit's `nearswap`: base required, exactly one other model, global `t`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

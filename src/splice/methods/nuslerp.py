@@ -21,7 +21,7 @@ defaults and behaviour follow it: base optional, exactly two other models.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

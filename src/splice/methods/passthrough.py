@@ -15,7 +15,7 @@ base, optional per-model `scale`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

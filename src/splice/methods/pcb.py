@@ -33,7 +33,7 @@ intra-importance 1 (or scale 0) instead of 0/0; ``density <= 0`` drops a task.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

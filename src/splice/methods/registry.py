@@ -18,8 +18,9 @@ No I/O, no globals: the engine decides which tensors to load and where to write.
 from __future__ import annotations
 
 import keyword
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 NO_DEFAULT = object()
 

@@ -19,7 +19,7 @@ stacking K of them; the variance is computed chunk by chunk.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,7 +27,6 @@ from ._consensus import SignConsensus
 from ._sparsify import topk_mask
 from ._task_vectors import check_inputs
 from .registry import Param, merge_method
-
 
 _CHUNK = 1 << 20  # elements per variance chunk: K * 4 MiB of float32 at a time
 

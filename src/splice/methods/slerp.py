@@ -17,7 +17,7 @@ follows: base required, exactly one other model, global `t`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,6 +30,4 @@ def task_arithmetic(
     int8_mask: bool = False,
 ) -> torch.Tensor:
     check_inputs(tensors, base, "task_arithmetic")
-    return merge_task_vectors(
-        tensors, base, weight=per_model(weight, len(tensors), "weight"), normalize=normalize, lambda_=lambda_
-    )
+    return merge_task_vectors(tensors, base, weight=per_model(weight, len(tensors), "weight"), normalize=normalize, lambda_=lambda_)

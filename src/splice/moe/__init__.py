@@ -1,8 +1,8 @@
 """``splice moe`` and ``splice moe-compress``: sparse mixtures of experts from dense experts, and back down.
 
-    from splice.moe import build_moe, compress_moe
-    build_moe("moe.yaml", "moe/", calibrate=200)
-    compress_moe("moe/", "smaller/", experts=2, calibration=["text.txt"])
+from splice.moe import build_moe, compress_moe
+build_moe("moe.yaml", "moe/", calibrate=200)
+compress_moe("moe/", "smaller/", experts=2, calibration=["text.txt"])
 """
 
 from __future__ import annotations

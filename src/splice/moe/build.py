@@ -23,7 +23,7 @@ from ..checkpoint.reader import TOKENIZER_FILES
 from ..checkpoint.writer import check_output
 from ..errors import CheckpointError, RecipeError
 from .experts import expert_tensor
-from .families import ATTN_BIAS_RE, DENSE_MLP_RE, PROJS, Family, choose_family, dense_mlp_name
+from .families import ATTN_BIAS_RE, DENSE_MLP_RE, PROJS, Family, choose_family
 from .gates import GateContext, check_gates, get_gate_init
 from .recipe import MoERecipe, load_moe_recipe
 
@@ -88,9 +88,13 @@ def _mlp_layout(src, where: str) -> tuple[str, dict[int, dict[str, tuple]]]:
             prefix = m.group("prefix")
             out.setdefault(int(m.group("layer")), {})[m.group("proj")] = tuple(src.info(name).shape)
         elif ".mlp." in name and arch.classify(name).layer is not None:
-            raise CheckpointError(f"model {src.name}: MLP tensor {name!r} is not a gate/up/down projection weight; only gated (SwiGLU) MLPs without bias can become experts")
+            raise CheckpointError(
+                f"model {src.name}: MLP tensor {name!r} is not a gate/up/down projection weight; only gated (SwiGLU) MLPs without bias can become experts"
+            )
     if prefix is None:
-        raise CheckpointError(f"model {src.name}: no gated MLP weights (layers.N.mlp.gate_proj/up_proj/down_proj) found; {where} needs Llama-style donors")
+        raise CheckpointError(
+            f"model {src.name}: no gated MLP weights (layers.N.mlp.gate_proj/up_proj/down_proj) found; {where} needs Llama-style donors"
+        )
     return prefix, out
 
 
@@ -133,14 +137,20 @@ def plan_moe(r: MoERecipe, sources: dict, opts: MoEOptions) -> MoEPlan:
         cfg = arch.text_config(src.config)
         mt = cfg.get("model_type") or src.config.get("model_type")
         if mt != btype:
-            raise CheckpointError(f"{label} {e.source_model!r} is a {mt!r} model but the base {r.base_model!r} is {btype!r}; every donor must have the base's architecture")
+            raise CheckpointError(
+                f"{label} {e.source_model!r} is a {mt!r} model but the base {r.base_model!r} is {btype!r}; every donor must have the base's architecture"
+            )
         if cfg.get("hidden_size") != hidden:
-            raise CheckpointError(f"{label} {e.source_model!r} has hidden size {cfg.get('hidden_size')} but the base {r.base_model!r} has {hidden}")
+            raise CheckpointError(
+                f"{label} {e.source_model!r} has hidden size {cfg.get('hidden_size')} but the base {r.base_model!r} has {hidden}"
+            )
         n = arch.num_layers(src.config, src.keys())
         if n != layers:
             raise CheckpointError(f"{label} {e.source_model!r} has {n} layers but the base {r.base_model!r} has {layers}")
         if cfg.get("hidden_act", "silu") != bcfg.get("hidden_act", "silu"):
-            raise CheckpointError(f"{label} {e.source_model!r} uses activation {cfg.get('hidden_act')!r}, the base {bcfg.get('hidden_act')!r}")
+            raise CheckpointError(
+                f"{label} {e.source_model!r} uses activation {cfg.get('hidden_act')!r}, the base {bcfg.get('hidden_act')!r}"
+            )
         p, mlp = _mlp_layout(src, where)
         if p != prefix or sorted(mlp) != list(range(layers)) or any(len(mlp[i]) != 3 for i in mlp):
             raise CheckpointError(f"{label} {e.source_model!r}: its MLP tensors do not cover layers 0..{layers - 1} under {prefix!r}")
@@ -164,7 +174,9 @@ def plan_moe(r: MoERecipe, sources: dict, opts: MoEOptions) -> MoEPlan:
     if family.name == "mixtral":
         biased = [k for k in base.keys() if k.endswith("_proj.bias") and "self_attn" in k]
         if biased:
-            raise CheckpointError(f"model {r.base_model!r}: attention biases ({biased[0]}) cannot go into Mixtral; use architecture qwen2_moe with a shared expert")
+            raise CheckpointError(
+                f"model {r.base_model!r}: attention biases ({biased[0]}) cannot go into Mixtral; use architecture qwen2_moe with a shared expert"
+            )
 
     # warnings: unrelated base, repeated experts
     for i, e in enumerate(r.experts + r.shared_experts):
@@ -219,10 +231,16 @@ def plan_moe(r: MoERecipe, sources: dict, opts: MoEOptions) -> MoEPlan:
             for proj in PROJS:
                 shape = (hidden, shared_inter) if proj == "down" else (shared_inter, hidden)
                 entries.append(
-                    _Entry(family.shared_name(prefix, l, proj), shape, (lambda src=src, e=e, l=l, p=proj: expert_tensor(src, e, "shared0", prefix, l, p, seed)))
+                    _Entry(
+                        family.shared_name(prefix, l, proj),
+                        shape,
+                        (lambda src=src, e=e, l=l, p=proj: expert_tensor(src, e, "shared0", prefix, l, p, seed)),
+                    )
                 )
     top_k = r.experts_per_token
-    config = family.config(base.config, experts=len(r.experts), top_k=top_k, intermediate=inter, shared_intermediate=shared_inter, dtype=out_dtype_name)
+    config = family.config(
+        base.config, experts=len(r.experts), top_k=top_k, intermediate=inter, shared_intermediate=shared_inter, dtype=out_dtype_name
+    )
     if head_dim and kv and family.name == "qwen2_moe" and hidden // heads != head_dim:
         raise CheckpointError(f"model {r.base_model!r}: head_dim {head_dim} != hidden_size/num_attention_heads; Qwen2-MoE cannot hold it")
     return MoEPlan(r, family, prefix, layers, hidden, inter, shared_inter, entries, config, out_dtype, warnings)
@@ -267,7 +285,9 @@ class _Features:
         return torch.stack([f.mean(0) for f in feats])
 
 
-def compute_gates(r: MoERecipe, sources: dict, plan: MoEPlan, opts: MoEOptions, feats: _Features) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compute_gates(
+    r: MoERecipe, sources: dict, plan: MoEPlan, opts: MoEOptions, feats: _Features
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     base = sources[r.base_model]
     embed = next((k for k in base.keys() if arch.classify(k).kind == "embed" and k.endswith("embed_tokens.weight")), None)
     init = get_gate_init(r.gate_mode)
@@ -306,7 +326,9 @@ def calibrate(r: MoERecipe, plan: MoEPlan, opts: MoEOptions, feats: _Features, i
         if not seqs:
             raise RecipeError(f"{e.where}: expert {e.source_model!r}: its calibration text is too short")
         per_expert.append(feats.router_inputs(e, f"expert{i}", seqs))
-    return train_gates(init, per_expert, steps=opts.calibrate, lr=opts.calibration_lr, balance=opts.balance, top_k=r.experts_per_token, seed=opts.seed)
+    return train_gates(
+        init, per_expert, steps=opts.calibrate, lr=opts.calibration_lr, balance=opts.balance, top_k=r.experts_per_token, seed=opts.seed
+    )
 
 
 def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, **kw: Any) -> dict:

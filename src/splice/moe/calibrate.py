@@ -59,7 +59,7 @@ def token_sequences(tok, docs: list[str], *, tokens: int, seq_len: int, seed: in
     for i in order:
         ids = encode(tok, docs[i], 1 << 30)
         bos = [ids[0]] if tok.bos_token_id is not None and ids else []
-        body = ids[len(bos):]
+        body = ids[len(bos) :]
         step = seq_len - len(bos)
         for s in range(0, len(body), step):
             chunk = bos + body[s : s + step]

@@ -26,7 +26,10 @@ def moe_card(plan, hashes: dict[str, str], opts, calib) -> str:
         "",
         "| # | source | prompts |",
         "|---|---|---|",
-        *[f"| {i} | `{e.source_model}` | {len(e.positive_prompts)} positive, {len(e.negative_prompts)} negative |" for i, e in enumerate(r.experts)],
+        *[
+            f"| {i} | `{e.source_model}` | {len(e.positive_prompts)} positive, {len(e.negative_prompts)} negative |"
+            for i, e in enumerate(r.experts)
+        ],
         *[f"| shared | `{e.source_model}` | {len(e.positive_prompts)} positive |" for e in r.shared_experts],
         "",
         f"Base: `{r.base_model}`. Routers initialised with gate_mode `{r.gate_mode}` (seed {opts.seed}).",

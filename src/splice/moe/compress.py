@@ -32,7 +32,6 @@ from ..errors import RecipeError
 from .assignment import max_weight_matching
 from .families import PROJS, Family, family_of_moe
 
-
 # ---------------------------------------------------------------- pure steps
 
 
@@ -184,6 +183,7 @@ def compress_moe(
             lead = [g[0] for g in groups[l]]
             entries.append((rname, rdtype, (experts, hid), (lambda rname=rname, lead=lead: src.get(rname)[lead])))
             for gi, g in enumerate(groups[l]):
+
                 def make(l=l, g=g):
                     return merge_group([_expert_tensors(src, fam, prefix, l, e) for e in g], [float(usage[l][e]) for e in g])
 

@@ -9,11 +9,8 @@ post-attention norm) gives the router inputs per layer in one pass. Used by the
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .. import architecture as arch
 from ..errors import CheckpointError, RecipeError
 from .experts import expert_tensor
 
@@ -83,6 +80,7 @@ class DenseRunner:
         store: list[list[torch.Tensor]] = [[] for _ in self.layers]
         hooks = []
         for i, layer in enumerate(self.layers):
+
             def hook(_mod, args, i=i):
                 x = args[0]  # [batch, seq, hidden]
                 store[i].append(x[:, self._skip :].reshape(-1, x.shape[-1]).detach().clone())

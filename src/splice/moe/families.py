@@ -120,11 +120,15 @@ def choose_family(model_type: str, requested: str | None, has_shared: bool, wher
     if requested is not None:
         fam = FAMILIES[requested]
         if model_type not in fam.donors:
-            raise RecipeError(f"{where}: architecture {requested!r} cannot be built from {model_type!r} donors (supported: {SUPPORTED_TEXT})")
+            raise RecipeError(
+                f"{where}: architecture {requested!r} cannot be built from {model_type!r} donors (supported: {SUPPORTED_TEXT})"
+            )
     elif has_shared:
         fam = FAMILIES["qwen2_moe"]
         if model_type not in fam.donors:
-            raise RecipeError(f"{where}: shared experts need Qwen2-MoE output, which cannot be built from {model_type!r} donors (supported: {SUPPORTED_TEXT})")
+            raise RecipeError(
+                f"{where}: shared experts need Qwen2-MoE output, which cannot be built from {model_type!r} donors (supported: {SUPPORTED_TEXT})"
+            )
     elif model_type in ("llama", "mistral"):
         fam = FAMILIES["mixtral"]
     elif model_type == "qwen3":

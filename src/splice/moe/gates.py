@@ -22,8 +22,8 @@ experts' prompts apart.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -147,7 +147,9 @@ def check_gates(gates: torch.Tensor, names: list[str], *, parallel: float = 0.9)
                 )
             close = [l for l in range(layers) if cos[l, i, j] > parallel]
             if close:
-                where = "all layers" if len(close) == layers else f"layers {', '.join(map(str, close[:8]))}{' ...' if len(close) > 8 else ''}"
+                where = (
+                    "all layers" if len(close) == layers else f"layers {', '.join(map(str, close[:8]))}{' ...' if len(close) > 8 else ''}"
+                )
                 worst = float(cos[:, i, j].max())
                 warnings.append(
                     f"gates of experts {names[i]} and {names[j]} are nearly parallel in {where} (cosine up to {worst:.3f}); "

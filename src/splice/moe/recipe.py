@@ -217,15 +217,23 @@ def parse_moe_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = 
     if mode in PROMPT_MODES:
         for i, e in enumerate(experts):
             if not e.positive_prompts:
-                raise ctx.fail(("experts", i), f"expert {e.source_model!r} has no positive_prompts (or prompts_file); gate_mode {mode!r} needs them")
+                raise ctx.fail(
+                    ("experts", i), f"expert {e.source_model!r} has no positive_prompts (or prompts_file); gate_mode {mode!r} needs them"
+                )
         for i, e in enumerate(shared):
             if not e.positive_prompts:
-                raise ctx.fail(("shared_experts", i), f"shared expert {e.source_model!r} has no positive_prompts; gate_mode {mode!r} needs them for its gate")
+                raise ctx.fail(
+                    ("shared_experts", i),
+                    f"shared expert {e.source_model!r} has no positive_prompts; gate_mode {mode!r} needs them for its gate",
+                )
         seen: dict[tuple, int] = {}
         for i, e in enumerate(experts):
             j = seen.setdefault(e.prompt_key(), i)
             if j != i:
-                raise ctx.fail(("experts", i), f"experts[{j}] and experts[{i}] have identical prompts, so their gates would be identical; give each expert prompts of its own")
+                raise ctx.fail(
+                    ("experts", i),
+                    f"experts[{j}] and experts[{i}] have identical prompts, so their gates would be identical; give each expert prompts of its own",
+                )
 
     r = MoERecipe(
         base_model=base,

@@ -47,9 +47,22 @@ def heldout_loss(model, seqs: list[torch.Tensor]) -> float:
     return tot / max(n, 1)
 
 
-def heal(pruned: str | os.PathLike, text: str, out: str | os.PathLike, *, steps: int, lr: float = 1e-4, batch: int = 4,
-         seq_len: int = 256, max_tokens: int = 16384, seed: int = 0, force: bool = False, quiet: bool = True, plan=None,
-         layers: list[int] | None = None) -> dict:
+def heal(
+    pruned: str | os.PathLike,
+    text: str,
+    out: str | os.PathLike,
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    batch: int = 4,
+    seq_len: int = 256,
+    max_tokens: int = 16384,
+    seed: int = 0,
+    force: bool = False,
+    quiet: bool = True,
+    plan=None,
+    layers: list[int] | None = None,
+) -> dict:
     """Fine-tune the layers next to the cuts of the model in ``pruned`` and write it to ``out``."""
     from ..checkpoint.reader import TOKENIZER_FILES, open_model  # noqa: F401
     from ..checkpoint.writer import CheckpointWriter
@@ -117,12 +130,21 @@ def heal(pruned: str | os.PathLike, text: str, out: str | os.PathLike, *, steps:
                 if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
                     w.copy_file(f)
             card = Path(pruned) / "README.md"
-            note = (f"\n## Healing\n\nAfter pruning, layers {layers} (new numbering) were fine-tuned for {steps} steps "
-                    f"(AdamW, lr {lr}, batch {batch}x{L} tokens) on calibration text. Held-out loss "
-                    f"{before:.4f} -> {after:.4f}.\n")
+            note = (
+                f"\n## Healing\n\nAfter pruning, layers {layers} (new numbering) were fine-tuned for {steps} steps "
+                f"(AdamW, lr {lr}, batch {batch}x{L} tokens) on calibration text. Held-out loss "
+                f"{before:.4f} -> {after:.4f}.\n"
+            )
             w.write_text("README.md", (card.read_text(encoding="utf-8") if card.exists() else "") + note)
             w.commit()
     finally:
         src.close()
-    return {"layers": layers, "steps": steps, "loss_before": before, "loss_after": after, "seconds": seconds,
-            "train_loss_first": train_losses[0] if train_losses else None, "train_loss_last": train_losses[-1] if train_losses else None}
+    return {
+        "layers": layers,
+        "steps": steps,
+        "loss_before": before,
+        "loss_after": after,
+        "seconds": seconds,
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+    }

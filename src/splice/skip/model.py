@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -33,7 +33,16 @@ class SkipError(SpliceError):
 
 # Names (inside a layer) of the tensor that writes an MLP block's result into the
 # residual stream; zeroing it (and its bias) makes the block add nothing.
-MLP_OUTPUT_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.w2", "feed_forward.w2", "feed_forward.down_proj", "mlp.out_proj")
+MLP_OUTPUT_NAMES = (
+    "mlp.down_proj",
+    "mlp.c_proj",
+    "mlp.dense_4h_to_h",
+    "mlp.fc2",
+    "mlp.w2",
+    "feed_forward.w2",
+    "feed_forward.down_proj",
+    "mlp.out_proj",
+)
 
 
 @dataclass
@@ -117,10 +126,9 @@ def load_model(ref: str | os.PathLike, *, dtype: torch.dtype = torch.float32, sk
     the folder.
     """
     import transformers as tf
+    from transformers.utils import logging as hf_logging
 
     from ..checkpoint.reader import FolderSource, open_model
-
-    from transformers.utils import logging as hf_logging
 
     src = open_model(ref)
     bars = hf_logging.is_progress_bar_enabled()
@@ -214,7 +222,7 @@ def unit_params(model) -> tuple[list[int], list[int], int]:
     """Per-token work (parameters) of each layer's attention and MLP block, and of the output head."""
     attn, mlp = [], []
     for layer in decoder_layers(model):
-        a, m = sub_block(layer, "attn"), sub_block(layer, "mlp")
+        m = sub_block(layer, "mlp")
         total = sum(p.numel() for p in layer.parameters())
         mp = sum(p.numel() for p in m.parameters()) if m is not None else 0
         mlp.append(mp)

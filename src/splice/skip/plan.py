@@ -21,12 +21,12 @@ and the scores behind the choice.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from .model import HiddenStats, LayerCosts, SkipError
 
-STRATEGIES: dict[str, "Planner"] = {}
+STRATEGIES: dict[str, Planner] = {}
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,9 @@ class SkipPlan:
             lines.append(f"  kept layers ({len(self.kept_layers)}): {_ranges(self.kept_layers)}")
         if self.scores:
             chosen = {_key(self, i) for i in dropped}
-            lines.append(f"  {self.score_name}" + (f" (on {self.calibration_tokens} calibration tokens)" if self.calibration_tokens else "") + ":")
+            lines.append(
+                f"  {self.score_name}" + (f" (on {self.calibration_tokens} calibration tokens)" if self.calibration_tokens else "") + ":"
+            )
             items = list(self.scores.items())
             for k in range(0, len(items), 6):
                 lines.append("    " + "  ".join(f"{'*' if n in chosen else ' '}{n}={v:.4f}" for n, v in items[k : k + 6]))
@@ -145,7 +147,16 @@ def _count(n: int) -> str:
 # ------------------------------------------------------------------ how many units
 
 
-def count_for(costs: LayerCosts, unit: str, choose: Callable[[int], list[int]], *, drop: int | None, ratio: float | None, speedup: float | None, max_units: int | None = None) -> int:
+def count_for(
+    costs: LayerCosts,
+    unit: str,
+    choose: Callable[[int], list[int]],
+    *,
+    drop: int | None,
+    ratio: float | None,
+    speedup: float | None,
+    max_units: int | None = None,
+) -> int:
     """The number of units to drop from exactly one of ``drop``, ``ratio`` (of the units) or ``speedup``.
 
     For ``speedup`` it is the smallest count whose choice (``choose(n)``) reaches
@@ -185,8 +196,12 @@ def count_for(costs: LayerCosts, unit: str, choose: Callable[[int], list[int]], 
 # ------------------------------------------------------------------ planners
 
 
-@planner("balanced", needs_data=False, summary="spread the dropped layers evenly over the intermediate layers (no data)",
-         paper="Liu et al. 2024, Unified Layer Skipping (arXiv:2404.06954)")
+@planner(
+    "balanced",
+    needs_data=False,
+    summary="spread the dropped layers evenly over the intermediate layers (no data)",
+    paper="Liu et al. 2024, Unified Layer Skipping (arXiv:2404.06954)",
+)
 def plan_balanced(costs: LayerCosts, stats: HiddenStats | None, *, drop=None, ratio=None, speedup=None):
     L = costs.num_layers
     if L < 3:
@@ -203,8 +218,11 @@ def _spread(L: int, n: int) -> list[int]:
     return [1 + int((k + 0.5) * width) for k in range(n)]
 
 
-@planner("block-influence", summary="drop the layers whose output is most similar to their input",
-         paper="Men et al. 2024, ShortGPT (arXiv:2403.03853)")
+@planner(
+    "block-influence",
+    summary="drop the layers whose output is most similar to their input",
+    paper="Men et al. 2024, ShortGPT (arXiv:2403.03853)",
+)
 def plan_block_influence(costs: LayerCosts, stats: HiddenStats, *, drop=None, ratio=None, speedup=None):
     L = costs.num_layers
     bi = [1.0 - float(stats.cos[i, i + 1]) for i in range(L)]
@@ -213,8 +231,11 @@ def plan_block_influence(costs: LayerCosts, stats: HiddenStats, *, drop=None, ra
     return sorted(order[:n]), [], {f"layer {i}": bi[i] for i in range(L)}, "block influence (1 - cos)"
 
 
-@planner("angular", summary="drop the contiguous block of layers with the smallest angular distance across it",
-         paper="Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers (arXiv:2403.17887)")
+@planner(
+    "angular",
+    summary="drop the contiguous block of layers with the smallest angular distance across it",
+    paper="Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers (arXiv:2403.17887)",
+)
 def plan_angular(costs: LayerCosts, stats: HiddenStats, *, drop=None, ratio=None, speedup=None):
     L = costs.num_layers
 
@@ -231,18 +252,29 @@ def plan_angular(costs: LayerCosts, stats: HiddenStats, *, drop=None, ratio=None
     n = count_for(costs, "layer", best_block, drop=drop, ratio=ratio, speedup=speedup)
     if n == 0:
         return [], [], {}, ""
-    return best_block(n), [], {f"block {s}-{s + n - 1}": v for s, v in distances(n).items()}, f"angular distance across {n} layers (arccos/pi)"
+    return (
+        best_block(n),
+        [],
+        {f"block {s}-{s + n - 1}": v for s, v in distances(n).items()},
+        f"angular distance across {n} layers (arccos/pi)",
+    )
 
 
-@planner("ffn", unit="mlp", summary="drop only MLP blocks, those that change the residual stream least",
-         paper="after Jaiswal et al. 2024, FFN-SkipLLM (arXiv:2404.03865)")
+@planner(
+    "ffn",
+    unit="mlp",
+    summary="drop only MLP blocks, those that change the residual stream least",
+    paper="after Jaiswal et al. 2024, FFN-SkipLLM (arXiv:2404.03865)",
+)
 def plan_ffn(costs: LayerCosts, stats: HiddenStats, *, drop=None, ratio=None, speedup=None):
     L = costs.num_layers
     if any(math.isnan(float(v)) for v in stats.mlp_cos):
         raise SkipError("ffn: cannot find the norm before each MLP block in this architecture")
     missing = [i for i in range(L) if i not in costs.mlp_output]
     if missing:
-        raise SkipError(f"ffn: cannot find the MLP output projection of layer {missing[0]} (looked for {', '.join(n + '.weight' for n in ('mlp.down_proj', 'mlp.c_proj'))}, ...)")
+        raise SkipError(
+            f"ffn: cannot find the MLP output projection of layer {missing[0]} (looked for {', '.join(n + '.weight' for n in ('mlp.down_proj', 'mlp.c_proj'))}, ...)"
+        )
     score = [1.0 - float(stats.mlp_cos[i]) for i in range(L)]
     order = sorted(range(L), key=lambda i: (score[i], i))
     n = count_for(costs, "mlp", lambda k: order[:k], drop=drop, ratio=ratio, speedup=speedup, max_units=L)
@@ -252,7 +284,9 @@ def plan_ffn(costs: LayerCosts, stats: HiddenStats, *, drop=None, ratio=None, sp
 # ------------------------------------------------------------------ entry point
 
 
-def make_plan(costs: LayerCosts, strategy: str, stats: HiddenStats | None = None, *, model: str = "model", drop=None, ratio=None, speedup=None) -> SkipPlan:
+def make_plan(
+    costs: LayerCosts, strategy: str, stats: HiddenStats | None = None, *, model: str = "model", drop=None, ratio=None, speedup=None
+) -> SkipPlan:
     """A :class:`SkipPlan` from a cost model and (for data-aware strategies) hidden-state statistics."""
     p = get_planner(strategy)
     if p.needs_data and stats is None:

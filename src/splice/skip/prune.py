@@ -22,15 +22,23 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from .model import SkipError, chunks, hidden_stats, layer_costs, load_model, read_calibration, tokenize
 from .plan import SkipPlan, get_planner, make_plan
 
 
-def plan(model: str | os.PathLike, strategy: str = "balanced", *, drop: int | None = None, ratio: float | None = None,
-         speedup: float | None = None, calibration: str | os.PathLike | None = None, calibration_text: str | None = None,
-         calibration_tokens: int = 4096, seq_len: int = 256, quiet: bool = True) -> SkipPlan:
+def plan(
+    model: str | os.PathLike,
+    strategy: str = "balanced",
+    *,
+    drop: int | None = None,
+    ratio: float | None = None,
+    speedup: float | None = None,
+    calibration: str | os.PathLike | None = None,
+    calibration_text: str | None = None,
+    calibration_tokens: int = 4096,
+    seq_len: int = 256,
+    quiet: bool = True,
+) -> SkipPlan:
     """A skip plan for ``model`` (folder, .safetensors or .gguf) with a registered strategy.
 
     Give exactly one of ``drop`` (layers, or MLP blocks for ``ffn``), ``ratio``
@@ -87,10 +95,12 @@ def recipe_for(plan: SkipPlan, mlp_outputs: dict[int, list[str]] | None = None) 
             if not outs:
                 raise SkipError(f"model {ref}: cannot find the MLP output projection of layer {start}")
             filters = sorted({n.split(f".{start}.", 1)[1].rsplit(".", 1)[0] for n in outs})
-            slices.append({
-                "sources": [{"model": ref, "layer_range": [start, start + 1]}],
-                "parameters": {"scale": [{"filter": f"{f}.", "value": 0.0} for f in filters]},
-            })
+            slices.append(
+                {
+                    "sources": [{"model": ref, "layer_range": [start, start + 1]}],
+                    "parameters": {"scale": [{"filter": f"{f}.", "value": 0.0} for f in filters]},
+                }
+            )
             k += 1
             continue
         end = start
@@ -111,9 +121,21 @@ def recipe_for(plan: SkipPlan, mlp_outputs: dict[int, list[str]] | None = None) 
     }
 
 
-def prune(plan: SkipPlan, out: str | os.PathLike, *, force: bool = False, quiet: bool = True, heal_steps: int = 0,
-          calibration: str | os.PathLike | None = None, calibration_text: str | None = None, heal_lr: float = 1e-4,
-          heal_batch: int = 4, seq_len: int = 256, calibration_tokens: int = 16384, seed: int = 0) -> dict:
+def prune(
+    plan: SkipPlan,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    quiet: bool = True,
+    heal_steps: int = 0,
+    calibration: str | os.PathLike | None = None,
+    calibration_text: str | None = None,
+    heal_lr: float = 1e-4,
+    heal_batch: int = 4,
+    seq_len: int = 256,
+    calibration_tokens: int = 16384,
+    seed: int = 0,
+) -> dict:
     """Write the pruned model of ``plan`` to ``out`` (optionally healed for ``heal_steps`` steps). Returns a summary."""
     from ..checkpoint.reader import open_model
     from ..checkpoint.writer import check_output
@@ -145,8 +167,20 @@ def prune(plan: SkipPlan, out: str | os.PathLike, *, force: bool = False, quiet:
         s = run_merge(recipe, pruned, quiet=quiet)
         from .heal import heal
 
-        h = heal(pruned, text, out, steps=heal_steps, lr=heal_lr, batch=heal_batch, seq_len=seq_len,
-                 max_tokens=calibration_tokens, seed=seed, force=force, quiet=quiet, plan=plan)
+        h = heal(
+            pruned,
+            text,
+            out,
+            steps=heal_steps,
+            lr=heal_lr,
+            batch=heal_batch,
+            seq_len=seq_len,
+            max_tokens=calibration_tokens,
+            seed=seed,
+            force=force,
+            quiet=quiet,
+            plan=plan,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out.resolve()), "layers": s["layers"], "seconds": time.perf_counter() - t0, "healed": h}

@@ -22,8 +22,8 @@ instance attributes over ``forward`` and removed on exit.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import Iterable
 
 import torch
 

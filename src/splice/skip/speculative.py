@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
@@ -76,8 +76,12 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
-        d.update(acceptance=self.acceptance, tokens_per_second=self.tokens_per_second,
-                 decode_tokens_per_second=self.decode_tokens_per_second, tokens_per_cycle=self.tokens_per_cycle)
+        d.update(
+            acceptance=self.acceptance,
+            tokens_per_second=self.tokens_per_second,
+            decode_tokens_per_second=self.decode_tokens_per_second,
+            tokens_per_cycle=self.tokens_per_cycle,
+        )
         return d
 
 
@@ -153,8 +157,18 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torc
 
 
 @torch.inference_mode()
-def generate_plain(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                   seed: int = 0, eos_token_id: int | Iterable[int] | None = None, skip: Iterable[Unit] = ()) -> GenerationResult:
+def generate_plain(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | Iterable[int] | None = None,
+    skip: Iterable[Unit] = (),
+) -> GenerationResult:
     """Token-by-token decoding with a KV cache (optionally with ``skip`` units bypassed throughout)."""
     ids = _as_list(input_ids)
     eos = _eos_set(eos_token_id)
@@ -434,8 +448,18 @@ class SelfSpeculativeDecoder:
     drafting when the draft's top probability falls below it (0 disables).
     """
 
-    def __init__(self, model, skip: str | Iterable[Unit] = "auto", *, max_draft: int = 8, draft_length: int | None = None,
-                 confidence: float = 0.3, window: int = 12, search_budget: int = 6, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        skip: str | Iterable[Unit] = "auto",
+        *,
+        max_draft: int = 8,
+        draft_length: int | None = None,
+        confidence: float = 0.3,
+        window: int = 12,
+        search_budget: int = 6,
+        seed: int = 0,
+    ):
         self.model = model
         L = len(decoder_layers(model))
         self.auto = isinstance(skip, str) and skip.strip().lower() == "auto"
@@ -456,15 +480,26 @@ class SelfSpeculativeDecoder:
         self.seed = seed
 
     @torch.inference_mode()
-    def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: int | Iterable[int] | None = None) -> GenerationResult:
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | Iterable[int] | None = None,
+    ) -> GenerationResult:
         model = self.model
         ids = _as_list(input_ids)
         eos = _eos_set(eos_token_id)
         greedy = temperature <= 0
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
         st = GenerationStats()
-        auto = AutoSkip(model, window=self.window, budget=self.search_budget, max_draft=self.max_draft, seed=self.seed) if self.auto else None
+        auto = (
+            AutoSkip(model, window=self.window, budget=self.search_budget, max_draft=self.max_draft, seed=self.seed) if self.auto else None
+        )
         k_len = self.draft_length or (4 if self.auto else min(4, self.max_draft))
         t0 = time.perf_counter()
 

