@@ -10,7 +10,7 @@ import time
 import torch
 
 import splice.methods._kernels as K
-from splice.methods._task_vectors import merge_task_vectors
+from splice.methods.task_arithmetic import merge_task_vectors
 
 for f in glob.glob(os.path.join(os.path.dirname(K.__file__), "__pycache__", "_kernels*.nb[ic]")):
     os.remove(f)

@@ -140,7 +140,7 @@ def test_interrupt_leaves_no_output(tmp_path, llama_trio):
 
     _, (a, b, _) = llama_trio
     r = _recipe(tmp_path, _linear(a, b))
-    orig = registry._METHODS["linear"]
+    orig = registry.METHODS.get("linear")
     calls = {"n": 0}
 
     def boom(*args, **kw):
@@ -149,12 +149,12 @@ def test_interrupt_leaves_no_output(tmp_path, llama_trio):
             raise KeyboardInterrupt
         return orig.fn(*args, **kw)
 
-    registry._METHODS["linear"] = registry.MergeMethod(**{**orig.__dict__, "fn": boom})
+    registry.METHODS._entries["linear"] = registry.MergeMethod(**{**orig.__dict__, "fn": boom})
     try:
         with pytest.raises(KeyboardInterrupt):
             splice.merge(r, tmp_path / "out", quiet=True, workers=1)
     finally:
-        registry._METHODS["linear"] = orig
+        registry.METHODS._entries["linear"] = orig
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path) == []
 
 
@@ -172,7 +172,7 @@ def test_sigint_in_subprocess_leaves_nothing(tmp_path, llama_trio):
         f"    open({str(tmp_path / 'started')!r}, 'w').close()\n"
         "    time.sleep(0.2)\n    return f(*a, **k)\n"
         "import splice.methods.registry as R\n"
-        "R._METHODS['linear'] = R.MergeMethod(**{**R._METHODS['linear'].__dict__, 'fn': slow})\n"
+        "R.METHODS._entries['linear'] = R.MergeMethod(**{**R.METHODS.get('linear').__dict__, 'fn': slow})\n"
         "from splice.cli import main\n"
         f"raise SystemExit(main(['merge', {str(r)!r}, '-o', {str(tmp_path / 'out')!r}, '-q']))\n"
     )

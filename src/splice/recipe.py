@@ -10,11 +10,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import RecipeError
+from .registry import UnknownName, did_you_mean
+
+if TYPE_CHECKING:
+    from .methods import MergeMethod, Param
 
 TOP_KEYS = (
     "merge_method",
@@ -76,6 +80,7 @@ class Recipe:
     name: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # one line each, e.g. a parameter the method does not use
 
     def referenced_models(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -148,6 +153,7 @@ class _Ctx:
     def __init__(self, file: str, lines: dict):
         self.file = file
         self.lines = lines
+        self.warnings: dict[str, str] = {}  # key -> message: one warning per key, however often it occurs
 
     def where(self, path: tuple) -> str:
         p = path
@@ -205,17 +211,62 @@ def _check_setting(ctx: _Ctx, v: Any, path: tuple) -> None:
     raise ctx.fail(path, f"a parameter is a number, a list of numbers (gradient) or [{{filter, value}}], got {v!r}")
 
 
-def _params(ctx: _Ctx, data: Any, path: tuple, method_params: list[str] | None, method: str) -> dict:
+def _params(ctx: _Ctx, data: Any, path: tuple, method: MergeMethod) -> dict:
+    """The parameters ``method`` takes, each value checked against its range where it is known.
+
+    A parameter that only other methods take is ignored with one warning per
+    name (mergekit ignores it silently); a name no method takes is an error with
+    a suggestion.  Numbers written as strings (PyYAML reads ``1e-3`` as one) are
+    converted, as mergekit's pydantic does.
+    """
+    from .methods import known_param_names
+
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ctx.fail(path, "parameters must be a mapping")
+    out = {}
     for k, v in data.items():
-        if method_params is not None and k not in method_params:
-            valid = ", ".join(method_params) or "none"
-            raise ctx.fail(path + (k,), f"unknown parameter {k!r} for merge method {method!r} (valid: {valid})")
         _check_setting(ctx, v, path + (k,))
-    return dict(data)
+        p = method.param(k)
+        if p is not None:
+            out[k] = _param_setting(ctx, p, v, path + (k,))
+        elif k in known_param_names():
+            msg = f"{ctx.where(path + (k,))}: parameter {k!r} is not used by merge method {method.name!r}; ignored"
+            ctx.warnings.setdefault(f"unused parameter {k}", msg)
+        else:
+            hint = did_you_mean(k, method.param_names) or did_you_mean(k, sorted(known_param_names()))
+            msg = f"unknown parameter {k!r} for merge method {method.name!r}"
+            if hint is not None:
+                msg += f"; did you mean {hint!r}?"
+            raise ctx.fail(path + (k,), f"{msg} (valid: {', '.join(method.param_names) or 'none'})")
+    return out
+
+
+def _param_setting(ctx: _Ctx, p: Param, v: Any, path: tuple) -> Any:
+    """``v`` (a scalar, a gradient list or a list of {filter, value}) with every value checked and numbers converted."""
+    if isinstance(v, dict):
+        return _param_setting(ctx, p, [v], path)
+    if isinstance(v, list) and all(isinstance(e, dict) for e in v):
+        return [{**cond, "value": _param_setting(ctx, p, cond["value"], path + (i, "value"))} for i, cond in enumerate(v)]
+    if isinstance(v, list):
+        return [_param_value(ctx, p, e, path + (i,)) for i, e in enumerate(v)]
+    return _param_value(ctx, p, v, path)
+
+
+def _param_value(ctx: _Ctx, p: Param, v: Any, path: tuple) -> Any:
+    """One known value: a numeric string converted to a number, then checked against ``p``'s range."""
+    if isinstance(v, str) and p.kind != "bool":
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+        else:
+            v = int(v) if p.kind == "int" and v.is_integer() else v
+    problem = p.problem(v)
+    if problem is not None:
+        raise ctx.fail(path, problem)
+    return v
 
 
 def _dtype(ctx: _Ctx, v: Any, path: tuple) -> str | None:
@@ -228,7 +279,7 @@ def _dtype(ctx: _Ctx, v: Any, path: tuple) -> str | None:
 
 def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None) -> Recipe:
     """Validate a recipe given as a dict (already parsed YAML)."""
-    from .methods import all_methods, get_method
+    from .methods import get_method
 
     ctx = _Ctx(file, lines or {})
     data = _check_keys(ctx, data, (), TOP_KEYS, "the recipe")
@@ -237,10 +288,8 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
     name = data["merge_method"]
     try:
         method = get_method(name)
-    except (KeyError, TypeError):
-        valid = ", ".join(m.name for m in all_methods())
-        raise ctx.fail(("merge_method",), f"unknown merge method {name!r} (valid: {valid})") from None
-    pnames = method.param_names
+    except UnknownName as e:
+        raise ctx.fail(("merge_method",), str(e)) from None
 
     has_models = data.get("models") is not None
     has_slices = data.get("slices") is not None
@@ -249,7 +298,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
 
     base = _model_ref(ctx, data["base_model"], ("base_model",)) if data.get("base_model") is not None else None
     r = Recipe(merge_method=method.name, base_model=base, raw=copy.deepcopy(data), path=None)
-    r.parameters = _params(ctx, data.get("parameters"), ("parameters",), pnames, method.name)
+    r.parameters = _params(ctx, data.get("parameters"), ("parameters",), method)
     r.dtype = _dtype(ctx, data.get("dtype"), ("dtype",))
     r.out_dtype = _dtype(ctx, data.get("out_dtype"), ("out_dtype",))
     r.name = data.get("name")
@@ -268,7 +317,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
             r.models.append(
                 Source(
                     model=_model_ref(ctx, m["model"], ("models", i, "model")),
-                    parameters=_params(ctx, m.get("parameters"), ("models", i, "parameters"), pnames, method.name),
+                    parameters=_params(ctx, m.get("parameters"), ("models", i, "parameters"), method),
                 )
             )
     else:
@@ -304,7 +353,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
                     Source(
                         model=_model_ref(ctx, src["model"], p + ("model",)),
                         layer_range=(lr[0], lr[1]),
-                        parameters=_params(ctx, src.get("parameters"), p + ("parameters",), pnames, method.name),
+                        parameters=_params(ctx, src.get("parameters"), p + ("parameters",), method),
                     )
                 )
             if len(lengths) > 1:
@@ -314,7 +363,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
                 Slice(
                     sources=sources,
                     base_model=_model_ref(ctx, sb, ("slices", i, "base_model")) if sb is not None else None,
-                    parameters=_params(ctx, s.get("parameters"), ("slices", i, "parameters"), pnames, method.name),
+                    parameters=_params(ctx, s.get("parameters"), ("slices", i, "parameters"), method),
                 )
             )
 
@@ -350,6 +399,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
                 raise ctx.fail(("slices", missing[0]), f"merge method {method.name!r} needs a base_model")
         elif not r.base_model:
             raise ctx.fail((), f"merge method {method.name!r} needs a base_model")
+    r.warnings = list(ctx.warnings.values())
     return r
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from splice.methods import _chunked
+from splice.methods._sizes import TORCH_CHUNK
 from splice.methods._sparsify import SORT_LIMIT, magnitude_
-from splice.methods._task_vectors import merge_task_vectors
+from splice.methods.task_arithmetic import merge_task_vectors
 
 
 def _models(n, k=3, quantized=False, dtype=torch.bfloat16, seed=0):
@@ -40,7 +41,7 @@ def path(request, monkeypatch):
     return request.param
 
 
-N = SORT_LIMIT + 3 * _chunked.CHUNK + 123  # several chunks and a ragged last one
+N = SORT_LIMIT + 3 * TORCH_CHUNK + 123  # several chunks and a ragged last one
 
 
 @pytest.mark.parametrize("quantized", [False, True])

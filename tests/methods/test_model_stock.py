@@ -151,11 +151,11 @@ def test_inputs_not_modified():
 
 def test_errors():
     x = torch.ones(4)
-    fn = get_method("model_stock").fn
-    with pytest.raises(ValueError):
-        fn([x, x], None)
-    with pytest.raises(ValueError):
-        fn([x], x)
+    method = get_method("model_stock")  # the registry's checks, run before the function
+    with pytest.raises(ValueError, match="needs a base model"):
+        method([x, x], None)
+    with pytest.raises(ValueError, match=r"needs at least 2 model tensor\(s\) besides the base, got 1"):
+        method([x], x)
 
 
 @pytest.mark.mergekit

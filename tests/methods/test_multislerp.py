@@ -111,7 +111,7 @@ def test_parallel_vectors():
     close(run([x, -x]), torch.zeros(4, 4))
     close(run([x, -x], weight=[1.0, 1.0], normalize_weights=False), torch.zeros(4, 4))
     # three cancelling models is an error, not garbage
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the weighted directions cancel out"):
         run([x, -x, torch.zeros(4, 4)])
 
 
@@ -129,7 +129,7 @@ def test_one_d_and_zero_vectors():
 
 def test_zero_weight_sum_is_an_error():
     a, b = rand(4, seed=10), rand(4, seed=11)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"normalize_weights divides by the sum of the weights \[1.0, -1.0\], which is 0"):
         run([a, b], weight=[1.0, -1.0])
 
 

@@ -92,11 +92,11 @@ def test_inputs_not_modified():
 
 def test_errors():
     x = torch.ones(4)
-    fn = get_method("nearswap").fn
-    with pytest.raises(ValueError):
-        fn([x], None, t=0.5)
-    with pytest.raises(ValueError):
-        fn([x, x], x, t=0.5)
+    method = get_method("nearswap")  # the registry's checks, run before the function
+    with pytest.raises(ValueError, match="needs a base model"):
+        method([x], None, t=0.5)
+    with pytest.raises(ValueError, match=r"needs exactly 1 model tensor\(s\) besides the base, got 2"):
+        method([x, x], x, t=0.5)
 
 
 @pytest.mark.mergekit

@@ -28,9 +28,9 @@ def slerp_vec(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
 
 
 def reference(a, b, base=None, weight=(1.0, 1.0), nuslerp_row_wise=False, nuslerp_flatten=True):
-    """mergekit's NuSLERP written out with explicit loops over vectors, float64."""
+    """mergekit's NuSLERP written out with explicit loops over vectors, float64 (weights not summing to 0)."""
     w0, w1 = weight
-    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    t = w1 / (w0 + w1)
     x = a.double().numpy()
     y = b.double().numpy()
     if base is not None:
@@ -80,6 +80,10 @@ def test_matches_reference(row_wise, flatten, weight, with_base, shape):
     a, b = rand(*shape, seed=1), rand(*shape, seed=2)
     base = rand(*shape, seed=3) if with_base else None
     kw = dict(nuslerp_row_wise=row_wise, nuslerp_flatten=flatten)
+    if sum(weight) == 0:  # mergekit takes t = 0.5 there; splice refuses a t the weights do not give
+        with pytest.raises(ValueError, match=r"the weights \[1.0, -1.0\] sum to 0"):
+            run(a, b, base, weight, **kw)
+        return
     close(run(a, b, base, weight, **kw), reference(a, b, base, weight, **kw))
 
 
@@ -98,7 +102,8 @@ def test_t_from_weights_and_endpoints():
     a, b = rand(4, 4, seed=4), rand(4, 4, seed=5)
     close(run(a, b, weight=(1.0, 0.0)), a)  # t = 0
     close(run(a, b, weight=(0.0, 2.0)), b)  # t = 1
-    close(run(a, b, weight=(0.0, 0.0)), run(a, b, weight=(1.0, 1.0)))  # zero sum -> t = 0.5
+    with pytest.raises(ValueError, match=r"t = w1 / \(w0 \+ w1\), and the weights \[0.0, 0.0\] sum to 0"):
+        run(a, b, weight=(0.0, 0.0))  # mergekit: t = 0.5, an interpolation the weights do not ask for
     base = rand(4, 4, seed=6)
     close(run(a, b, base, weight=(1.0, 0.0)), a)
     close(run(a, b, base, weight=(0.0, 1.0)), b)
@@ -153,11 +158,11 @@ def test_inputs_not_modified():
 
 def test_errors():
     x = torch.ones(4)
-    fn = get_method("nuslerp").fn
-    with pytest.raises(ValueError):
-        fn([x], None, weight=[1.0])
-    with pytest.raises(ValueError):
-        fn([x, x, x], None, weight=[1.0, 1.0, 1.0])
+    method = get_method("nuslerp")  # the registry's checks, run before the function
+    with pytest.raises(ValueError, match=r"needs exactly 2 model tensor\(s\) besides the base, got 1"):
+        method([x], None, weight=[1.0])
+    with pytest.raises(ValueError, match=r"needs exactly 2 model tensor\(s\) besides the base, got 3"):
+        method([x, x, x], None, weight=[1.0, 1.0, 1.0])
 
 
 @pytest.mark.mergekit

@@ -11,7 +11,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def run(x, **kw):
-    return get_method("passthrough").fn([x], None, **kw)
+    return get_method("passthrough")([x], None, **kw)  # through the registry: scalars become per-model lists
 
 
 def rand(*shape, seed=0):
@@ -63,11 +63,11 @@ def test_inputs_not_modified():
 
 def test_errors():
     x = torch.ones(4)
-    fn = get_method("passthrough").fn
-    with pytest.raises(ValueError):
-        fn([x, x], None, scale=[None, None])
-    with pytest.raises(ValueError):
-        fn([x], None, scale=[1.0, 2.0])
+    method = get_method("passthrough")  # the registry's checks, run before the function
+    with pytest.raises(ValueError, match=r"needs exactly 1 model tensor\(s\) besides the base, got 2"):
+        method([x, x], None, scale=[None, None])
+    with pytest.raises(ValueError, match="parameter 'scale' has 2 values for 1 models"):
+        method([x], None, scale=[1.0, 2.0])
 
 
 @pytest.mark.mergekit

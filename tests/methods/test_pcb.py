@@ -11,7 +11,7 @@ NAME = "pcb"
 
 
 def call(tensors, base, **params):
-    return get_method(NAME).fn(list(tensors), base, **params)
+    return get_method(NAME)(list(tensors), base, **params)  # through the registry: scalars become per-model lists
 
 
 def rand(*shape, seed=0):
@@ -93,7 +93,7 @@ def test_edges():
     ts = [base + rand(6, 6, seed=8), base + rand(6, 6, seed=9)]
     assert torch.equal(call([base.clone(), base.clone()], base), base)
     assert torch.equal(call(ts, base, density=0.0), base)
-    assert torch.equal(call([], base), base)
+    assert torch.equal(get_method(NAME).fn([], base, weight=[], density=[]), base)  # the function alone: no models, the base
     many = [base + 0.5 * rand(6, 6, seed=20 + i) for i in range(120)]  # exp(N * ...) must not overflow
     out = call(many, base, density=0.5)
     assert torch.isfinite(out).all()

@@ -126,13 +126,13 @@ def test_inputs_not_modified():
 
 def test_errors():
     x = torch.ones(4)
-    fn = get_method("slerp").fn
-    with pytest.raises(ValueError):
-        fn([x], None, t=0.5)
-    with pytest.raises(ValueError):
-        fn([x, x], x, t=0.5)
-    with pytest.raises(ValueError):
-        fn([torch.ones(3)], x, t=0.5)
+    method = get_method("slerp")  # the registry's checks, run before the function
+    with pytest.raises(ValueError, match="needs a base model"):
+        method([x], None, t=0.5)
+    with pytest.raises(ValueError, match=r"needs exactly 1 model tensor\(s\) besides the base, got 2"):
+        method([x, x], x, t=0.5)
+    with pytest.raises(ValueError, match=r"tensors have different shapes \[\(3,\), \(4,\)\]"):
+        method([torch.ones(3)], x, t=0.5)
 
 
 @pytest.mark.mergekit

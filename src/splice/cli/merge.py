@@ -60,7 +60,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for p in m.params:
             scope = "per-model" if p.per_model else "global"
             default = "required" if p.default is NO_DEFAULT else f"default {p.default}"
-            params.append(f"{p.name} ({scope}, {default})")
+            params.append(f"{p.name} ({scope}, {default}{', ' + p.bounds if p.bounds else ''})")
         base = {"required": "needs base", "optional": "base optional", "none": "no base"}[m.base]
         rand = ", random (seeded)" if m.randomized else ""
         print(f"{m.name:18s} {m.summary} [{base}{rand}] params: {'; '.join(params) or 'none'}")
@@ -68,7 +68,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _fmt_param(p, no_default) -> str:
-    return f"`{p.name}`" if p.default is no_default else f"`{p.name}`={p.default}"
+    text = f"`{p.name}`" if p.default is no_default else f"`{p.name}`={p.default}"
+    return f"{text} {p.bounds}" if p.bounds else text
 
 
 def _size(n: int) -> str:

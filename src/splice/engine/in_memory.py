@@ -43,7 +43,7 @@ def merge_tensors(
         kw["generator"] = g
     dt = tensors[0].dtype
     cdt = torch.float64 if dt == torch.float64 else torch.float32
-    out = m.fn([t.to(cdt) for t in tensors], base.to(cdt) if base is not None else None, **kw)
+    out = m([t.to(cdt) for t in tensors], base.to(cdt) if base is not None else None, **kw)
     return out.to(dt)
 
 

@@ -66,7 +66,7 @@ class RecipePlanner:
         self.recipe = recipe
         self.sources = sources
         self.method = get_method(recipe.merge_method)
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(recipe.warnings)  # e.g. parameters the method does not use
 
     def _src(self, ref: str) -> ModelSource:
         return self.sources[ref]

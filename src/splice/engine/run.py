@@ -100,7 +100,7 @@ class Runner:
                 g.manual_seed(_seed_for(self.opts.seed, job.out_name))
                 kw["generator"] = g
             try:
-                out = self.plan.method.fn(tensors, base, **kw)
+                out = self.plan.method(tensors, base, **kw)
             except (ValueError, RuntimeError) as e:
                 raise MergeError(f"tensor {job.out_name}: {self.plan.method.name} failed: {e}") from e
             del tensors, base

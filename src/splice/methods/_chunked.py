@@ -1,6 +1,6 @@
 """Task arithmetic and TIES on large CPU tensors, one cache-sized chunk at a time.
 
-The whole-tensor pipeline in ``_task_vectors`` makes about twenty passes over
+The whole-tensor pipeline in ``task_arithmetic`` makes about twenty passes over
 tensor-sized float32 buffers per model.  On a CPU those passes are cheap only
 while the data stays in cache; on a 40M-element embedding each pass goes to
 main memory, and every fresh tensor-sized buffer costs page faults (large
@@ -18,6 +18,12 @@ same order, so the result is bit-identical to it (tests check this).
 
 Used for CPU tensors above ``SORT_LIMIT`` elements when the sparsifier is a
 plain magnitude trim (TIES) or none (task arithmetic) and ``rescale`` is off.
+
+With numba (``_kernels``) each chunk is one fused loop.  Without it the chunks run
+as torch calls, which is still clearly faster than the whole-tensor path: TIES on
+one 4096x4096 bfloat16 tensor, 3 models, density 0.5, one torch thread (the
+engine's default), medians of A/B-interleaved rounds on a loaded 2-core machine:
+0.40 s chunked vs 1.18 s whole-tensor (7 rounds), 0.78 s vs 2.03 s (9 rounds).
 """
 
 from __future__ import annotations
@@ -30,9 +36,8 @@ import numpy as np
 import torch
 
 from . import _kernels
+from ._sizes import TORCH_CHUNK
 from ._sparsify import _SAMPLE, Bracket, bracket, sample_bounds
-
-CHUNK = 1 << 16  # elements per chunk: a handful of 256 KiB float32 buffers stay in L2
 
 
 class Trim(NamedTuple):
@@ -47,8 +52,8 @@ class Trim(NamedTuple):
 
 
 def _spans(n: int):
-    for a in range(0, n, CHUNK):
-        yield a, min(n, a + CHUNK)
+    for a in range(0, n, TORCH_CHUNK):
+        yield a, min(n, a + TORCH_CHUNK)
 
 
 def _magnitude_bracket(t: torch.Tensor, base: torch.Tensor, k: int, cdt: torch.dtype) -> Bracket:
@@ -73,8 +78,8 @@ def _scan(tf, bf, lo_f, hi_f, n, cdt):
     """Count ``|tf - bf| < lo``, gather positions and values in [lo, hi]; torch and numpy."""
     below = 0
     index, values = [], []
-    buf = torch.empty(CHUNK, dtype=cdt, device=tf.device)
-    mask, upper = np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool)
+    buf = torch.empty(TORCH_CHUNK, dtype=cdt, device=tf.device)
+    mask, upper = np.empty(TORCH_CHUNK, dtype=bool), np.empty(TORCH_CHUNK, dtype=bool)
     for a, b in _spans(n):
         # upcast before subtracting: bf16 - bf16 would round the difference to bf16
         m = buf[: b - a].copy_(bf[a:b])
@@ -155,8 +160,16 @@ def merge_chunked(
     normalize: bool,
     lambda_: float,
     cdt: torch.dtype,
-) -> torch.Tensor:
-    """Steps 1-5 of ``_task_vectors`` chunk by chunk; returns a new ``cdt`` tensor."""
+    count_cancelled: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Steps 1-5 of ``task_arithmetic.merge_task_vectors`` chunk by chunk.
+
+    Returns:
+        A new ``cdt`` tensor, and (with ``count_cancelled``, or on the kernel
+        path always) how many elements had a zero divisor but a non-zero sum
+        under sign consensus with ``normalize``.  Plain sums divide by the
+        weights' sum unconditionally: the caller refuses a zero sum.
+    """
     if _kernels.AVAILABLE and cdt == torch.float32:
         return _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_)
     n = base.numel()
@@ -166,12 +179,13 @@ def merge_chunked(
     dev = base.device
 
     def buf() -> torch.Tensor:
-        return torch.empty(CHUNK, dtype=cdt, device=dev)
+        return torch.empty(TORCH_CHUNK, dtype=cdt, device=dev)
 
     b32, delta, kept, side = buf(), buf(), buf(), buf()
     votes, pos, neg = buf(), buf(), buf()
     pos_w, neg_w = (buf(), buf()) if normalize else (None, None)
     total = float(torch.tensor(list(weights), dtype=cdt).sum()) if (normalize and not consensus) else None
+    cancelled = 0
     for a, b in _spans(n):
         m = b - a
         bc = b32[:m].copy_(bf[a:b])
@@ -216,18 +230,20 @@ def merge_chunked(
             if normalize:
                 div = pw.mul_(e).add_(nw.mul_(ne))
                 zero = torch.abs(div, out=ng).sign_().neg_().add_(1)  # 1 where the divisor is 0
+                if count_cancelled:
+                    cancelled += int(torch.count_nonzero(torch.mul(zero, merged, out=kept[:m])))
                 merged.div_(div.add_(zero))
         else:
             merged = acc
-            if normalize and abs(total) >= 1e-8:
+            if normalize:
                 merged.div_(total)
         if lambda_ != 1:
             merged.mul_(lambda_)
         torch.add(merged, bc, out=of[a:b])
-    return out
+    return out, cancelled
 
 
-def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_) -> torch.Tensor:
+def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_) -> tuple[torch.Tensor, int]:
     """``merge_chunked`` with the fused kernel: one pass over the inputs for all models."""
     k = len(tensors)
     out = torch.empty(base.shape, dtype=torch.float32)
@@ -244,7 +260,7 @@ def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_) 
             mode[i], thr[i], cutoff[i] = _kernels.THRESHOLD, tr.threshold, tr.cutoff
     w = np.asarray(weights, dtype=np.float32)
     total = np.float32(w.sum(dtype=np.float32)) if (normalize and not consensus) else np.float32(1)
-    _kernels.gta(
+    cancelled = _kernels.gta(
         tuple(views[:k]), views[k], shift, mode, thr, cutoff, w, consensus, normalize, total, np.float32(lambda_), out.reshape(-1).numpy()
     )
-    return out
+    return out, int(cancelled)

@@ -51,23 +51,30 @@ class SignConsensus:
         if self.neg_w is not None:
             self.neg_w.sub_(value.sign_(), alpha=weight)  # +weight where value < 0
 
-    def result(self, *, divisor: bool, min_divisor: float | None = None) -> torch.Tensor:
+    def result(self, *, divisor: bool, min_divisor: float | None = None, count_cancelled: bool = False) -> torch.Tensor:
         """The merged delta: the elected side's sum, divided by its weights if ``divisor``.
 
         ``min_divisor`` None: a zero divisor becomes 1 (mergekit's TIES); a
-        number: the divisor is clamped below at it (mergekit's SCE).
+        number: the divisor is clamped below at it (mergekit's SCE).  With
+        ``count_cancelled``, ``self.cancelled`` is set to the number of
+        elements whose divisor is 0 although their sum is not (agreeing weights
+        that cancel); otherwise it is 0.
         """
         positive = self.votes >= 0
         del self.votes, self._side
         merged = torch.where(positive, self.pos, self.neg, out=self.pos)
         del self.neg
+        self.cancelled = 0
         if divisor:
             if self.pos_w is None:
                 raise ValueError("SignConsensus built without track_weights")
             div = torch.where(positive, self.pos_w, self.neg_w, out=self.pos_w)
             del self.neg_w
             if min_divisor is None:
-                div.masked_fill_(div == 0, 1)
+                zero = div == 0
+                if count_cancelled:
+                    self.cancelled = int(torch.count_nonzero(zero & (merged != 0)))
+                div.masked_fill_(zero, 1)
             else:
                 div.clamp_(min=min_divisor)
             merged.div_(div)

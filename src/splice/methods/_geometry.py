@@ -7,29 +7,12 @@ inputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 
 def work_dtype(x: torch.Tensor) -> torch.dtype:
     """The precision to compute in: float64 stays float64, all else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def check_same_shape(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, method: str) -> None:
-    shapes = {tuple(t.shape) for t in tensors}
-    if base is not None:
-        shapes.add(tuple(base.shape))
-    if len(shapes) > 1:
-        raise ValueError(f"{method}: tensors have different shapes {sorted(shapes)}")
-
-
-def check_count(tensors: Sequence[torch.Tensor], method: str, lo: int, hi: int | None) -> None:
-    n = len(tensors)
-    if n < lo or (hi is not None and n > hi):
-        want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
-        raise ValueError(f"{method}: needs {want} model tensor(s) besides the base, got {n}")
 
 
 def arc_coefficients(t: float | torch.Tensor, cos: torch.Tensor, straight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

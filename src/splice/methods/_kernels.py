@@ -6,12 +6,23 @@ order, so results are bit-identical (tests compare the two).  Kernels release
 the GIL, so the engine's worker threads run them on every core at once.
 
 ``AVAILABLE`` is False when numba is missing; ``_chunked`` then runs its torch
-code.  Compiled code is cached beside this file (numba ``cache=True``).
+code.  Compiled code is cached where numba finds a writable place (beside this
+file, or the user's cache folder); when there is none (a read-only install and
+no writable home), in a private folder under the temporary directory, or, if
+that is not possible either, not at all (compiled again in each process), with
+one warning line on stderr.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+import sys
+import tempfile
+
 import numpy as np
+
+from ._sizes import KERNEL_BLOCK
 
 try:  # pragma: no cover - exercised by whichever path the environment has
     import numba
@@ -22,9 +33,6 @@ except ImportError:  # pragma: no cover
     AVAILABLE = False
 
 KEEP_ALL, THRESHOLD, DROP_ALL = 0, 1, 2  # trim modes per model
-
-
-CHUNK = 1 << 14  # elements per inner block: the block's float32 scratch stays in L1/L2
 
 
 def _load_block(src, a, m, sh, dst):
@@ -63,16 +71,16 @@ def _select(x, b, shift, k):
     """
     n = b.shape[0]
     sh = np.uint32(shift)
-    xu = np.empty(CHUNK, np.uint32)
-    bu = np.empty(CHUNK, np.uint32)
-    mu = np.empty(CHUNK, np.uint32)
+    xu = np.empty(KERNEL_BLOCK, np.uint32)
+    bu = np.empty(KERNEL_BLOCK, np.uint32)
+    mu = np.empty(KERNEL_BLOCK, np.uint32)
     mf = mu.view(np.float32)
     # four interleaved histograms: runs of equal values (common in bf16 deltas) would
     # otherwise chain every increment on the previous one
     # int32 counts keep all four in L2 (callers pass tensors of fewer than 2**31 elements)
     h4 = np.zeros((4, (1 << 16) + 1), np.int32)  # + a spill bin for the second pass
-    for a in range(0, n, CHUNK):
-        m = min(CHUNK, n - a)
+    for a in range(0, n, KERNEL_BLOCK):
+        m = min(KERNEL_BLOCK, n - a)
         _block_magnitudes(x, b, a, m, sh, xu, bu, mf)
         j = 0
         while j + 4 <= m:
@@ -92,8 +100,8 @@ def _select(x, b, shift, k):
         if below + hi[top] >= k:
             break
         below += hi[top]
-    for a in range(0, n, CHUNK):
-        m = min(CHUNK, n - a)
+    for a in range(0, n, KERNEL_BLOCK):
+        m = min(KERNEL_BLOCK, n - a)
         _block_magnitudes(x, b, a, m, sh, xu, bu, mf)
         for j in range(m):  # branch-free: entries outside the bucket go to the spill bin
             u = mu[j]
@@ -111,13 +119,13 @@ def _nth_equal(x, b, shift, value_bits, count):
     """Flat position of the ``count``-th (1-based) entry whose ``|x - b|`` has bits ``value_bits``; -1 if none."""
     n = b.shape[0]
     sh = np.uint32(shift)
-    xu = np.empty(CHUNK, np.uint32)
-    bu = np.empty(CHUNK, np.uint32)
-    mu = np.empty(CHUNK, np.uint32)
+    xu = np.empty(KERNEL_BLOCK, np.uint32)
+    bu = np.empty(KERNEL_BLOCK, np.uint32)
+    mu = np.empty(KERNEL_BLOCK, np.uint32)
     mf = mu.view(np.float32)
     seen = 0
-    for a in range(0, n, CHUNK):
-        m = min(CHUNK, n - a)
+    for a in range(0, n, KERNEL_BLOCK):
+        m = min(KERNEL_BLOCK, n - a)
         _block_magnitudes(x, b, a, m, sh, xu, bu, mf)
         hits = 0
         for j in range(m):
@@ -141,8 +149,10 @@ def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, o
     and ``|d| == thr`` at flat positions below ``cutoff[i]``; or drop all.  Then
     ``d *= w[i]`` and either a TIES sign election (``consensus``) or a plain
     sum; ``normalize`` divides by the agreeing weights (a zero divisor counts
-    as 1) or by ``total`` (skipped when ``|total| < 1e-8``); ``lam`` scales;
-    the base is added; ``out`` (float32) receives the result.
+    as 1) or by ``total`` (the caller refuses a zero sum); ``lam`` scales;
+    the base is added; ``out`` (float32) receives the result.  Returns how many
+    elements had a zero divisor but a non-zero sum (agreeing weights that
+    cancel; the caller decides).
 
     Models are processed one at a time over a block, accumulating into block
     arrays, so the element loops have no branches and vectorize.  Per element
@@ -153,17 +163,18 @@ def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, o
     zero = np.float32(0.0)
     one = np.float32(1.0)
     sh = np.uint32(shift)
-    xu = np.empty(CHUNK, np.uint32)
-    bu = np.empty(CHUNK, np.uint32)
+    xu = np.empty(KERNEL_BLOCK, np.uint32)
+    bu = np.empty(KERNEL_BLOCK, np.uint32)
     xf = xu.view(np.float32)
     bf = bu.view(np.float32)
-    votes = np.empty(CHUNK, np.float32)
-    pos = np.empty(CHUNK, np.float32)
-    neg = np.empty(CHUNK, np.float32)
-    pw = np.empty(CHUNK, np.float32)
-    nw = np.empty(CHUNK, np.float32)
-    for a in range(0, n, CHUNK):
-        m = min(CHUNK, n - a)
+    votes = np.empty(KERNEL_BLOCK, np.float32)
+    pos = np.empty(KERNEL_BLOCK, np.float32)
+    neg = np.empty(KERNEL_BLOCK, np.float32)
+    pw = np.empty(KERNEL_BLOCK, np.float32)
+    nw = np.empty(KERNEL_BLOCK, np.float32)
+    cancelled = 0
+    for a in range(0, n, KERNEL_BLOCK):
+        m = min(KERNEL_BLOCK, n - a)
         oa = out[a : a + m]
         _load_block(b, a, m, sh, bu)
         for j in range(m):
@@ -199,21 +210,80 @@ def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, o
                 r = pos[j] if up else neg[j]
                 if normalize:
                     div = pw[j] if up else nw[j]
+                    cancelled += (div == zero) & (r != zero)
                     div = one if div == zero else div
                     r = r / div
             else:
                 r = votes[j]
-                if normalize and abs(total) >= 1e-8:
+                if normalize:
                     r = r / total
             oa[j] = r * lam + bf[j]
+    return cancelled
+
+
+_NO_CACHE_WARNING = "warning: numba finds no writable cache folder (read-only install and home); "
+
+
+def _private_cache_dir() -> str | None:
+    """A cache folder under the temporary directory that only this user can write, or None.
+
+    Compiled code is loaded from it, so a folder another user could have
+    planted (or could write into) is refused.
+    """
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = os.path.join(tempfile.gettempdir(), f"splice-numba-{uid if uid is not None else 'user'}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        st = os.lstat(path)
+        own = uid is None or st.st_uid == uid
+        if not stat.S_ISDIR(st.st_mode) or not own or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return None
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
+        return None
+    return path
+
+
+def _compile_all(cache: bool) -> dict:
+    """The kernels, njit-compiled lazily; helpers first (the kernels resolve them as globals)."""
+    jit = numba.njit(nogil=True, cache=cache)
+    glob = globals()
+    for helper in ("_load_block", "_block_magnitudes"):
+        glob[helper] = jit(getattr(glob[helper], "py_func", glob[helper]))
+    return {"select": jit(_select), "nth_equal": jit(_nth_equal), "gta": jit(_gta)}
+
+
+def _compile_with_fallback() -> dict:
+    """``_compile_all`` with numba's cache; when numba has nowhere to write it, a private temporary one, else none."""
+    try:
+        return _compile_all(cache=True)
+    except RuntimeError as e:  # "cannot cache function ...: no locator available"
+        if "no locator" not in str(e):
+            raise
+    private = _private_cache_dir()
+    if private is not None:
+        saved = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = private  # read once per function, when it is decorated
+        try:
+            kernels = _compile_all(cache=True)
+            print(f"{_NO_CACHE_WARNING}compiled kernels are cached in {private}", file=sys.stderr)
+            return kernels
+        except RuntimeError:
+            pass
+        finally:
+            numba.config.CACHE_DIR = saved  # other numba users in this process are unaffected
+    print(f"{_NO_CACHE_WARNING}kernels are compiled again in every process (a few seconds)", file=sys.stderr)
+    return _compile_all(cache=False)
 
 
 if AVAILABLE:
-    # the helpers first: the kernels resolve these globals when they compile
-    _load_block = numba.njit(nogil=True, cache=True)(_load_block)
-    _block_magnitudes = numba.njit(nogil=True, cache=True)(_block_magnitudes)
-    select = numba.njit(nogil=True, cache=True)(_select)
-    nth_equal = numba.njit(nogil=True, cache=True)(_nth_equal)
-    gta = numba.njit(nogil=True, cache=True)(_gta)
+    _compiled = _compile_with_fallback()
+    select, nth_equal, gta = _compiled["select"], _compiled["nth_equal"], _compiled["gta"]
+    del _compiled
 else:  # pragma: no cover
     select = nth_equal = gta = None

@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _reduce
+
 _RESCALE_EPS = 1e-7
 
 
@@ -159,7 +161,7 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _l1(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, 1)
+    return _reduce.norm(x, 1)  # thread-count independent: rescaled deltas keep their bits whatever --threads
 
 
 def _rescale_(masked: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:

@@ -27,8 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ._geometry import check_count, check_same_shape, work_dtype
-from .registry import Param, merge_method
+from . import _reduce
+from ._geometry import work_dtype
+from .registry import NON_NEGATIVE, Param, Range, merge_method
 
 
 def karcher_mean(
@@ -42,7 +43,7 @@ def karcher_mean(
     shape = tensors[0].shape
     dtype = work_dtype(tensors[0])
     xs = [t.reshape(-1).to(dtype) for t in tensors]
-    norms = [torch.linalg.vector_norm(x) for x in xs]
+    norms = [_reduce.norm(x) for x in xs]
     kept = [i for i, n in enumerate(norms) if n.item() > tol]
     if not kept:
         return torch.zeros_like(tensors[0])
@@ -54,23 +55,23 @@ def karcher_mean(
     mu = torch.zeros_like(units[0])
     for a, u in zip(weights, units):
         mu.add_(u, alpha=a)
-    mu_norm = torch.linalg.vector_norm(mu)
+    mu_norm = _reduce.norm(mu)
     mu = units[0].clone() if mu_norm.item() < tol else mu / mu_norm
 
     for _ in range(int(max_iter)):
         g = torch.zeros_like(mu)
         for a, u in zip(weights, units):
-            cos = torch.dot(mu, u).clamp(-1.0, 1.0)
+            cos = _reduce.dot(mu, u).clamp(-1.0, 1.0)
             theta = torch.arccos(cos)
             if theta.item() < tol:
                 continue
             # log map of u at mu, weighted
             g.add_((u - cos * mu) * (a * theta / torch.sin(theta)))
-        g_norm = torch.linalg.vector_norm(g)
+        g_norm = _reduce.norm(g)
         if g_norm.item() < tol:
             break
         mu = torch.cos(g_norm) * mu + torch.sin(g_norm) * (g / g_norm)
-        mu_norm = torch.linalg.vector_norm(mu)
+        mu_norm = _reduce.norm(mu)
         if mu_norm.item() > tol:
             mu = mu / mu_norm
 
@@ -81,8 +82,8 @@ def karcher_mean(
 @merge_method(
     "karcher",
     params=(
-        Param("max_iter", default=10, help="maximum fixed-point iterations"),
-        Param("tol", default=1e-5, help="convergence tolerance (also the smallest norm that counts)"),
+        Param("max_iter", default=10, kind="int", range=Range(1.0), help="maximum fixed-point iterations"),
+        Param("tol", default=1e-5, range=NON_NEGATIVE, help="convergence tolerance (also the smallest norm that counts)"),
     ),
     base="none",
     summary="Riemannian (Karcher) mean of the models' directions, rescaled to their average norm",
@@ -98,8 +99,6 @@ def karcher(
     tol: float = 1e-5,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    check_count(tensors, "karcher", 1, None)
-    check_same_shape(tensors, None, "karcher")
     if len(tensors) == 1:
         return tensors[0].clone()
     n = len(tensors)

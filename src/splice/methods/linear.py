@@ -1,4 +1,12 @@
-"""Linear: a weighted average of the models' tensors (model soups)."""
+"""Linear: a weighted average of the models' tensors (model soups).
+
+    out = sum_i w_i t_i / sum_i w_i     (normalize, the default)
+    out = sum_i w_i t_i                 (normalize false)
+
+Weights that sum to 0 (below ``WEIGHT_SUM_EPS`` in magnitude) with ``normalize``
+are an error: mergekit 0.1.5 divides by the sum regardless (inf or NaN for an
+exact 0), and splice used to skip the division and write the unnormalized sum.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,14 @@ from collections.abc import Sequence
 import torch
 
 from .registry import Param, merge_method
+from .task_arithmetic import WEIGHT_SUM_EPS
 
 
 @merge_method(
     "linear",
     params=(
         Param("weight", per_model=True, help="weight of each model"),
-        Param("normalize", default=True, help="divide by the sum of weights"),
+        Param("normalize", default=True, kind="bool", help="divide by the sum of weights"),
     ),
     base="none",
     summary="weighted average of the models",
@@ -31,6 +40,10 @@ def linear(
         out.add_(t, alpha=float(w))
     if normalize:
         total = float(sum(weight))
-        if abs(total) > 1e-8:
-            out.div_(total)
+        if abs(total) < WEIGHT_SUM_EPS:
+            raise ValueError(
+                f"normalize divides by the sum of the weights {[float(w) for w in weight]}, which is 0; "
+                "set normalize: false or change the weights"
+            )
+        out.div_(total)
     return out

@@ -10,7 +10,8 @@ cos_theta the mean over all pairs i < j of
     out = t * mean_i(w_i) + (1 - t) * w0
 
 (equation 3 of the paper). Where 1 + (N - 1) cos_theta is ~0 (|.| < 1e-6) t
-is 0 and the base is kept. By default the whole tensor is one vector; with
+is 0 and the base is kept, as in mergekit: that divisor comes from the offsets'
+geometry (no finite estimate exists there), not from a sum of user weights. By default the whole tensor is one vector; with
 filter_wise true every row (vectors along the last axis) gets its own
 cos_theta and t (a 1-D tensor is then a single row).
 
@@ -25,7 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._geometry import check_count, check_same_shape, work_dtype
+from . import _reduce
+from ._geometry import work_dtype
 from .registry import Param, merge_method
 
 NORM_PRODUCT_EPS = 1e-6  # |d_i||d_j| is clamped to at least this
@@ -34,7 +36,7 @@ SINGULAR_EPS = 1e-6  # |1 + (N-1) cos| below this keeps the base
 
 @merge_method(
     "model_stock",
-    params=(Param("filter_wise", default=False, help="one interpolation ratio per row instead of per tensor"),),
+    params=(Param("filter_wise", default=False, kind="bool", help="one interpolation ratio per row instead of per tensor"),),
     base="required",
     summary="average of fine-tuned models pulled toward the base by their offsets' mutual angle",
     paper="Jang, Yun & Han 2024, Model Stock: All we need is just a few fine-tuned models (arXiv:2403.19522)",
@@ -48,10 +50,6 @@ def model_stock(
     filter_wise: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    if base is None:
-        raise ValueError("model_stock: needs a base_model")
-    check_count(tensors, "model_stock", 2, None)
-    check_same_shape(tensors, base, "model_stock")
     dtype = work_dtype(base)
     shape = base.shape
 
@@ -63,13 +61,13 @@ def model_stock(
 
     w0 = as_rows(base.to(dtype))
     offsets = [as_rows(t.to(dtype)) - w0 for t in tensors]
-    norms = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]
+    norms = [_reduce.norm_last(d) for d in offsets]
 
     n = len(offsets)
     cos_sum = torch.zeros_like(norms[0])
     for i in range(n):
         for j in range(i + 1, n):
-            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            dot = _reduce.sum_last(offsets[i] * offsets[j])
             cos_sum += (dot / (norms[i] * norms[j]).clamp(min=NORM_PRODUCT_EPS)).clamp(-1.0, 1.0)
     cos = (cos_sum / (n * (n - 1) // 2)).unsqueeze(-1)
 

@@ -22,7 +22,8 @@ only by the rounding noise of v, about 1e-7 relative).
 If every x_i is zero (all models equal the base) the result is the base (mergekit
 raises there).  Otherwise if |m| < eps the directions cancel: two models then fall back to the linear
 w_0 x_0 + w_1 x_1 (+ base); more models are an error. One model is returned
-unchanged.
+unchanged.  With normalize_weights, weights that sum to 0 are an error (mergekit
+divides by their sum regardless: NaN or inf).
 
 Goddard 2025, "Multi-SLERP" (goddard.blog/posts/multislerp-wow-what-a-cool-idea);
 parameter names, defaults and behaviour follow mergekit's `multislerp`: base
@@ -35,16 +36,18 @@ from collections.abc import Sequence
 
 import torch
 
-from ._geometry import check_count, check_same_shape, work_dtype
-from .registry import Param, merge_method
+from . import _reduce
+from ._geometry import work_dtype
+from .registry import POSITIVE, Param, merge_method
+from .task_arithmetic import WEIGHT_SUM_EPS
 
 
 @merge_method(
     "multislerp",
     params=(
         Param("weight", per_model=True, help="weight of each model"),
-        Param("normalize_weights", default=True, help="divide the weights by their sum"),
-        Param("eps", default=1e-8, help="small constant for numerical stability"),
+        Param("normalize_weights", default=True, kind="bool", help="divide the weights by their sum"),
+        Param("eps", default=1e-8, range=POSITIVE, help="small constant for numerical stability"),
     ),
     base="optional",
     summary="barycentric interpolation of several models on a hypersphere",
@@ -61,10 +64,6 @@ def multislerp(
     eps: float = 1e-8,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    check_count(tensors, "multislerp", 1, None)
-    check_same_shape(tensors, base, "multislerp")
-    if len(weight) != len(tensors):
-        raise ValueError(f"multislerp: got {len(weight)} weights for {len(tensors)} models")
     if len(tensors) == 1:
         return tensors[0].clone()
 
@@ -74,8 +73,8 @@ def multislerp(
     w = [float(v) for v in weight]
     if normalize_weights:
         total = sum(w)
-        if total == 0.0:
-            raise ValueError("multislerp: the weights sum to zero, so they cannot be normalized")
+        if abs(total) < WEIGHT_SUM_EPS:
+            raise ValueError(f"normalize_weights divides by the sum of the weights {w}, which is 0; change the weights")
         w = [v / total for v in w]
     b = None if base is None else base.reshape(-1).to(dtype)
 
@@ -88,10 +87,10 @@ def multislerp(
     norms = []
     for i in range(len(tensors)):
         x = offset(i)
-        n = torch.linalg.vector_norm(x)
+        n = _reduce.norm(x)
         norms.append(n)
         m.add_(x * (w[i] / (n + eps)))
-    m_norm = torch.linalg.vector_norm(m)
+    m_norm = _reduce.norm(m)
     if m_norm.item() < eps and all(float(n) < eps for n in norms):
         # every model equals the base (or is zero): the result's norm, sum_i w_i n_i, is 0.
         # mergekit 0.1.5 raises here; this is the formula's limit, and what a user expects

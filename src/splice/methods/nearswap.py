@@ -7,7 +7,8 @@ Element-wise, with a = base, b = the other model and similarity threshold t:
 
 Where |a - b| <= t the parameter is swapped wholesale to b; further apart, b's
 share falls off as t / |a - b|. t = 0 returns the base; a very large t
-returns the other model.
+returns the other model; a negative t (which mergekit accepts) would return the
+base everywhere and is refused.
 
 alchemonaut 2024, QuartetAnemoi-70B-t0.0001 model card (Hugging Face), which
 introduced the method; parameter names, defaults and behaviour follow
@@ -20,15 +21,15 @@ from collections.abc import Sequence
 
 import torch
 
-from ._geometry import check_count, check_same_shape, work_dtype
-from .registry import Param, merge_method
+from ._geometry import work_dtype
+from .registry import NON_NEGATIVE, Param, merge_method
 
 MIN_DIFF = 1e-6  # |a - b| is clamped to at least this before dividing
 
 
 @merge_method(
     "nearswap",
-    params=(Param("t", help="similarity threshold: swap in values closer than t to the base"),),
+    params=(Param("t", range=NON_NEGATIVE, help="similarity threshold: swap in values closer than t to the base"),),
     base="required",
     summary="swap in the other model's values where they lie within t of the base",
     paper="alchemonaut 2024, QuartetAnemoi-70B-t0.0001 (Hugging Face model card)",
@@ -42,10 +43,6 @@ def nearswap(
     t: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    if base is None:
-        raise ValueError("nearswap: needs a base_model")
-    check_count(tensors, "nearswap", 1, 1)
-    check_same_shape(tensors, base, "nearswap")
     dtype = work_dtype(base)
     a = base.to(dtype)
     b = tensors[0].to(dtype)

@@ -1,8 +1,9 @@
 """NuSLERP: SLERP between two models driven by per-model weights, optionally
 on task vectors and optionally row by row.
 
-With weights w0, w1 for the two models, t = w1 / (w0 + w1) (t = 0.5 when the
-weights sum to ~0). Given vectors v0, v1 and unit vectors u_i = v_i / max(|v_i|, 1e-7),
+With weights w0, w1 for the two models, t = w1 / (w0 + w1).  Weights that
+sum to ~0 (|w0 + w1| < 1e-6) are an error: mergekit then silently takes
+t = 0.5, an interpolation the weights did not ask for. Given vectors v0, v1 and unit vectors u_i = v_i / max(|v_i|, 1e-7),
 theta = arccos(u0 . u1):
 
     nuslerp(t) = (sin((1 - t) theta) v0 + sin(t theta) v1) / sin(theta)
@@ -25,10 +26,12 @@ from collections.abc import Sequence
 
 import torch
 
-from ._geometry import arc_coefficients, check_count, check_same_shape, work_dtype
+from . import _reduce
+from ._geometry import arc_coefficients, work_dtype
 from .registry import Param, merge_method
 
 UNIT_EPS = 1e-7  # norms are clamped to at least this before dividing
+WEIGHT_SUM_EPS = 1e-6  # |w0 + w1| below this counts as 0 (mergekit's threshold here)
 PARALLEL_EPS = 1e-8  # sin(theta)^2 at or below PARALLEL_EPS^2 counts as parallel
 
 
@@ -53,9 +56,9 @@ def nuslerp_pair(
         b = b.transpose(0, -1)
         transposed = True
 
-    na = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=UNIT_EPS)
-    nb = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=UNIT_EPS)
-    cos = ((a / na) * (b / nb)).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+    na = _reduce.norm_last(a, keepdim=True).clamp(min=UNIT_EPS)
+    nb = _reduce.norm_last(b, keepdim=True).clamp(min=UNIT_EPS)
+    cos = _reduce.sum_last((a / na) * (b / nb), keepdim=True).clamp(-1.0, 1.0)
     straight = (1 - cos * cos) <= PARALLEL_EPS**2
     c0, c1 = arc_coefficients(float(t), cos, straight)
 
@@ -70,8 +73,8 @@ def nuslerp_pair(
     "nuslerp",
     params=(
         Param("weight", per_model=True, help="relative weight of each of the two models"),
-        Param("nuslerp_row_wise", default=False, help="interpolate column vectors (along the first axis)"),
-        Param("nuslerp_flatten", default=True, help="treat the whole tensor as one vector"),
+        Param("nuslerp_row_wise", default=False, kind="bool", help="interpolate column vectors (along the first axis)"),
+        Param("nuslerp_flatten", default=True, kind="bool", help="treat the whole tensor as one vector"),
     ),
     base="optional",
     summary="SLERP of two models (or their task vectors) with weights, per tensor or per row",
@@ -88,11 +91,11 @@ def nuslerp(
     nuslerp_flatten: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    check_count(tensors, "nuslerp", 2, 2)
-    check_same_shape(tensors, base, "nuslerp")
     w0, w1 = (float(w) for w in weight)
     total = w0 + w1
-    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    if abs(total) < WEIGHT_SUM_EPS:
+        raise ValueError(f"nuslerp interpolates at t = w1 / (w0 + w1), and the weights {[w0, w1]} sum to 0; change the weights")
+    t = w1 / total
     if base is None:
         return nuslerp_pair(t, tensors[0], tensors[1], row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
     dtype = work_dtype(base)

@@ -19,13 +19,12 @@ from collections.abc import Sequence
 
 import torch
 
-from ._geometry import check_count
 from .registry import Param, merge_method
 
 
 @merge_method(
     "passthrough",
-    params=(Param("scale", default=None, per_model=True, help="multiply the tensor by this (unset: copy as is)"),),
+    params=(Param("scale", default=None, per_model=True, optional=True, help="multiply the tensor by this (unset: copy as is)"),),
     base="none",
     summary="copy one model's tensor, optionally scaled (for layer stacking)",
     paper="Kim et al. 2023, SOLAR 10.7B: depth up-scaling (arXiv:2312.15166)",
@@ -36,15 +35,10 @@ def passthrough(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None = None,
     *,
-    scale: Sequence[float | None] | float | None = None,
+    scale: Sequence[float | None] = (None,),
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    check_count(tensors, "passthrough", 1, 1)
-    if isinstance(scale, (list, tuple)):
-        if len(scale) != 1:
-            raise ValueError(f"passthrough: got {len(scale)} scale values for one model")
-        scale = scale[0]
-    x = tensors[0]
-    if scale is None:
+    x, (factor,) = tensors[0], scale
+    if factor is None:
         return x
-    return x * float(scale)
+    return x * float(factor)

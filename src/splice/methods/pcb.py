@@ -28,7 +28,10 @@ Deviations from the reference code: it scores the whole flattened model at
 once (here: each tensor), and first clips ``|d_i|`` to its 0.01%..99.99%
 quantiles, which the paper does not describe and which is left out here.
 Guards: a task whose magnitudes (or scores above ``q_i``) are all equal gets
-intra-importance 1 (or scale 0) instead of 0/0; ``density <= 0`` drops a task.
+intra-importance 1 (or scale 0) instead of 0/0; ``density`` 0 drops a task.
+The divisor ``sum_i s_i`` is a sum of scales in [0, 1], zero only where every
+task dropped the element, where the sum is zero too: the base is kept there
+(no division by a zero sum of weights; ``weight`` only scales the numerator).
 """
 
 from __future__ import annotations
@@ -38,8 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from ._sparsify import kth_smallest
-from ._task_vectors import check_inputs, per_model
-from .registry import Param, merge_method
+from .registry import FRACTION, Param, merge_method
 
 
 def _scores(delta: torch.Tensor, combined: torch.Tensor, n_models: int, mag: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,13 @@ def _balance_(scores: torch.Tensor, density: float) -> torch.Tensor:
     "pcb",
     params=(
         Param("weight", default=1.0, per_model=True, help="coefficient of each task's balanced task vector"),
-        Param("density", default=0.2, per_model=True, help="fraction of each task's elements kept by PCB score (1 - drop ratio)"),
+        Param(
+            "density",
+            default=0.2,
+            per_model=True,
+            range=FRACTION,
+            help="fraction of each task's elements kept by PCB score (1 - drop ratio)",
+        ),
         Param("lambda", default=1.0, help="scale of the merged task vector"),
     ),
     base="required",
@@ -85,16 +93,15 @@ def pcb(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: Sequence[float] | float = 1.0,
-    density: Sequence[float] | float = 0.2,
+    weight: Sequence[float],
+    density: Sequence[float],
     lambda_: float = 1.0,
 ) -> torch.Tensor:
-    check_inputs(tensors, base, "pcb")
     if not tensors or base.numel() == 0:
         return base.clone()
     n_models = len(tensors)
-    weights = [float(w) for w in per_model(weight, n_models, "weight")]
-    dens = [float(x) for x in per_model(density, n_models, "density")]
+    weights = [float(w) for w in weight]
+    dens = [float(x) for x in density]
 
     combined = torch.zeros_like(base)
     tmp = torch.empty_like(base)

@@ -5,12 +5,16 @@ For task vectors ``d_i = t_i - base`` of K models:
 1. **Select** (when ``select_topk < 1``): per element, the population variance
    of ``d_1..d_K``; keep the ``int(select_topk * count_nonzero(var))`` elements
    of highest variance (ties: lowest flat index) and zero the rest in every
-   ``d_i``.  ``select_topk <= 0`` keeps nothing.
+   ``d_i``.  ``select_topk`` lies in (0, 1]: 0 would keep nothing (the base),
+   which mergekit accepts and splice refuses as meaningless.
 2. **Calculate**: model weights ``w_i = mean(d_i**2) / sum_j mean(d_j**2)``, or
    ``1/K`` each when that sum is below 1e-6 (as mergekit does; note that real
    fine-tune deltas are often that small, making the weights uniform).
 3. **Erase**: TIES sign election on the (unweighted) ``d_i``; the merged delta is
-   ``sum_i w_i d_i [agree] / max(sum_i w_i [agree], 1e-6)``.
+   ``sum_i w_i d_i [agree] / max(sum_i w_i [agree], 1e-6)``.  The weights are
+   never negative, so the divisor is small only where (almost) no model takes
+   part, and there the sum is small too: the clamp keeps the base, as in
+   mergekit, and is no division by a zero sum of weights.
 
 No per-model ``weight``: mergekit's sce takes none.  Task vectors are
 re-derived from the inputs in each pass (into reused buffers) instead of
@@ -23,12 +27,11 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _reduce
 from ._consensus import SignConsensus
+from ._sizes import VARIANCE_CHUNK
 from ._sparsify import topk_mask
-from ._task_vectors import check_inputs
-from .registry import Param, merge_method
-
-_CHUNK = 1 << 20  # elements per variance chunk: K * 4 MiB of float32 at a time
+from .registry import Param, Range, merge_method
 
 
 def _variance(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
@@ -41,8 +44,8 @@ def _variance(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tens
     flat_base = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     var = torch.empty_like(flat_base)
-    for lo in range(0, flat_base.numel(), _CHUNK):
-        part = slice(lo, lo + _CHUNK)
+    for lo in range(0, flat_base.numel(), VARIANCE_CHUNK):
+        part = slice(lo, lo + VARIANCE_CHUNK)
         stacked = torch.stack([f[part] - flat_base[part] for f in flats])
         torch.var(stacked, dim=0, unbiased=False, out=var[part])
     return var.reshape(base.shape)
@@ -57,8 +60,13 @@ def _variance_mask(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_t
 @merge_method(
     "sce",
     params=(
-        Param("select_topk", default=1.0, help="fraction of the non-zero-variance elements kept (highest variance across models)"),
-        Param("int8_mask", default=False, help="accepted for mergekit compatibility (memory option; no effect here)"),
+        Param(
+            "select_topk",
+            default=1.0,
+            range=Range(0.0, 1.0, low_open=True),
+            help="fraction of the non-zero-variance elements kept (highest variance across models)",
+        ),
+        Param("int8_mask", default=False, kind="bool", help="accepted for mergekit compatibility (memory option; no effect here)"),
     ),
     base="required",
     summary="keep high-variance elements, weight models by mean squared delta, TIES sign erase",
@@ -71,14 +79,11 @@ def sce(
     select_topk: float = 1.0,
     int8_mask: bool = False,
 ) -> torch.Tensor:
-    check_inputs(tensors, base, "sce")
     if not tensors:
         return base.clone()
     k_models = len(tensors)
     if select_topk >= 1:
         keep = None
-    elif select_topk <= 0:
-        keep = torch.zeros_like(base)
     else:
         keep = _variance_mask(tensors, base, float(select_topk)).to(base.dtype)
 
@@ -90,7 +95,7 @@ def sce(
 
     # Calculate: mean squared (selected) delta per model.
     n = max(base.numel(), 1)
-    energy = torch.stack([torch.linalg.vector_norm(task_vector(t)).square() / n for t in tensors])
+    energy = torch.stack([_reduce.norm(task_vector(t)).square() / n for t in tensors])
     total = float(torch.sum(energy))
     weights = torch.full_like(energy, 1.0 / k_models) if abs(total) < 1e-6 else energy / total
 

@@ -7,7 +7,8 @@ u_i = v_i / |v_i| (a zero vector is left as is) and theta = arccos(u0 . u1):
 
 When |u0 . u1| > 0.9995 the vectors are nearly (anti)parallel and the result
 falls back to linear interpolation, (1 - t) v0 + t v1. t = 0 gives the base,
-t = 1 the other model; values outside [0, 1] extrapolate along the same arc.
+t = 1 the other model.  mergekit also accepts t outside [0, 1] (extrapolation
+along the arc, away from both models); splice refuses it as a recipe error.
 Note the unnormalised v0, v1 are combined, so norms interpolate too.
 
 Shoemake 1985, "Animating rotation with quaternion curves" (SIGGRAPH '85);
@@ -21,8 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ._geometry import arc_coefficients, check_count, check_same_shape, work_dtype
-from .registry import Param, merge_method
+from . import _reduce
+from ._geometry import arc_coefficients, work_dtype
+from .registry import FRACTION, Param, merge_method
 
 DOT_THRESHOLD = 0.9995  # above this |cos| the pair counts as parallel
 NORM_EPS = 1e-8  # a vector with a norm at or below this is not rescaled
@@ -37,11 +39,11 @@ def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     if a.numel() == 0:
         return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
 
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
+    norm_a = _reduce.norm(a)
+    norm_b = _reduce.norm(b)
     norm_a = torch.where(norm_a > NORM_EPS, norm_a, torch.ones_like(norm_a))
     norm_b = torch.where(norm_b > NORM_EPS, norm_b, torch.ones_like(norm_b))
-    cos = (torch.dot(a, b) / (norm_a * norm_b)).clamp(-1.0, 1.0)
+    cos = (_reduce.dot(a, b) / (norm_a * norm_b)).clamp(-1.0, 1.0)
     c0, c1 = arc_coefficients(t, cos, cos.abs() > DOT_THRESHOLD)
 
     out = a * c0.item()
@@ -51,7 +53,7 @@ def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 
 @merge_method(
     "slerp",
-    params=(Param("t", help="interpolation factor: 0 = base model, 1 = the other model"),),
+    params=(Param("t", range=FRACTION, help="interpolation factor: 0 = base model, 1 = the other model"),),
     base="required",
     summary="spherical interpolation between the base model and one other model",
     paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
@@ -65,8 +67,4 @@ def slerp(
     t: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    if base is None:
-        raise ValueError("slerp: needs a base_model (t = 0 returns the base)")
-    check_count(tensors, "slerp", 1, 1)
-    check_same_shape(tensors, base, "slerp")
     return slerp_pair(t, base, tensors[0])

@@ -1,0 +1,27 @@
+"""Block and chunk sizes of the methods' loops, in one place.
+
+Each is a number of elements handled at a time.  Smaller keeps a loop's working
+set in the CPU caches; larger pays the per-block overhead (Python steps, torch
+calls) fewer times.  None changes a result's bits: every path that uses them is
+tested bit-identical to the plain whole-tensor path, or is exact.
+"""
+
+# The torch-chunked task arithmetic / TIES path (``_chunked``, when numba is absent):
+# about eight 256 KiB float32 buffers stay in L2, and a chunk costs a dozen torch calls
+# (a few microseconds each), which smaller chunks would multiply.
+TORCH_CHUNK = 1 << 16
+
+# The fused numba kernels (``_kernels``): a block's five float32 accumulators and two bit
+# buffers (~450 KiB) stay in L2 while the K models stream through it; smaller blocks
+# reload the base more often and shorten the vectorized loops.
+KERNEL_BLOCK = 1 << 14
+
+# sce's variance across models (``sce``): K * 4 MiB of float32 stacked at a time instead
+# of K whole task vectors; smaller chunks mean more ``torch.var`` calls.
+VARIANCE_CHUNK = 1 << 20
+
+# Thread-count-independent reductions (``_reduce``): a whole-tensor sum is taken as one
+# partial sum per block (torch computes each on one thread) plus an exact sum of the
+# partials.  Must stay below torch's intra-op grain (32768) so a single block is never
+# split across threads; larger blocks mean fewer partials to add in Python.
+SUM_BLOCK = 1 << 14
