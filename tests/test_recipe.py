@@ -54,7 +54,10 @@ tokenizer_source: union
 @pytest.mark.parametrize(
     "text,expected",
     [
-        ("merge_method: tiess\nmodels: [{model: a}]\n", r"r.yaml:1: merge_method: unknown merge method 'tiess'; did you mean 'ties'\? \(valid: .*ties"),
+        (
+            "merge_method: tiess\nmodels: [{model: a}]\n",
+            r"r.yaml:1: merge_method: unknown merge method 'tiess'; did you mean 'ties'\? \(valid: .*ties",
+        ),
         (
             "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      desnity: 0.5\n",
             r"r.yaml:6: models\[0\]\.parameters\.desnity: unknown parameter 'desnity' for merge method 'ties'; did you mean 'density'\? \(valid: .*density",
