@@ -20,10 +20,14 @@ Used for CPU tensors above ``SORT_LIMIT`` elements when the sparsifier is a
 plain magnitude trim (TIES) or none (task arithmetic) and ``rescale`` is off.
 
 With numba (``_kernels``) each chunk is one fused loop.  Without it the chunks run
-as torch calls, which is still clearly faster than the whole-tensor path: TIES on
-one 4096x4096 bfloat16 tensor, 3 models, density 0.5, one torch thread (the
-engine's default), medians of A/B-interleaved rounds on a loaded 2-core machine:
-0.40 s chunked vs 1.18 s whole-tensor (7 rounds), 0.78 s vs 2.03 s (9 rounds).
+as torch calls, which is still clearly faster than the whole-tensor path at one
+torch thread per job (the engine's default): TIES on one 4096x4096 bfloat16
+tensor, 3 models, density 0.5, medians of A/B-interleaved rounds on a 2-core
+machine loaded by other work (``benchmarks/chunked_fallback.py``): 0.40 s chunked
+vs 1.18 s whole-tensor (7 rounds), 0.78 vs 2.03 s (9 rounds), 1.18 vs 3.16 s
+(5 rounds, heavier load).  With 2 torch threads on that loaded machine the
+chunked path was slower and erratic (6.7 vs 2.4 s): its many small calls each
+pay a thread hand-off; not re-measured on an idle machine.
 """
 
 from __future__ import annotations

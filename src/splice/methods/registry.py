@@ -53,17 +53,14 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
+        """ "" (any finite number), ">= 1", "< 2" or an interval such as "(0, 1]"."""
         if self.low == -math.inf and self.high == math.inf:
             return ""
         if self.high == math.inf:
-            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
         if self.low == -math.inf:
-            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
-        return f"{'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
 
 FINITE = Range()
@@ -79,7 +76,7 @@ class Param:
     per_model: bool = False  # True: one value per model; False: global
     help: str = ""
     kind: str = "float"  # "float" (any number), "int" or "bool"
-    range: Range | None = FINITE  # numbers only; None for booleans
+    range: Range = FINITE  # of numbers (booleans have none)
     optional: bool = False  # True: None (unset) is a valid value
 
     @property
@@ -93,11 +90,10 @@ class Param:
     @property
     def bounds(self) -> str:
         """The range in words for the methods table: "" (any finite number, or a boolean), "in [0, 1]", "integer >= 1"."""
-        if self.kind == "bool" or self.range is None:
+        if self.kind == "bool":
             return ""
         text = str(self.range)
-        if text.startswith(("[", "(")):
-            text = f"in {text}"
+        text = f"in {text}" if text.startswith(("[", "(")) else text
         return f"integer {text}".strip() if self.kind == "int" else text
 
     @property
@@ -122,7 +118,7 @@ class Param:
         elif isinstance(value, bool) or not isinstance(value, numbers.Real):
             ok = False
         else:
-            ok = (self.range is None or value in self.range) and (self.kind != "int" or float(value).is_integer())
+            ok = value in self.range and (self.kind != "int" or float(value).is_integer())
         return None if ok else f"must be {self.valid}, got {value!r}"
 
 
