@@ -214,9 +214,9 @@ def _check_setting(ctx: _Ctx, v: Any, path: tuple) -> None:
 def _params(ctx: _Ctx, data: Any, path: tuple, method: MergeMethod) -> dict:
     """The parameters ``method`` takes, each value checked against its range where it is known.
 
-    A parameter that only other methods take is ignored with one warning per
-    name (mergekit ignores it silently); a name no method takes is an error with
-    a suggestion.  Numbers written as strings (PyYAML reads ``1e-3`` as one) are
+    A parameter that only other methods take, or a global one set for one
+    model, is ignored with one warning per name (mergekit ignores both
+    silently); a name no method takes is an error with a suggestion.  Numbers written as strings (PyYAML reads ``1e-3`` as one) are
     converted, as mergekit's pydantic does.
     """
     from .methods import known_param_names
@@ -229,7 +229,13 @@ def _params(ctx: _Ctx, data: Any, path: tuple, method: MergeMethod) -> dict:
     for k, v in data.items():
         _check_setting(ctx, v, path + (k,))
         p = method.param(k)
-        if p is not None:
+        if p is not None and not p.per_model and (path[0] == "models" or "sources" in path):
+            msg = (
+                f"{ctx.where(path + (k,))}: parameter {k!r} of merge method {method.name!r} is global: set for one model "
+                "it is ignored (as mergekit does); set it in the recipe's or the slice's parameters"
+            )
+            ctx.warnings.setdefault(f"global parameter {k}", msg)
+        elif p is not None:
             out[k] = _param_setting(ctx, p, v, path + (k,))
         elif k in known_param_names():
             msg = f"{ctx.where(path + (k,))}: parameter {k!r} is not used by merge method {method.name!r}; ignored"

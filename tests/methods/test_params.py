@@ -121,6 +121,18 @@ def test_parameters_only_other_methods_take_warn_once_and_are_ignored(tmp_path):
     assert r.models[0].parameters == {} and r.parameters == {"filter_wise": True}
 
 
+def test_a_global_parameter_set_for_one_model_warns_that_it_is_ignored(tmp_path):
+    r = _load(tmp_path, TIES + "      normalize: false\n      lambda: 0.5\n  - model: c\n    parameters: {weight: 1, normalize: false}\n")
+    f = tmp_path / "r.yaml"
+    assert r.warnings == [
+        f"{f}:7: models[0].parameters.normalize: parameter 'normalize' of merge method 'ties' is global: set for one model "
+        "it is ignored (as mergekit does); set it in the recipe's or the slice's parameters",
+        f"{f}:8: models[0].parameters.lambda: parameter 'lambda' of merge method 'ties' is global: set for one model "
+        "it is ignored (as mergekit does); set it in the recipe's or the slice's parameters",
+    ]
+    assert r.models[0].parameters == {"weight": 1.0} and r.models[1].parameters == {"weight": 1}
+
+
 @pytest.mark.parametrize(
     "method,text,expected",
     [
