@@ -216,8 +216,9 @@ def _params(ctx: _Ctx, data: Any, path: tuple, method: MergeMethod) -> dict:
 
     A parameter that only other methods take, or a global one set for one
     model, is ignored with one warning per name (mergekit ignores both
-    silently); a name no method takes is an error with a suggestion.  Numbers written as strings (PyYAML reads ``1e-3`` as one) are
-    converted, as mergekit's pydantic does.
+    silently); a name no method takes is an error with a suggestion.  Numbers
+    written as strings (PyYAML reads ``1e-3`` as one) are converted, as
+    mergekit's pydantic does.
     """
     from .methods import known_param_names
 

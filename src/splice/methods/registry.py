@@ -169,6 +169,7 @@ class MergeMethod:
         return self.fn(tensors, base, **self.bind(params, len(tensors)))
 
     def check_tensors(self, tensors: Sequence[Any], base: Any) -> None:
+        """A base where one is required, the number of models, equal shapes; ValueError otherwise."""
         if self.base == "required" and base is None:
             raise ValueError("needs a base model")
         n = len(tensors)
