@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
+from .registry import did_you_mean
+from .yamlfile import read_yaml
 
 TOP_KEYS = (
     "merge_method",
@@ -127,21 +129,7 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
     raise RecipeError(f"unexpected parameter value {setting!r}")
 
 
-# ---------------------------------------------------------------- YAML with line numbers
-
-
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict:
-    out = {} if out is None else out
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value
-            out[path + (key,)] = k.start_mark.line + 1
-            _line_map(v, path + (key,), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _line_map(v, path + (i,), out)
-    return out
+# ---------------------------------------------------------------- structure checks with line numbers
 
 
 class _Ctx:
@@ -165,12 +153,33 @@ class _Ctx:
 
 
 def _check_keys(ctx: _Ctx, data: Any, path: tuple, allowed: tuple[str, ...], what: str) -> dict:
+    """``data`` as a mapping whose keys are all in ``allowed``; an unknown key is an error with a suggestion.
+
+    mergekit ignores unknown keys; splice refuses them, because a misspelt key
+    (``dype:``) silently changes the output.
+    """
     if not isinstance(data, dict):
         raise ctx.fail(path, f"{what} must be a mapping, got {type(data).__name__}")
     for k in data:
         if k not in allowed:
-            raise ctx.fail(path + (k,), f"unknown key {k!r} in {what} (valid: {', '.join(allowed)})")
+            raise ctx.fail(path + (k,), unknown_choice(f"key {k!r} in {what}", k, allowed))
     return data
+
+
+def unknown_choice(what: str, name: object, choices: tuple[str, ...] | list[str]) -> str:
+    """``unknown <what> (valid: a, b); did you mean 'b'?``, the suggestion only when one is close.
+
+    Args:
+        what: the thing and its place, e.g. ``"key 'dype' in the recipe"``.
+        name: the name the user wrote.
+        choices: the valid names.
+
+    Returns:
+        The message (without file and line).
+    """
+    hint = did_you_mean(name, choices)
+    suggestion = f"; did you mean {hint!r}?" if hint is not None else ""
+    return f"unknown {what} (valid: {', '.join(choices)}){suggestion}"
 
 
 def _model_ref(ctx: _Ctx, v: Any, path: tuple) -> str:
@@ -200,6 +209,8 @@ def _check_setting(ctx: _Ctx, v: Any, path: tuple) -> None:
             for k in cond:
                 if k not in ("filter", "value"):
                     raise ctx.fail(path + (i, k), f"unknown key {k!r} in conditional parameter (valid: filter, value)")
+            if not isinstance(cond.get("filter", ""), (str, type(None))):
+                raise ctx.fail(path + (i, "filter"), f"a filter is part of a tensor name (a string), got {cond['filter']!r}")
             _check_setting(ctx, cond["value"], path + (i, "value"))
         return
     raise ctx.fail(path, f"a parameter is a number, a list of numbers (gradient) or [{{filter, value}}], got {v!r}")
@@ -216,6 +227,21 @@ def _params(ctx: _Ctx, data: Any, path: tuple, method_params: list[str] | None, 
             raise ctx.fail(path + (k,), f"unknown parameter {k!r} for merge method {method!r} (valid: {valid})")
         _check_setting(ctx, v, path + (k,))
     return dict(data)
+
+
+def _layer_range(ctx: _Ctx, lr: Any, path: tuple) -> tuple[int, int]:
+    """``[start, end)``: integers, 0 <= start < end (a slice of no layers makes no model)."""
+    if (
+        not isinstance(lr, list)
+        or len(lr) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+        or lr[0] < 0
+        or lr[1] < lr[0]
+    ):
+        raise ctx.fail(path, f"layer_range must be [start, end] with 0 <= start <= end, got {lr!r}")
+    if lr[0] == lr[1]:
+        raise ctx.fail(path, f"layer_range {lr!r} spans no layers (end is exclusive: [{lr[0]}, {lr[0] + 1}] is layer {lr[0]} alone)")
+    return lr[0], lr[1]
 
 
 def _dtype(ctx: _Ctx, v: Any, path: tuple) -> str | None:
@@ -238,8 +264,8 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
     try:
         method = get_method(name)
     except (KeyError, TypeError):
-        valid = ", ".join(m.name for m in all_methods())
-        raise ctx.fail(("merge_method",), f"unknown merge method {name!r} (valid: {valid})") from None
+        valid = [m.name for m in all_methods()]
+        raise ctx.fail(("merge_method",), unknown_choice(f"merge method {name!r}", name, valid)) from None
     pnames = method.param_names
 
     has_models = data.get("models") is not None
@@ -253,6 +279,8 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
     r.dtype = _dtype(ctx, data.get("dtype"), ("dtype",))
     r.out_dtype = _dtype(ctx, data.get("out_dtype"), ("out_dtype",))
     r.name = data.get("name")
+    if r.name is not None and (not isinstance(r.name, str) or not r.name.strip()):
+        raise ctx.fail(("name",), f"name must be a non-empty string, got {r.name!r}")
 
     if has_models:
         models = data["models"]
@@ -290,20 +318,12 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
                 _check_keys(ctx, src, p, SOURCE_KEYS, "a slice source")
                 if "model" not in src:
                     raise ctx.fail(p, "missing 'model'")
-                lr = src.get("layer_range")
-                if (
-                    not isinstance(lr, list)
-                    or len(lr) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
-                    or lr[0] < 0
-                    or lr[1] < lr[0]
-                ):
-                    raise ctx.fail(p + ("layer_range",), f"layer_range must be [start, end] with 0 <= start <= end, got {lr!r}")
+                lr = _layer_range(ctx, src.get("layer_range"), p + ("layer_range",))
                 lengths.add(lr[1] - lr[0])
                 sources.append(
                     Source(
                         model=_model_ref(ctx, src["model"], p + ("model",)),
-                        layer_range=(lr[0], lr[1]),
+                        layer_range=lr,
                         parameters=_params(ctx, src.get("parameters"), p + ("parameters",), pnames, method.name),
                     )
                 )
@@ -328,7 +348,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
             raise ctx.fail(("tokenizer", "tokens"), "per-token embedding sources ('tokens') are not supported yet")
         tok_src = tok.get("source")
         pad = tok.get("pad_to_multiple_of")
-        if pad is not None and (not isinstance(pad, int) or pad < 1):
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
             raise ctx.fail(("tokenizer", "pad_to_multiple_of"), f"must be a positive integer, got {pad!r}")
         r.pad_to_multiple_of = pad
     if tok_src is not None:
@@ -336,6 +356,8 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
             raise ctx.fail(("tokenizer_source",), "tokenizer_source is 'base', 'union' or a model reference")
         if tok_src == "base" and not _any_base(r):
             raise ctx.fail(("tokenizer_source",), "tokenizer_source 'base' needs a base_model")
+        if tok_src not in ("base", "union"):
+            tok_src = _model_ref(ctx, tok_src, ("tokenizer", "source") if tok is not None else ("tokenizer_source",))
         r.tokenizer_source = tok_src
     ct = data.get("chat_template")
     if ct is not None and not isinstance(ct, str):
@@ -357,36 +379,32 @@ def _any_base(r: Recipe) -> bool:
     return bool(r.base_model) or any(s.base_model for s in r.slices or [])
 
 
-def load_recipe(path_or_text: str | Path | dict) -> Recipe:
-    """Load a recipe from a YAML file path, a YAML string, or a dict."""
+def load_recipe(path_or_text: str | Path | dict | Recipe) -> Recipe:
+    """Load one recipe.
+
+    Args:
+        path_or_text: a YAML file path, YAML text, a dict, or a Recipe (returned as is).
+
+    Returns:
+        The validated Recipe (``path`` set when it came from a file).
+
+    Raises:
+        RecipeError: one line with file:line; a multi-stage file (several YAML
+            documents) is refused here: ``splice.multi`` runs those.
+    """
     if isinstance(path_or_text, Recipe):
         return path_or_text
     if isinstance(path_or_text, dict):
         return parse_recipe(path_or_text)
-    text: str
-    file = "<recipe>"
-    p = Path(path_or_text) if not (isinstance(path_or_text, str) and "\n" in path_or_text) else None
-    if p is not None and p.exists():
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{p}: cannot read recipe ({e})") from None
-        file = str(p)
-    elif p is not None and isinstance(path_or_text, Path) or (p is not None and str(path_or_text).endswith((".yaml", ".yml"))):
-        raise RecipeError(f"recipe file {str(path_or_text)!r} not found")
-    else:
-        text = str(path_or_text)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else file
-        raise RecipeError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:
-        raise RecipeError(f"{file}: the recipe is empty")
-    lines = _line_map(node) if node is not None else {}
-    r = parse_recipe(data, file=file, lines=lines)
-    if file != "<recipe>":
-        r.path = Path(file)
+    src = read_yaml(path_or_text)
+    docs = src.documents
+    if not docs:
+        raise RecipeError(f"{src.file}: the recipe is empty")
+    if len(docs) > 1:
+        raise RecipeError(
+            f"{src.file}:{docs[1].line}: a multi-stage recipe ({len(docs)} YAML documents); "
+            "only a merge runs it (it cannot be planned or loaded as one recipe)"
+        )
+    r = parse_recipe(docs[0].data, file=src.file, lines=docs[0].lines)
+    r.path = src.path
     return r
