@@ -279,3 +279,37 @@ def test_a_stage_interrupted_while_building_is_redone(tmp_path, models):
     assert [st["status"] for st in s["stages"]] == ["merged", "merged"]
     assert sorted(p.name for p in inter.iterdir()) == ["ab"]
     _assert_close(tmp_path / "out", _expected(base, a, b))
+
+
+def _mergekit_multi():
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    for yaml_cmd in (os.environ.get("SPLICE_MERGEKIT_YAML"), str(root / "benchmarks" / ".venv-mergekit" / "bin" / "mergekit-yaml")):
+        if yaml_cmd and (Path(yaml_cmd).parent / "mergekit-multi").exists():
+            return str(Path(yaml_cmd).parent / "mergekit-multi")
+    return None
+
+
+@pytest.mark.mergekit
+@pytest.mark.skipif(_mergekit_multi() is None, reason="mergekit-multi not available (benchmarks/setup_mergekit.sh)")
+def test_matches_mergekit_multi(tmp_path, models):
+    import os
+    import subprocess
+
+    base, a, b = models
+    text = (
+        f"name: ab\nmerge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 1.0}}}}\n"
+        f"  - {{model: {base}, parameters: {{weight: 3.0}}}}\n---\n"
+        "merge_method: slerp\nbase_model: ab\nparameters: {t: [0, 0.5, 1]}\n"
+        f"slices:\n  - sources: [{{model: ab, layer_range: [0, 2]}}, {{model: {b}, layer_range: [0, 2]}}]\n"
+    )
+    r = _write(tmp_path, text)
+    splice.merge(r, tmp_path / "ours", quiet=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [_mergekit_multi(), str(r), "--out-path", str(tmp_path / "theirs"), "-I", str(tmp_path / "mk-stages"), "--no-copy-tokenizer"]
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    ours, theirs = load_sd(tmp_path / "ours"), load_sd(tmp_path / "theirs")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k].float(), theirs[k].float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
