@@ -21,7 +21,7 @@ def test_lookup_by_name_and_alias():
 
 def test_unknown_name_suggests_the_closest_and_lists_valid():
     with pytest.raises(
-        UnknownName, match=r"unknown skip strategy 'balancd'; did you mean 'balanced'\? \(valid: balanced, block-influence\)"
+        UnknownName, match=r"unknown skip strategy 'balancd' \(valid: balanced, block-influence\); did you mean 'balanced'\?"
     ) as e:
         _reg().get("balancd")
     assert isinstance(e.value, SpliceError) and isinstance(e.value, KeyError) and e.value.suggestion == "balanced"

@@ -21,9 +21,15 @@ __all__ = ["merge", "merge_state_dicts", "merge_tensors", "plan", "__version__"]
 def merge(recipe: Any, out: Any, **options: Any) -> dict:
     """Run a merge recipe (path, YAML text, dict or Recipe) into folder ``out``.
 
-    Options: force, seed, device, shard_size, allow_pickle, quiet, workers, threads.
-    Returns a summary: out, bytes, tensors, seconds, layers, method.
+    Options: force, seed, device, shard_size, allow_pickle, quiet, workers, threads;
+    for a multi-stage recipe (several YAML documents) also stage and intermediate_dir
+    (see ``splice.multi.run_stages``).
+    Returns a summary: out, bytes, tensors, seconds, layers, method (and stages).
     """
+    from .multi import is_multi_stage, run_stages
+
+    if is_multi_stage(recipe) or "stage" in options or "intermediate_dir" in options:
+        return run_stages(recipe, out, **options)
     from .engine import run_merge
 
     return run_merge(recipe, out, **options)

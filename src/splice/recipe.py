@@ -16,6 +16,8 @@ import yaml
 
 from .errors import RecipeError
 from .registry import UnknownName, did_you_mean
+from .registry import unknown_choice as registry_unknown_choice
+from .yamlfile import read_yaml
 
 if TYPE_CHECKING:
     from .methods import MergeMethod, Param
@@ -132,21 +134,7 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
     raise RecipeError(f"unexpected parameter value {setting!r}")
 
 
-# ---------------------------------------------------------------- YAML with line numbers
-
-
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict:
-    out = {} if out is None else out
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value
-            out[path + (key,)] = k.start_mark.line + 1
-            _line_map(v, path + (key,), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _line_map(v, path + (i,), out)
-    return out
+# ---------------------------------------------------------------- structure checks with line numbers
 
 
 class _Ctx:
@@ -171,12 +159,22 @@ class _Ctx:
 
 
 def _check_keys(ctx: _Ctx, data: Any, path: tuple, allowed: tuple[str, ...], what: str) -> dict:
+    """``data`` as a mapping whose keys are all in ``allowed``; an unknown key is an error with a suggestion.
+
+    mergekit ignores unknown keys; splice refuses them, because a misspelt key
+    (``dype:``) silently changes the output.
+    """
     if not isinstance(data, dict):
         raise ctx.fail(path, f"{what} must be a mapping, got {type(data).__name__}")
     for k in data:
         if k not in allowed:
-            raise ctx.fail(path + (k,), f"unknown key {k!r} in {what} (valid: {', '.join(allowed)})")
+            raise ctx.fail(path + (k,), unknown_choice(f"key {k!r} in {what}", k, allowed))
     return data
+
+
+def unknown_choice(what: str, name: object, choices: tuple[str, ...] | list[str]) -> str:
+    """``unknown <what> (valid: a, b); did you mean 'b'?`` (see :func:`splice.registry.unknown_choice`)."""
+    return registry_unknown_choice(what, name, choices)[0]
 
 
 def _model_ref(ctx: _Ctx, v: Any, path: tuple) -> str:
@@ -206,6 +204,8 @@ def _check_setting(ctx: _Ctx, v: Any, path: tuple) -> None:
             for k in cond:
                 if k not in ("filter", "value"):
                     raise ctx.fail(path + (i, k), f"unknown key {k!r} in conditional parameter (valid: filter, value)")
+            if not isinstance(cond.get("filter", ""), (str, type(None))):
+                raise ctx.fail(path + (i, "filter"), f"a filter is part of a tensor name (a string), got {cond['filter']!r}")
             _check_setting(ctx, cond["value"], path + (i, "value"))
         return
     raise ctx.fail(path, f"a parameter is a number, a list of numbers (gradient) or [{{filter, value}}], got {v!r}")
@@ -243,10 +243,10 @@ def _params(ctx: _Ctx, data: Any, path: tuple, method: MergeMethod) -> dict:
             ctx.warnings.setdefault(f"unused parameter {k}", msg)
         else:
             hint = did_you_mean(k, method.param_names) or did_you_mean(k, sorted(known_param_names()))
-            msg = f"unknown parameter {k!r} for merge method {method.name!r}"
+            msg = f"unknown parameter {k!r} for merge method {method.name!r} (valid: {', '.join(method.param_names) or 'none'})"
             if hint is not None:
                 msg += f"; did you mean {hint!r}?"
-            raise ctx.fail(path + (k,), f"{msg} (valid: {', '.join(method.param_names) or 'none'})")
+            raise ctx.fail(path + (k,), msg)
     return out
 
 
@@ -274,6 +274,21 @@ def _param_value(ctx: _Ctx, p: Param, v: Any, path: tuple) -> Any:
     if problem is not None:
         raise ctx.fail(path, problem)
     return v
+
+
+def _layer_range(ctx: _Ctx, lr: Any, path: tuple) -> tuple[int, int]:
+    """``[start, end)``: integers, 0 <= start < end (a slice of no layers makes no model)."""
+    if (
+        not isinstance(lr, list)
+        or len(lr) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+        or lr[0] < 0
+        or lr[1] < lr[0]
+    ):
+        raise ctx.fail(path, f"layer_range must be [start, end] with 0 <= start <= end, got {lr!r}")
+    if lr[0] == lr[1]:
+        raise ctx.fail(path, f"layer_range {lr!r} spans no layers (end is exclusive: [{lr[0]}, {lr[0] + 1}] is layer {lr[0]} alone)")
+    return lr[0], lr[1]
 
 
 def _dtype(ctx: _Ctx, v: Any, path: tuple) -> str | None:
@@ -309,6 +324,8 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
     r.dtype = _dtype(ctx, data.get("dtype"), ("dtype",))
     r.out_dtype = _dtype(ctx, data.get("out_dtype"), ("out_dtype",))
     r.name = data.get("name")
+    if r.name is not None and (not isinstance(r.name, str) or not r.name.strip()):
+        raise ctx.fail(("name",), f"name must be a non-empty string, got {r.name!r}")
 
     if has_models:
         models = data["models"]
@@ -346,20 +363,12 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
                 _check_keys(ctx, src, p, SOURCE_KEYS, "a slice source")
                 if "model" not in src:
                     raise ctx.fail(p, "missing 'model'")
-                lr = src.get("layer_range")
-                if (
-                    not isinstance(lr, list)
-                    or len(lr) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
-                    or lr[0] < 0
-                    or lr[1] < lr[0]
-                ):
-                    raise ctx.fail(p + ("layer_range",), f"layer_range must be [start, end] with 0 <= start <= end, got {lr!r}")
+                lr = _layer_range(ctx, src.get("layer_range"), p + ("layer_range",))
                 lengths.add(lr[1] - lr[0])
                 sources.append(
                     Source(
                         model=_model_ref(ctx, src["model"], p + ("model",)),
-                        layer_range=(lr[0], lr[1]),
+                        layer_range=lr,
                         parameters=_params(ctx, src.get("parameters"), p + ("parameters",), method),
                     )
                 )
@@ -384,7 +393,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
             raise ctx.fail(("tokenizer", "tokens"), "per-token embedding sources ('tokens') are not supported yet")
         tok_src = tok.get("source")
         pad = tok.get("pad_to_multiple_of")
-        if pad is not None and (not isinstance(pad, int) or pad < 1):
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
             raise ctx.fail(("tokenizer", "pad_to_multiple_of"), f"must be a positive integer, got {pad!r}")
         r.pad_to_multiple_of = pad
     if tok_src is not None:
@@ -392,6 +401,8 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
             raise ctx.fail(("tokenizer_source",), "tokenizer_source is 'base', 'union' or a model reference")
         if tok_src == "base" and not _any_base(r):
             raise ctx.fail(("tokenizer_source",), "tokenizer_source 'base' needs a base_model")
+        if tok_src not in ("base", "union"):
+            tok_src = _model_ref(ctx, tok_src, ("tokenizer", "source") if tok is not None else ("tokenizer_source",))
         r.tokenizer_source = tok_src
     ct = data.get("chat_template")
     if ct is not None and not isinstance(ct, str):
@@ -414,36 +425,32 @@ def _any_base(r: Recipe) -> bool:
     return bool(r.base_model) or any(s.base_model for s in r.slices or [])
 
 
-def load_recipe(path_or_text: str | Path | dict) -> Recipe:
-    """Load a recipe from a YAML file path, a YAML string, or a dict."""
+def load_recipe(path_or_text: str | Path | dict | Recipe) -> Recipe:
+    """Load one recipe.
+
+    Args:
+        path_or_text: a YAML file path, YAML text, a dict, or a Recipe (returned as is).
+
+    Returns:
+        The validated Recipe (``path`` set when it came from a file).
+
+    Raises:
+        RecipeError: one line with file:line; a multi-stage file (several YAML
+            documents) is refused here: ``splice.multi`` runs those.
+    """
     if isinstance(path_or_text, Recipe):
         return path_or_text
     if isinstance(path_or_text, dict):
         return parse_recipe(path_or_text)
-    text: str
-    file = "<recipe>"
-    p = Path(path_or_text) if not (isinstance(path_or_text, str) and "\n" in path_or_text) else None
-    if p is not None and p.exists():
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{p}: cannot read recipe ({e})") from None
-        file = str(p)
-    elif p is not None and isinstance(path_or_text, Path) or (p is not None and str(path_or_text).endswith((".yaml", ".yml"))):
-        raise RecipeError(f"recipe file {str(path_or_text)!r} not found")
-    else:
-        text = str(path_or_text)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else file
-        raise RecipeError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:
-        raise RecipeError(f"{file}: the recipe is empty")
-    lines = _line_map(node) if node is not None else {}
-    r = parse_recipe(data, file=file, lines=lines)
-    if file != "<recipe>":
-        r.path = Path(file)
+    src = read_yaml(path_or_text)
+    docs = src.documents
+    if not docs:
+        raise RecipeError(f"{src.file}: the recipe is empty")
+    if len(docs) > 1:
+        raise RecipeError(
+            f"{src.file}:{docs[1].line}: a multi-stage recipe ({len(docs)} YAML documents); "
+            "only a merge runs it (it cannot be planned or loaded as one recipe)"
+        )
+    r = parse_recipe(docs[0].data, file=src.file, lines=docs[0].lines)
+    r.path = src.path
     return r

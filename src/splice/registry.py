@@ -8,7 +8,7 @@ lists the valid names and suggests the closest one::
 
     STRATEGIES = Registry("skip strategy")
     STRATEGIES.add("balanced", entry)
-    STRATEGIES.get("balancd")   # UnknownName: unknown skip strategy 'balancd'; did you mean 'balanced'? (valid: ...)
+    STRATEGIES.get("balancd")   # UnknownName: unknown skip strategy 'balancd' (valid: ...); did you mean 'balanced'?
 
 This module imports nothing heavy (no torch), so a registry of lightweight entries
 (names, summaries) can be read by ``splice --help``.
@@ -48,14 +48,27 @@ def did_you_mean(name: object, choices: list[str] | tuple[str, ...]) -> str | No
     return lowered[close[0]] if close else None
 
 
-def unknown_name_message(what: str, name: object, choices: list[str] | tuple[str, ...]) -> tuple[str, str | None]:
-    """``unknown <what> 'x'; did you mean 'y'? (valid: a, b, c)`` and the suggestion."""
+def unknown_choice(what: str, name: object, choices: list[str] | tuple[str, ...]) -> tuple[str, str | None]:
+    """``unknown <what> (valid: a, b, c); did you mean 'b'?`` (the suggestion only when one is close).
+
+    Args:
+        what: the thing and its place, e.g. ``"skip strategy 'balancd'"`` or ``"key 'dype' in the recipe"``.
+        name: the name the user wrote.
+        choices: the valid names.
+
+    Returns:
+        The message (without file and line) and the suggestion (or None).
+    """
     hint = did_you_mean(name, choices)
-    msg = f"unknown {what} {name!r}"
+    msg = f"unknown {what} (valid: {', '.join(choices) or 'none'})"
     if hint is not None:
         msg += f"; did you mean {hint!r}?"
-    msg += f" (valid: {', '.join(choices) or 'none'})"
     return msg, hint
+
+
+def unknown_name_message(what: str, name: object, choices: list[str] | tuple[str, ...]) -> tuple[str, str | None]:
+    """``unknown <what> 'x' (valid: ...); did you mean 'y'?`` and the suggestion."""
+    return unknown_choice(f"{what} {name!r}", name, choices)
 
 
 class Registry(Generic[T]):

@@ -139,13 +139,13 @@ def test_a_global_parameter_set_for_one_model_warns_that_it_is_ignored(tmp_path)
         (
             "ties",
             TIES + "      densty: 0.5\n",
-            r"unknown parameter 'densty' for merge method 'ties'; did you mean 'density'\? \(valid: weight, density,",
+            r"unknown parameter 'densty' for merge method 'ties' \(valid: weight, density,.*\); did you mean 'density'\?",
         ),
         # a name only other methods take is suggested when the method has nothing close
         (
             "linear",
             "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1, densty: 0.5}\n",
-            r"'densty' for merge method 'linear'; did you mean 'density'\?",
+            r"'densty' for merge method 'linear' \(valid: .*\); did you mean 'density'\?",
         ),
         (
             "ties",
@@ -160,9 +160,11 @@ def test_a_name_no_method_takes_is_an_error_with_a_suggestion(tmp_path, method, 
 
 
 def test_unknown_method_suggests_the_closest():
-    with pytest.raises(UnknownName, match=r"unknown merge method 'tiess'; did you mean 'ties'\? \(valid: "):
+    with pytest.raises(UnknownName, match=r"unknown merge method 'tiess' \(valid: .*\); did you mean 'ties'\?"):
         get_method("tiess")
-    with pytest.raises(RecipeError, match=r"<recipe>:1: merge_method: unknown merge method 'dare_tie'; did you mean 'dare_ties'\?"):
+    with pytest.raises(
+        RecipeError, match=r"<recipe>:1: merge_method: unknown merge method 'dare_tie' \(valid: .*\); did you mean 'dare_ties'\?"
+    ):
         load_recipe("merge_method: dare_tie\nbase_model: b\nmodels: [a]\n")
 
 

@@ -21,7 +21,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         threads=args.threads,
         tune_malloc=True,  # the CLI owns its process; a library call leaves the allocator alone
     )
-    s = run_merge(args.recipe, args.out, opts)
+    from ..multi import is_multi_stage, run_stages
+
+    if is_multi_stage(args.recipe) or args.stage is not None or args.intermediate_dir is not None:
+        s = run_stages(args.recipe, args.out, opts, stage=args.stage, intermediate_dir=args.intermediate_dir)
+    else:
+        s = run_merge(args.recipe, args.out, opts)
     print(f"wrote {s['out']}: {s['method']}, {s['layers']} layers, {s['tensors']} tensors, {_size(s['bytes'])} in {s['seconds']:.1f}s")
     return 0
 
@@ -82,7 +87,7 @@ def _size(n: int) -> str:
 
 def add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge (or stack) models from a mergekit-style YAML recipe")
-    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("recipe", help="recipe YAML file (several '---' documents: a multi-stage recipe)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     p.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA); default 0")
@@ -91,6 +96,12 @@ def add_merge(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (loaded with weights_only=True)")
     p.add_argument("--workers", type=int, default=None, help="tensors processed at once (default: cores, at least 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per operation (default: cores / workers)")
+    p.add_argument(
+        "--stage", default=None, help="multi-stage recipe: the stage to write to -o (default: the unnamed document, else the last)"
+    )
+    p.add_argument(
+        "--intermediate-dir", default=None, help="multi-stage recipe: keep the other stages here (default: a temporary folder beside -o)"
+    )
     add_common(p)
     p.set_defaults(func=cmd_merge)
 

@@ -29,7 +29,8 @@ from typing import Any
 import yaml
 
 from ..errors import RecipeError
-from ..recipe import _check_keys, _Ctx, _dtype, _line_map, _model_ref
+from ..recipe import _check_keys, _Ctx, _dtype, _model_ref, unknown_choice
+from ..yamlfile import read_yaml
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
 PROMPT_MODES = ("hidden", "cheap_embed")  # gate modes that need prompts
@@ -186,8 +187,8 @@ def parse_moe_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = 
     base = _model_ref(ctx, data["base_model"], ("base_model",))
 
     mode = data.get("gate_mode", "hidden")
-    if mode not in GATE_MODES:
-        raise ctx.fail(("gate_mode",), f"unknown gate_mode {mode!r} (valid: {', '.join(GATE_MODES)})")
+    if not isinstance(mode, str) or mode not in GATE_MODES:
+        raise ctx.fail(("gate_mode",), unknown_choice(f"gate_mode {mode!r}", mode, GATE_MODES))
 
     k = data.get("experts_per_token", 2)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -235,6 +236,9 @@ def parse_moe_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = 
                     f"experts[{j}] and experts[{i}] have identical prompts, so their gates would be identical; give each expert prompts of its own",
                 )
 
+    name = data.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ctx.fail(("name",), f"name must be a non-empty string, got {name!r}")
     r = MoERecipe(
         base_model=base,
         experts=experts,
@@ -243,40 +247,32 @@ def parse_moe_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = 
         experts_per_token=k,
         shared_experts=shared,
         architecture=arch,
-        name=data.get("name"),
+        name=name,
         raw=copy.deepcopy(data),
     )
     return r
 
 
 def load_moe_recipe(src: str | Path | dict | MoERecipe) -> MoERecipe:
-    """A MoE recipe from a YAML file path, YAML text, a dict, or a MoERecipe (returned as is)."""
+    """Load one MoE recipe.
+
+    Args:
+        src: a YAML file path, YAML text, a dict, or a MoERecipe (returned as is).
+
+    Returns:
+        The validated MoERecipe; relative files in it are resolved against its folder.
+    """
     if isinstance(src, MoERecipe):
         return src
     if isinstance(src, dict):
         return parse_moe_recipe(src)
-    p = Path(src) if not (isinstance(src, str) and "\n" in src) else None
-    file, base_dir = "<recipe>", None
-    if p is not None and p.is_file():
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{p}: cannot read recipe ({e})") from None
-        file, base_dir = str(p), p.resolve().parent
-    elif p is not None and (isinstance(src, Path) or str(src).endswith((".yaml", ".yml"))):
-        raise RecipeError(f"recipe file {str(src)!r} not found")
-    else:
-        text = str(src)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else file
-        raise RecipeError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:
-        raise RecipeError(f"{file}: the recipe is empty")
-    r = parse_moe_recipe(data, file=file, lines=_line_map(node) if node is not None else {}, base_dir=base_dir)
-    if base_dir is not None:
-        r.path = p
+    read = read_yaml(src, what="MoE recipe")
+    docs = read.documents
+    if not docs:
+        raise RecipeError(f"{read.file}: the recipe is empty")
+    if len(docs) > 1:
+        raise RecipeError(f"{read.file}:{docs[1].line}: a MoE recipe is one YAML document; this file holds {len(docs)}")
+    base_dir = read.path.resolve().parent if read.path is not None else None
+    r = parse_moe_recipe(docs[0].data, file=read.file, lines=docs[0].lines, base_dir=base_dir)
+    r.path = read.path
     return r
