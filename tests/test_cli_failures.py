@@ -376,3 +376,26 @@ def test_no_test_uses_the_home_caches():
     home = Path.home().resolve()
     for path in (default_zoo_dir("tiny"), Path(hub.HF_HUB_CACHE), Path(hub.HF_HOME)):
         assert home not in path.resolve().parents, path
+
+
+@pytest.mark.parametrize("line", ["zoo build --out {dir}", "eval m --zoo {dir}", "demo --zoo-dir {dir} --out {root}/new", "zoo info {dir}"])
+def test_an_unreadable_zoo_folder_is_one_line(tmp_path, monkeypatch, capsys, line):
+    # tests run as root, which reads any folder: the operating system's refusal is simulated
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_iterdir, real_stat = Path.iterdir, Path.stat
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    def stat(self, **kw):
+        if locked in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, **kw)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    monkeypatch.setattr(Path, "stat", stat)
+    args = line.format(dir=locked, root=tmp_path).split()
+    _refused(args, capsys, tmp_path, "locked", "cannot be read (Permission denied)")

@@ -200,6 +200,10 @@ def _path(value: Any, name: str) -> Path:
     return Path(os.path.expanduser(str(value)))
 
 
+def _unreadable(name: str, value: Any, e: OSError) -> OptionError:
+    return OptionError(name, value, f"cannot be read ({e.strerror or e})")
+
+
 def text_file(value: Any, name: str) -> Path:
     """An existing, readable file of UTF-8 text (a prompt, a calibration text).
 
@@ -207,40 +211,57 @@ def text_file(value: Any, name: str) -> Path:
         The path.
     """
     path = _path(value, name)
-    if not path.exists():
-        raise OptionError(name, value, "file not found")
-    if not path.is_file():
-        raise OptionError(name, value, "is not a file")
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(TEXT_CHECK_CHUNK):
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError as e:
-                    raise OptionError(name, value, f"is not UTF-8 text (byte {offset + e.start})") from None
-                offset += len(chunk)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise OptionError(name, value, "is not UTF-8 text (it ends inside a character)") from None
+        if not path.exists():
+            raise OptionError(name, value, "file not found")
+        if not path.is_file():
+            raise OptionError(name, value, "is not a file")
+        _check_utf8(path, name, value)
     except OSError as e:
-        raise OptionError(name, value, f"cannot be read ({e.strerror})") from None
+        raise _unreadable(name, value, e) from None
     return path
 
 
+def _check_utf8(path: Path, name: str, value: Any) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(TEXT_CHECK_CHUNK):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise OptionError(name, value, f"is not UTF-8 text (byte {offset + e.start})") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise OptionError(name, value, "is not UTF-8 text (it ends inside a character)") from None
+
+
 def existing_folder(value: Any, name: str) -> Path:
-    """An existing folder (a zoo, a model folder).
+    """An existing folder whose entries can be listed (a zoo, a model folder).
 
     Returns:
         The path.
     """
     path = _path(value, name)
-    if not path.exists():
-        raise OptionError(name, value, "folder not found")
-    if not path.is_dir():
-        raise OptionError(name, value, "is not a folder")
+    try:
+        if not path.exists():
+            raise OptionError(name, value, "folder not found")
+        if not path.is_dir():
+            raise OptionError(name, value, "is not a folder")
+        next(path.iterdir(), None)
+    except OSError as e:
+        raise _unreadable(name, value, e) from None
     return path
+
+
+def _check_parents(path: Path, name: str, value: Any) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OptionError(name, value, f"cannot be created: {parent} is a file")
+            return
 
 
 def output_file(value: Any, name: str) -> Path:
@@ -252,13 +273,12 @@ def output_file(value: Any, name: str) -> Path:
         The path.
     """
     path = _path(value, name)
-    if str(value).endswith(("/", os.sep)) or path.is_dir():
-        raise OptionError(name, value, "is a folder; give a file name")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OptionError(name, value, f"cannot be created: {parent} is a file")
-            break
+    try:
+        if str(value).endswith(("/", os.sep)) or path.is_dir():
+            raise OptionError(name, value, "is a folder; give a file name")
+        _check_parents(path, name, value)
+    except OSError as e:
+        raise _unreadable(name, value, e) from None
     return path
 
 
@@ -271,11 +291,10 @@ def output_folder(value: Any, name: str) -> Path:
         The path.
     """
     path = _path(value, name)
-    if path.exists() and not path.is_dir():
-        raise OptionError(name, value, "is a file, not a folder")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OptionError(name, value, f"cannot be created: {parent} is a file")
-            break
+    try:
+        if path.exists() and not path.is_dir():
+            raise OptionError(name, value, "is a file, not a folder")
+        _check_parents(path, name, value)
+    except OSError as e:
+        raise _unreadable(name, value, e) from None
     return path

@@ -546,12 +546,12 @@ def default_zoo_dir(tier: str) -> Path:
 def load_manifest(zoo: str | os.PathLike) -> dict:
     """A built zoo's manifest; a folder that is missing, is not a zoo or holds a broken manifest is an error."""
     z = Path(zoo)
-    if not z.is_dir():
-        raise ZooError(f"zoo {z}: {'is not a folder' if z.exists() else 'folder not found'}")
     p = z / "manifest.json"
-    if not p.is_file():
-        raise ZooError(f"{z}: not a built zoo (no manifest.json)")
     try:
+        if not z.is_dir():
+            raise ZooError(f"zoo {z}: {'is not a folder' if z.exists() else 'folder not found'}")
+        if not p.is_file():
+            raise ZooError(f"{z}: not a built zoo (no manifest.json)")
         m = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ZooError(f"{p}: cannot read the zoo's manifest ({e})") from None
@@ -567,12 +567,15 @@ def is_zoo(folder: Path) -> bool:
 
 def check_zoo_folder(folder: Path) -> None:
     """Refuse to build a zoo in a file or in a non-empty folder that is not a zoo (its stages replace folders)."""
-    if folder.exists() and not folder.is_dir():
-        raise ZooError(f"zoo {folder}: is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not is_zoo(folder):
-        raise ZooError(f"zoo {folder}: the folder is not empty and holds no zoo; give a new or empty folder")
-    if (folder / "manifest.json").exists():
-        load_manifest(folder)  # a broken manifest is an error now, not after the build
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise ZooError(f"zoo {folder}: is a file, not a folder")
+        if folder.is_dir() and any(folder.iterdir()) and not is_zoo(folder):
+            raise ZooError(f"zoo {folder}: the folder is not empty and holds no zoo; give a new or empty folder")
+        if (folder / "manifest.json").exists():
+            load_manifest(folder)  # a broken manifest is an error now, not after the build
+    except OSError as e:
+        raise ZooError(f"zoo {folder}: cannot be read ({e.strerror or e})") from None
 
 
 def zoo_paths(zoo: str | os.PathLike) -> dict:
