@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(VENV)/bin/splice demo
+	$(VENV)/bin/splice demo --force
 
 clean:
 	rm -rf $(VENV) .pytest_cache build

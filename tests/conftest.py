@@ -1,11 +1,26 @@
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# No test reads or writes the user's home caches (~/.cache/splice, ~/.cache/huggingface):
+# every cache splice or Hugging Face would use points into one folder made for this run,
+# set before anything imports huggingface_hub (which reads these once, at import).
+_CACHE_HOME = tempfile.mkdtemp(prefix="splice-test-cache-")
+atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
+for _var, _sub in {"XDG_CACHE_HOME": "", "SPLICE_CACHE": "splice", "HF_HOME": "huggingface"}.items():
+    os.environ[_var] = os.path.join(_CACHE_HOME, _sub)
+os.environ.pop("HF_HUB_CACHE", None)  # derived from HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"  # and nothing is fetched from a hub
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import make_model  # noqa: E402
+from zoo_fixture import tiny_zoo  # noqa: E402, F401  (the session's tiny zoo, for every test folder)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ command has that flag, and in the API's words otherwise.
 from __future__ import annotations
 
 import re
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from typing import Any
 
 _MARK = "\x1f"  # unit separator: cannot appear in a user's file names or recipe keys
@@ -23,13 +23,22 @@ def option(name: str, value: Any = None) -> str:
     return f"{_MARK}{name}{_MARK}{shown}{_MARK}"
 
 
+def referenced_options(message: str) -> list[str]:
+    """The names of the options an unrendered message refers to, in order."""
+    return [m.group(1) for m in _OPTION_RE.finditer(message)]
+
+
 def render_options(message: str, cli_flags: Container[str] | None = None) -> str:
-    """Replace option references: as ``--flag value`` for names in ``cli_flags``, else ``name=value``."""
+    """Replace option references: as ``--flag value`` for names in ``cli_flags``, else ``name=value``.
+
+    A mapping ``cli_flags`` gives each option's flag (``{"domains": "--domain"}``); any other
+    container spells the flag from the name (``allow_pickle`` -> ``--allow-pickle``).
+    """
 
     def sub(m: re.Match) -> str:
         name, value = m.group(1), m.group(2)
         if cli_flags is not None and name in cli_flags:
-            flag = "--" + name.replace("_", "-")
+            flag = cli_flags[name] if isinstance(cli_flags, Mapping) else "--" + name.replace("_", "-")
             return f"{flag} {value}" if value else flag
         return f"{name}={value or 'True'}"
 

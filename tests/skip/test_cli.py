@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -114,22 +113,13 @@ def test_bad_input_is_one_line_and_writes_nothing(skip_models, tmp_path, capsys)
     assert _leftovers(tmp_path) == []
 
 
-def _zoo_tiny():
-    try:
-        from splice.zoo import default_zoo_dir, zoo_paths
-
-        return zoo_paths(default_zoo_dir("tiny"))["models"]["base"]
-    except Exception:  # noqa: BLE001 - no zoo built here
-        return None
-
-
-@pytest.mark.skipif(_zoo_tiny() is None, reason="the zoo's tiny tier is not built")
-def test_zoo_tiny_base_self_speculative_is_lossless(tmp_path):
+def test_zoo_tiny_base_self_speculative_is_lossless(tiny_zoo):
     from transformers import AutoTokenizer
 
     from splice.skip import SelfSpeculativeDecoder, generate_plain, load_model
+    from splice.zoo import zoo_paths
 
-    path = _zoo_tiny()
+    path = zoo_paths(tiny_zoo[0])["models"]["base"]  # the test session's zoo, not the user's cache
     m = load_model(path)
     tok = AutoTokenizer.from_pretrained(path)
     for prompt in ["The king said", "def main():", "In the beginning"]:

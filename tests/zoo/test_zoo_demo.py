@@ -10,6 +10,7 @@ def test_demo_json_has_every_method(tiny_zoo, tmp_path):
 
     if not hasattr(splice, "merge"):
         pytest.skip("splice.merge (the engine) is not available")
+    from splice.errors import SpliceError
     from splice.zoo.demo import applicable_methods, run_demo
 
     d, m = tiny_zoo
@@ -35,7 +36,11 @@ def test_demo_json_has_every_method(tiny_zoo, tmp_path):
     # a rerun reuses merges and evaluations
     import time
 
+    before = (tmp_path / "demo" / "leaderboard.json").read_bytes()
+    with pytest.raises(SpliceError, match=r"demo exists and is not empty; pass force=True"):
+        run_demo("tiny", tmp_path / "demo", zoo_dir=d, quiet=True, chart=False)  # results are not replaced unasked
+    assert (tmp_path / "demo" / "leaderboard.json").read_bytes() == before
     t0 = time.time()
-    again = run_demo("tiny", tmp_path / "demo", zoo_dir=d, quiet=True, chart=False)
+    again = run_demo("tiny", tmp_path / "demo", zoo_dir=d, quiet=True, chart=False, force=True)
     assert time.time() - t0 < 60  # nothing is retrained or re-evaluated
     assert again["ranking"] == data["ranking"]

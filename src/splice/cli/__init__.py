@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from . import merge, moe, skip, zoo
+from .common import Parser, command_flags
 
 COMMANDS = (
     merge.add_merge,
@@ -29,7 +30,7 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splice", description="Compose new language models out of existing checkpoints.")
+    parser = Parser(prog="splice", description="Compose new language models out of existing checkpoints.")
     parser.add_argument("--version", action="version", version=f"splice {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
@@ -37,9 +38,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a command that has no flag for a library option says where the library's message
+# advises that option ("pass allow_pickle=True"): {prog} is the command, e.g. "splice eval".
+WITHOUT_FLAG = {
+    "allow_pickle": "{prog} reads .safetensors weights only (convert the .bin/.pt files to .safetensors first)",
+}
+WITHOUT_FLAG_DEFAULT = "{prog} has no flag for {name} (an option of the Python API)"
+
+
+def error_line(err: Exception, parser: argparse.ArgumentParser | None) -> str:
+    """A library error as the command line says it: option references become this command's
+    flags; advice to use an option the command lacks becomes what the command can do instead.
+
+    The message's clauses (split at "; ") are rendered one by one: a clause that advises a
+    missing option is replaced by the note for it, or, if it is the first clause (the
+    diagnosis itself), kept in the Python API's words with the note after it.
+    """
+    from ..errors import referenced_options, render_options
+
+    flags = command_flags(parser) if parser is not None else {}
+    prog = parser.prog if parser is not None else "splice"
+    clauses = []
+    for i, clause in enumerate(Exception.__str__(err).split("; ")):
+        lacking = [n for n in referenced_options(clause) if n not in flags]
+        notes = [WITHOUT_FLAG.get(n, WITHOUT_FLAG_DEFAULT).format(prog=prog, name=n) for n in dict.fromkeys(lacking)]
+        if not notes or i == 0:
+            clauses.append(render_options(clause, flags))
+        clauses += notes
+    return "; ".join(clauses)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help and --version (0), or a bad command line (2, one line printed)
+        return e.code if isinstance(e.code, int) else 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -52,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpliceError as e:
         if getattr(args, "verbose", False):
             raise
-        print(f"splice: error: {e.cli_message(vars(args))}", file=sys.stderr)
+        print(f"splice: error: {error_line(e, getattr(args, 'command_parser', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("splice: interrupted; nothing was written", file=sys.stderr)

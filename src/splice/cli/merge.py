@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common
+from .common import add_allow_pickle, add_common, add_device, add_output, add_seed, add_shard_size, add_threads, add_workers
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -88,14 +88,13 @@ def _size(n: int) -> str:
 def add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge (or stack) models from a mergekit-style YAML recipe")
     p.add_argument("recipe", help="recipe YAML file (several '---' documents: a multi-stage recipe)")
-    p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA); default 0")
-    p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB (default), 500MB, 2GiB")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (loaded with weights_only=True)")
-    p.add_argument("--workers", type=int, default=None, help="tensors processed at once (default: cores, at least 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per operation (default: cores / workers)")
+    add_output(p)
+    add_seed(p)
+    add_device(p)
+    add_shard_size(p)
+    add_allow_pickle(p)
+    add_workers(p)
+    add_threads(p)
     p.add_argument(
         "--stage", default=None, help="multi-stage recipe: the stage to write to -o (default: the unnamed document, else the last)"
     )
@@ -108,8 +107,8 @@ def add_merge(sub) -> None:
 
 def add_plan(sub) -> None:
     p = sub.add_parser("plan", help="show what a recipe would do, without running it")
-    p.add_argument("recipe")
-    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("recipe", help="recipe YAML file")
+    add_allow_pickle(p)
     add_common(p)
     p.set_defaults(func=cmd_plan)
 

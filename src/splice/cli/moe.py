@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common, add_output
+from .. import options
+from .common import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    POSITIVE_REAL,
+    TEXT_FILE,
+    add_allow_pickle,
+    add_common,
+    add_output,
+    add_seed,
+    add_shard_size,
+    add_threads,
+    checked,
+)
 
 
 def _moe_common(p: argparse.ArgumentParser) -> None:
     add_output(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for random gates, noise and text sampling (default 0)")
-    p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB (default), 500MB")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_seed(p)
+    add_shard_size(p)
+    add_threads(p)
     add_common(p)
 
 
@@ -76,17 +89,23 @@ def add_moe(sub) -> None:
     p.add_argument("recipe", help="MoE recipe YAML (mergekit-moe keys)")
     p.add_argument(
         "--calibrate",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=0,
         metavar="STEPS",
         help="then train only the routers for STEPS steps on the experts' own text (calibration_file, else prompts)",
     )
     p.add_argument(
-        "--calibration-tokens", type=int, default=2048, metavar="N", help="tokens of text per expert for --calibrate (default 2048)"
+        "--calibration-tokens",
+        type=POSITIVE_INT,
+        default=2048,
+        metavar="N",
+        help="tokens of text per expert for --calibrate (default 2048)",
     )
-    p.add_argument("--calibration-lr", type=float, default=0.01, help="router learning rate for --calibrate (default 0.01)")
-    p.add_argument("--balance", type=float, default=0.01, help="load-balancing coefficient for --calibrate (default 0.01)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (loaded with weights_only=True)")
+    p.add_argument("--calibration-lr", type=POSITIVE_REAL, default=0.01, help="router learning rate for --calibrate (default 0.01)")
+    p.add_argument(
+        "--balance", type=checked(options.real, minimum=0), default=0.01, help="load-balancing coefficient for --calibrate (default 0.01)"
+    )
+    add_allow_pickle(p)
     _moe_common(p)
     p.set_defaults(func=cmd_moe)
 
@@ -98,8 +117,10 @@ def add_moe_compress(sub) -> None:
         description="Group experts around the most used ones, align their neurons and merge each group weighted by usage.",
     )
     p.add_argument("moe", help="a Mixtral / Qwen2-MoE / Qwen3-MoE model folder")
-    p.add_argument("--experts", type=int, required=True, help="experts per layer to keep")
-    p.add_argument("--calibration", nargs="+", required=True, metavar="FILE", help="text files (.txt, .jsonl) to count expert usage on")
-    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens to use (default 4096)")
+    p.add_argument("--experts", type=POSITIVE_INT, required=True, help="experts per layer to keep")
+    p.add_argument(
+        "--calibration", nargs="+", type=TEXT_FILE, required=True, metavar="FILE", help="text files (.txt, .jsonl) to count expert usage on"
+    )
+    p.add_argument("--tokens", type=POSITIVE_INT, default=4096, help="calibration tokens to use (default 4096)")
     _moe_common(p)
     p.set_defaults(func=cmd_moe_compress)

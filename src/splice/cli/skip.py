@@ -6,7 +6,19 @@ import argparse
 import json
 import sys
 
-from .common import add_common
+from .. import options
+from .common import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    POSITIVE_REAL,
+    SEQ_LEN,
+    TEXT_FILE,
+    add_common,
+    add_output,
+    add_seed,
+    add_threads,
+    checked,
+)
 
 # The registered strategies and their one-line summaries, written out here so that building
 # the parser (every `splice ...` call, `--help` included) does not import splice.skip and torch.
@@ -27,24 +39,27 @@ def add_skip(sub) -> None:
         description=f"Strategies -- {strategies}.",
     )
     p.add_argument("model", help="model folder, .safetensors or .gguf file")
-    p.add_argument("-o", "--out", help="output folder for the pruned model")
+    add_output(p, required=False, what="output folder for the pruned model")
     p.add_argument("--strategy", default="balanced", help=f"one of {', '.join(STRATEGY_SUMMARIES)} (default balanced)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--speedup", type=float, help="target decode speedup (the cost model picks the count)")
-    how.add_argument("--drop", type=int, help="number of layers to drop (MLP blocks for --strategy ffn)")
-    how.add_argument("--ratio", type=float, help="fraction of the layers (MLP blocks) to drop, e.g. 0.25")
-    p.add_argument("--calibration", help="text file for data-aware strategies and for --heal")
-    p.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of calibration text to use (default 4096)")
-    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default 256)")
+    how.add_argument("--speedup", type=POSITIVE_REAL, help="target decode speedup (the cost model picks the count)")
+    how.add_argument("--drop", type=POSITIVE_INT, help="number of layers to drop (MLP blocks for --strategy ffn)")
+    how.add_argument("--ratio", type=checked(options.real, above=0, below=1), help="fraction of the layers (MLP blocks) to drop, e.g. 0.25")
+    p.add_argument("--calibration", type=TEXT_FILE, help="text file for data-aware strategies and for --heal")
+    p.add_argument("--calibration-tokens", type=POSITIVE_INT, default=4096, help="tokens of calibration text to use (default 4096)")
+    p.add_argument("--seq-len", type=SEQ_LEN, default=256, help="calibration sequence length, at least 2 (default 256)")
     p.add_argument("--plan-only", action="store_true", help="print the plan, write nothing")
     p.add_argument("--json", action="store_true", help="print the plan (and result) as JSON")
     p.add_argument(
-        "--heal", type=int, default=0, metavar="N", help="fine-tune the layers next to the cuts for N steps on the calibration text"
+        "--heal",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        metavar="N",
+        help="fine-tune the layers next to the cuts for N steps on the calibration text",
     )
-    p.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate for --heal (default 1e-4)")
-    p.add_argument("--heal-batch", type=int, default=4, help="sequences per healing step (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--heal-lr", type=POSITIVE_REAL, default=1e-4, help="learning rate for --heal (default 1e-4)")
+    p.add_argument("--heal-batch", type=POSITIVE_INT, default=4, help="sequences per healing step (default 4)")
+    add_seed(p)
     add_common(p)
     p.set_defaults(func=cmd_skip)
 
@@ -109,20 +124,27 @@ def add_generate(sub) -> None:
     p.add_argument("model", help="model folder, .safetensors or .gguf file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", help="file holding the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    src.add_argument("--prompt-file", type=TEXT_FILE, help="UTF-8 text file holding the prompt")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=128, help="tokens to generate (default 128)")
     p.add_argument("--self-speculative", metavar="SKIP", help="draft with these units bypassed: 'auto', or e.g. '8-15,mlp20,attn3'")
     p.add_argument("--skip", metavar="SKIP", help="bypass these units for the whole generation (lossy; e.g. to try a plan)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-draft", type=int, default=8, help="longest draft per cycle (default 8)")
-    p.add_argument("--draft-length", type=int, help="fixed draft length (default: adapts)")
-    p.add_argument("--confidence", type=float, default=0.3, help="stop drafting below this draft probability (default 0.3; 0: never)")
+    p.add_argument("--temperature", type=checked(options.real, minimum=0), default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="sample from the K most likely tokens (default 0: all)")
+    p.add_argument(
+        "--top-p", type=checked(options.real, above=0, maximum=1), default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)"
+    )
+    add_seed(p)
+    p.add_argument("--max-draft", type=POSITIVE_INT, default=8, help="longest draft per cycle (default 8)")
+    p.add_argument("--draft-length", type=POSITIVE_INT, help="fixed draft length (default: adapts)")
+    p.add_argument(
+        "--confidence",
+        type=checked(options.real, minimum=0, maximum=1),
+        default=0.3,
+        help="stop drafting below this draft probability, in [0, 1] (default 0.3; 0: never)",
+    )
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--compare", action="store_true", help="also run plain decoding on the same prompt and report the speedup")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    add_threads(p)
     p.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
     add_common(p)
     p.set_defaults(func=cmd_generate)

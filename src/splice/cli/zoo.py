@@ -10,19 +10,8 @@ import argparse
 import json
 import sys
 
-from .common import add_common
-
-
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    from ..errors import SpliceError
-
-    out: dict[str, str] = {}
-    for v in values or []:
-        name, sep, path = v.partition("=")
-        if not sep or not name or not path:
-            raise SpliceError(f"{flag} {v!r}: expected NAME=FILE")
-        out[name] = path
-    return out
+from .. import options
+from .common import POSITIVE_INT, SEQ_LEN, add_common, add_force, add_output, add_seed, add_threads, checked, named
 
 
 # -- zoo -----------------------------------------------------------------
@@ -67,13 +56,18 @@ def add_zoo(sub) -> None:
         default="tiny",
         help="tiny: ~1M-param Llama trained here (minutes); smol: SmolLM2-135M from its packaged GGUF",
     )
-    b.add_argument("--out", default=None, help="output folder (default: the splice cache, ~/.cache/splice/zoo/TIER)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument(
+        "--out",
+        type=checked(options.output_folder),
+        default=None,
+        help="zoo folder: new, empty, or a zoo to finish (default: the splice cache, ~/.cache/splice/zoo/TIER)",
+    )
+    add_seed(b)
+    add_threads(b)
     add_common(b)
     b.set_defaults(func=cmd_zoo_build)
     i = zsub.add_parser("info", help="show a built zoo's domains and models")
-    i.add_argument("dir", nargs="?", default=None)
+    i.add_argument("dir", nargs="?", type=checked(options.existing_folder), default=None, help="zoo folder (default: the cache's)")
     i.add_argument("--tier", choices=["tiny", "smol"], default="tiny")
     i.add_argument("--json", action="store_true", help="print the manifest")
     add_common(i)
@@ -83,53 +77,31 @@ def add_zoo(sub) -> None:
 
 # -- eval ----------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..errors import SpliceError
-    from ..eval import evaluate, format_table, run_lm_eval, write_json
+    from ..eval import check_results_file, evaluate, format_table, resolve_inputs, run_lm_eval, write_json
 
-    domains = _pairs(args.domain, "--domain")
-    tasks = _pairs(args.task, "--task")
-    experts = _pairs(args.expert, "--expert")
-    models = list(args.models)
-    if args.zoo:
-        from ..zoo import zoo_paths
-
-        zp = zoo_paths(args.zoo)
-        domains = {**{d: str(p) for d, p in zp["heldout"].items()}, **domains}
-        tasks = {**{t: str(p) for t, p in zp["tasks"].items()}, **tasks}
-        if args.base is None:
-            args.base = str(zp["models"]["base"])
-            experts = {**{d: str(zp["models"][d]) for d in zp["manifest"]["experts"]}, **experts}
-            args.general = args.general or zp["manifest"]["general_domain"]
-        for ref in [args.base, *experts.values()]:
-            if ref not in models:
-                models.append(ref)
-    if not models:
-        raise SpliceError("splice eval: name at least one MODEL")
+    if args.json:
+        check_results_file(args.json, args.force, name="json")  # refuse before minutes of evaluation
+    which = dict(zoo=args.zoo, base=args.base, experts=dict(args.experts or []), general=args.general)
     if args.lm_eval:
+        models = resolve_inputs(args.models, **which)["models"]
         out = {m: run_lm_eval(m, args.lm_eval.split(","), batch_size=args.batch_size, limit=args.limit) for m in models}
         print(json.dumps(out, indent=2))
         if args.json:
-            write_json(out, args.json)
+            write_json(out, args.json, force=args.force)
         return 0
-    if not domains and not tasks:
-        raise SpliceError("splice eval: give at least one --domain NAME=FILE or --task NAME=FILE (or --zoo DIR)")
-    if args.base is not None and args.base not in models:
-        models.insert(0, args.base)
     res = evaluate(
-        models,
-        domains,
-        tasks,
-        max_tokens=args.tokens,
+        args.models,
+        dict(args.domains or []),
+        dict(args.tasks or []),
+        max_tokens=args.max_tokens,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         quiet=args.quiet,
-        base=args.base,
-        experts=experts or None,
-        general=args.general,
+        **which,
     )
     print(format_table(res))
     if args.json:
-        write_json(res, args.json)
+        write_json(res, args.json, force=args.force)
         print(f"wrote {args.json}")
     return 0
 
@@ -137,20 +109,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="per-domain loss, perplexity and bits/byte; multiple-choice accuracy; normalized scores")
     p.add_argument("models", nargs="*", metavar="MODEL", help="model folders, .gguf files, or cached HF ids")
-    p.add_argument("--domain", action="append", metavar="NAME=FILE", help='text (.txt) or JSONL with "text" (repeatable)')
     p.add_argument(
-        "--task", action="append", metavar="NAME=FILE", help='multiple-choice JSONL {"context", "choices", "label"} (repeatable)'
+        "--domain",
+        dest="domains",
+        action="append",
+        type=named(options.text_file),
+        metavar="NAME=FILE",
+        help='text (.txt) or JSONL with "text" (repeatable)',
     )
-    p.add_argument("--zoo", metavar="DIR", help="use a built zoo's held-out domains, task, base and experts")
+    p.add_argument(
+        "--task",
+        dest="tasks",
+        action="append",
+        type=named(options.text_file),
+        metavar="NAME=FILE",
+        help='multiple-choice JSONL {"context", "choices", "label"} (repeatable)',
+    )
+    p.add_argument(
+        "--zoo", type=checked(options.existing_folder), metavar="DIR", help="use a built zoo's held-out domains, task, base and experts"
+    )
     p.add_argument("--base", metavar="MODEL", help="base model: report normalized scores against it")
-    p.add_argument("--expert", action="append", metavar="DOMAIN=MODEL", help="the expert tuned on DOMAIN (repeatable)")
+    p.add_argument(
+        "--expert",
+        dest="experts",
+        action="append",
+        type=named(value="MODEL"),
+        metavar="DOMAIN=MODEL",
+        help="the expert tuned on DOMAIN (repeatable)",
+    )
     p.add_argument("--general", metavar="DOMAIN", help="domain no expert was tuned on: report forgetting on it")
-    p.add_argument("--tokens", type=int, default=None, metavar="N", help="evaluate at most N tokens per domain")
-    p.add_argument("--seq-len", type=int, default=256, help="window length in tokens (capped by the model's context)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", metavar="OUT", help="write all results as JSON")
+    p.add_argument("--tokens", dest="max_tokens", type=POSITIVE_INT, default=None, metavar="N", help="evaluate at most N tokens per domain")
+    p.add_argument(
+        "--seq-len", type=SEQ_LEN, default=256, help="window length in tokens, at least 2 (default 256; capped by the model's context)"
+    )
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="windows per forward pass (default 8)")
+    p.add_argument(
+        "--json", type=checked(options.output_file), metavar="FILE", help="write all results as JSON (an existing file needs --force)"
+    )
+    add_force(p)
     p.add_argument("--lm-eval", metavar="TASKS", help="run lm-evaluation-harness tasks (comma-separated) instead")
-    p.add_argument("--limit", type=int, default=None, help="with --lm-eval: items per task")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="with --lm-eval: items per task")
     add_common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -166,8 +164,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         quiet=args.quiet,
         methods=args.methods.split(",") if args.methods else None,
-        max_tokens=args.tokens,
+        max_tokens=args.max_tokens,
         chart=not args.no_chart,
+        force=args.force,
     )
     print(res["table"])
     print()
@@ -183,11 +182,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="merge the zoo's experts with every method, evaluate, and name the winner")
     p.add_argument("--zoo", choices=["tiny", "smol"], default="tiny", help="which zoo tier (built if absent)")
-    p.add_argument("--zoo-dir", default=None, help="zoo folder (default: the splice cache)")
-    p.add_argument("--out", default="demo-out", help="where merges, leaderboard.json and leaderboard.png go")
+    p.add_argument(
+        "--zoo-dir", type=checked(options.output_folder), default=None, help="zoo folder, built there if absent (default: the splice cache)"
+    )
+    add_output(p, required=False, default="demo-out", what="where merges, leaderboard.json and leaderboard.png go")
     p.add_argument("--methods", default=None, help="comma-separated subset of merge methods")
-    p.add_argument("--tokens", type=int, default=None, help="evaluation tokens per domain (default: per tier)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", dest="max_tokens", type=POSITIVE_INT, default=None, help="evaluation tokens per domain (default: per tier)")
+    add_seed(p)
     p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     add_common(p)
     p.set_defaults(func=cmd_demo)

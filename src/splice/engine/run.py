@@ -16,15 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import options
 from ..checkpoint.reader import ModelSource
 from ..checkpoint.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output
-from ..errors import MergeError
+from ..errors import MergeError, option
 from ..recipe import Recipe, load_recipe
 from .plan import Input, Job, Plan, RecipePlanner, open_sources
 
@@ -47,6 +48,17 @@ class MergeOptions:
     # It changes the whole process's allocator and cannot be undone, so the library leaves
     # it off and the CLI, which owns its process, turns it on.
     tune_malloc: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse unusable values now, before any work (the checks are splice.options', shared with the CLI)."""
+        options.seed(self.seed)
+        options.device(self.device)
+        options.size(self.shard_size, "shard_size")
+        options.optional(options.positive_int, self.workers, "workers")
+        options.optional(options.positive_int, self.threads, "threads")
+        options.positive_int(self.memory_budget, "memory_budget")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise MergeError(f"{option('device', self.device)} was asked for but no CUDA device is available")
 
 
 # ------------------------------------------------------------------ running
@@ -234,14 +246,12 @@ def _progress_bar(total_bytes: int, n: int, quiet: bool):
 def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: MergeOptions | None = None, **kw: Any) -> dict:
     """Merge ``recipe`` into the folder ``out``. Returns a summary dict."""
     opts = opts or MergeOptions()
-    for k, v in kw.items():
+    for k in kw:
         if not hasattr(opts, k):
             raise TypeError(f"unknown option {k!r}")
-        setattr(opts, k, v)
+    opts = replace(opts, **kw)  # validated again, with the new values
     out = Path(out)
     check_output(out.resolve(), opts.force)  # fail before any work
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError("--device cuda was asked for but no CUDA device is available")
     t0 = time.perf_counter()
     recipe = load_recipe(recipe)
     sources = open_sources(recipe, opts.allow_pickle)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .. import architecture as arch
+from .. import options as checks  # build_moe's parameter is called options
 from ..checkpoint import CheckpointWriter, open_model
 from ..checkpoint.reader import TOKENIZER_FILES
 from ..checkpoint.writer import check_output
@@ -45,6 +46,17 @@ class MoEOptions:
     quiet: bool = False
     threads: int | None = None
     write_card: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse unusable values before any work (splice.options' checks, shared with the CLI)."""
+        checks.seed(self.seed)
+        checks.non_negative_int(self.calibrate, "calibrate")
+        checks.positive_int(self.calibration_tokens, "calibration_tokens")
+        checks.positive_real(self.calibration_lr, "calibration_lr")
+        checks.integer(self.calibration_seq_len, "calibration_seq_len", minimum=2)
+        checks.real(self.balance, "balance", minimum=0)
+        checks.size(self.shard_size, "shard_size")
+        checks.optional(checks.positive_int, self.threads, "threads")
 
 
 @dataclass

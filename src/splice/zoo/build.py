@@ -475,6 +475,7 @@ def build_zoo(
         raise ZooError(f"unknown zoo tier {tier!r} (choose from {', '.join(TIERS)})")
     t = TIERS[tier]
     out_dir = Path(out) if out is not None else default_zoo_dir(tier)
+    check_zoo_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     man_path = out_dir / "manifest.json"
     import torch
@@ -543,10 +544,38 @@ def default_zoo_dir(tier: str) -> Path:
 
 
 def load_manifest(zoo: str | os.PathLike) -> dict:
-    p = Path(zoo) / "manifest.json"
-    if not p.exists():
-        raise ZooError(f"{p}: not a built zoo (run: splice zoo build --out {zoo})")
-    return json.loads(p.read_text())
+    """A built zoo's manifest; a folder that is missing, is not a zoo or holds a broken manifest is an error."""
+    z = Path(zoo)
+    p = z / "manifest.json"
+    try:
+        if not z.is_dir():
+            raise ZooError(f"zoo {z}: {'is not a folder' if z.exists() else 'folder not found'}")
+        if not p.is_file():
+            raise ZooError(f"{z}: not a built zoo (no manifest.json)")
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ZooError(f"{p}: cannot read the zoo's manifest ({e})") from None
+    if not isinstance(m, dict) or not all(isinstance(m.get(k), dict) for k in ("models", "domains", "tasks")):
+        raise ZooError(f"{p}: not a zoo manifest (needs models, domains and tasks)")
+    return m
+
+
+def is_zoo(folder: Path) -> bool:
+    """A built zoo, or one whose build began (its first stage, the data, is done or under way)."""
+    return (folder / "manifest.json").is_file() or (folder / "data" / ".stage.json").is_file() or (folder / "data.partial").is_dir()
+
+
+def check_zoo_folder(folder: Path) -> None:
+    """Refuse to build a zoo in a file or in a non-empty folder that is not a zoo (its stages replace folders)."""
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise ZooError(f"zoo {folder}: is a file, not a folder")
+        if folder.is_dir() and any(folder.iterdir()) and not is_zoo(folder):
+            raise ZooError(f"zoo {folder}: the folder is not empty and holds no zoo; give a new or empty folder")
+        if (folder / "manifest.json").exists():
+            load_manifest(folder)  # a broken manifest is an error now, not after the build
+    except OSError as e:
+        raise ZooError(f"zoo {folder}: cannot be read ({e.strerror or e})") from None
 
 
 def zoo_paths(zoo: str | os.PathLike) -> dict:

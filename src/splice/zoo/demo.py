@@ -8,7 +8,9 @@ MergeBench-style normalized score; write ``leaderboard.json`` and
 ``leaderboard.png``; name the winner in one sentence.
 
 Merges and evaluations are cached in the output folder, keyed by the recipe and
-the evaluation settings, so a rerun only redoes what changed.
+the evaluation settings, so a rerun only redoes what changed. A rerun replaces the
+earlier results, so an existing non-empty output folder needs ``force``; every
+file is written whole to a temporary file and renamed into place.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import SpliceError
+from .. import options
+from ..errors import SpliceError, option
 
 # method -> list of (label suffix, per-model parameters, global parameters).
 # Defaults follow the papers / mergekit examples; the sweeps cover each central method's key knob.
@@ -120,22 +123,40 @@ def run_demo(
     methods: list[str] | None = None,
     max_tokens: int | None = None,
     chart: bool = True,
+    force: bool = False,
 ) -> dict:
-    """Build the zoo if needed, merge, evaluate, rank. Returns the leaderboard dict (also written as JSON)."""
+    """Build the zoo if needed, merge, evaluate, rank. Returns the leaderboard dict (also written as JSON).
+
+    Args:
+        zoo: the zoo tier (``tiny``, ``smol``); out: the output folder.
+        zoo_dir: the zoo's folder (default: the splice cache's); built there if absent.
+        seed: for the zoo and the random merge methods; quiet: no progress output.
+        methods: merge methods to run (default: every one that applies); max_tokens: evaluation tokens per domain.
+        chart: also write ``leaderboard.png``; force: reuse and replace the results in an existing ``out``.
+    Returns:
+        The leaderboard: models with their losses and scores, the ranking, the winner, a summary sentence.
+    """
     try:
         import splice
 
         merge = splice.merge
     except (ImportError, AttributeError):
         raise SpliceError("the demo needs splice.merge (the merge engine), which is not available") from None
+    from ..checkpoint.writer import check_output
     from ..eval import evaluate_model, normalized_scores, read_task, read_text
-    from .build import build_zoo, default_zoo_dir
+    from ..eval.results import write_text_atomic
+    from .build import build_zoo, check_zoo_folder, default_zoo_dir
 
     t_all = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    zdir = Path(zoo_dir) if zoo_dir else default_zoo_dir(zoo)
+    seed = options.seed(seed)
+    max_tokens = options.optional(options.positive_int, max_tokens, "max_tokens")
+    out = options.output_folder(out, "out")
+    zdir = options.output_folder(zoo_dir, "zoo_dir") if zoo_dir else default_zoo_dir(zoo)
+    check_output(out.resolve(), force)  # refuse before building anything
+    check_zoo_folder(zdir)
+    _check_methods(methods, zoo)
     man = build_zoo(zoo, zdir, seed=seed, quiet=quiet)
+    out.mkdir(parents=True, exist_ok=True)
     ev = dict(DEMO_EVAL.get(zoo, DEMO_EVAL["tiny"]))
     if max_tokens:
         ev["max_tokens"] = max_tokens
@@ -171,7 +192,7 @@ def run_demo(
                 "engine_seconds": round(float(s.get("seconds", 0)), 3),
                 "recipe": recipe,
             }
-            stamp.write_text(json.dumps(info, indent=2) + "\n")
+            write_text_atomic(stamp, json.dumps(info, indent=2) + "\n")
         merged[label] = {"method": recipe["merge_method"], "path": str(d), "merge_seconds": info["seconds"], "recipe": recipe}
 
     # evaluate (cached by model folder stamp + eval settings)
@@ -202,7 +223,7 @@ def run_demo(
                 task_items=items,
             )
             cache[mk] = r
-            cache_f.write_text(json.dumps(cache) + "\n")
+            write_text_atomic(cache_f, json.dumps(cache) + "\n")
         results[label] = {"kind": kind, **r}
         if kind == "merge":
             results[label]["method"] = merged[label]["method"]
@@ -237,11 +258,27 @@ def run_demo(
         "seconds": round(time.time() - t_all, 2),
     }
     res["summary"] = winner_sentence(res)
-    (out / "leaderboard.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_text_atomic(out / "leaderboard.json", json.dumps(res, indent=2) + "\n")
     res["table"] = leaderboard_table(res)
     if chart:
         res["chart"] = write_chart(res, out / "leaderboard.png")
     return res
+
+
+def _check_methods(methods: list[str] | None, zoo: str) -> None:
+    """Every named method must be one the demo can run on the tier's experts."""
+    from .build import TIERS
+
+    if not methods or zoo not in TIERS:  # an unknown tier is build_zoo's error
+        return
+    k = len(TIERS[zoo].experts)
+    runnable = {m.name for m in applicable_methods(k)}
+    unknown = [m for m in methods if m not in runnable]
+    if unknown:
+        raise SpliceError(
+            f"{option('methods', ','.join(methods))}: the demo cannot run {', '.join(unknown)} on {k} experts "
+            f"(it can run: {', '.join(sorted(runnable))})"
+        )
 
 
 def _folder_stamp(p: Path) -> str:
@@ -298,6 +335,8 @@ def leaderboard_table(res: dict) -> str:
 
 def write_chart(res: dict, path: Path) -> str | None:
     """Bar chart: normalized score per merge (per-domain dots), forgetting beside it. None without matplotlib."""
+    from ..eval.results import write_atomic
+
     try:
         import matplotlib
 
@@ -329,6 +368,8 @@ def write_chart(res: dict, path: Path) -> str | None:
     a2.set_xlabel(f"forgetting: loss change on '{res['general_domain']}' (%)")
     fig.suptitle(f"splice demo — {res['zoo']} zoo: merges of {len(ex)} experts ({', '.join(ex)})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return str(path)
