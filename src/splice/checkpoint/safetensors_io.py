@@ -76,31 +76,59 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: corrupted or truncated safetensors header")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupted safetensors header (nested too deeply)") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupted safetensors header")
-    meta = header.pop("__metadata__", None) or {}
+        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupted safetensors header (__metadata__ is not an object of strings)")
     base = 8 + n
     infos: dict[str, TensorInfo] = {}
     for name, h in header.items():
-        try:
-            dt = DTYPES[h["dtype"]]
-            shape = tuple(int(s) for s in h["shape"])
-            start, end = (int(x) for x in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a corrupted header entry") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - start != numel * dtype_size(dt) or start < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent size in header")
+        dt, shape, start, end = _header_entry(path, name, h)
+        if end - start != _numel(shape) * dtype_size(dt):
+            raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has inconsistent size in header")
         if base + end > size:
-            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {base + end} but the file has {size}")
+            raise CheckpointError(f"{path}: truncated file: tensor {_brief(name, 120)} ends at byte {base + end} but the file has {size}")
         infos[name] = TensorInfo(name, dt, shape, path, base + start, base + end)
-    return infos, {str(k): str(v) for k, v in meta.items()}
+    return infos, dict(meta)
+
+
+def _brief(x: Any, limit: int = 60) -> str:
+    """``repr(x)`` cut to ``limit`` characters (a corrupt header can hold anything)."""
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _header_entry(path: Path, name: str, h: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, each checked; a one-line error otherwise."""
+    if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= set(h):
+        raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has a corrupted header entry (needs dtype, shape and data_offsets)")
+    dt = DTYPES.get(h["dtype"]) if isinstance(h["dtype"], str) else None
+    if dt is None:
+        raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has an unknown dtype {_brief(h['dtype'])} (known: {', '.join(DTYPES)})")
+    shape, offsets = h["shape"], h["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has an invalid shape {_brief(shape)} (dimensions must be integers >= 0)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has invalid data_offsets {_brief(offsets)} (two integers, start <= end)")
+    return dt, tuple(shape), offsets[0], offsets[1]
 
 
 class TensorFile:

@@ -58,9 +58,6 @@ class Plan:
         return sum(j.nbytes for j in self.jobs)
 
 
-# ------------------------------------------------------------------ planning
-
-
 class RecipePlanner:
     def __init__(self, recipe: Recipe, sources: dict[str, ModelSource]):
         self.recipe = recipe
@@ -137,11 +134,8 @@ class RecipePlanner:
         src = self._src(ref)
         if name in src:
             return name
-        role = arch.classify(name)
-        if role.kind == "head":
-            for cand in ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight", "model.embed_in.weight"):
-                if cand in src:
-                    return cand
+        if arch.classify(name).kind == "head":
+            return next((cand for cand in arch.TIED_EMBEDDING_NAMES if cand in src), None)
         return None
 
     def build(self, out_dtype_override: str | None = None) -> Plan:
@@ -173,6 +167,8 @@ class RecipePlanner:
         ref_src = self._src(ref)
         ref_names = ref_src.keys()
         cfg = ref_src.config
+        if not cfg:
+            raise CheckpointError(f"model {ref}: no config.json; the output's config.json is made from the reference model's")
 
         dtype_name = out_dtype_override or r.out_dtype or r.dtype
         out_dt = TORCH_DTYPES[dtype_name] if dtype_name else None
@@ -287,9 +283,6 @@ class RecipePlanner:
         if tok is not None:
             tcfg["vocab_size"] = tok.size
         return Plan(r, method, jobs, new_cfg, ref, layer_sources, tok, self.warnings)
-
-
-# ------------------------------------------------------------------ top level
 
 
 def open_sources(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelSource]:
