@@ -170,7 +170,6 @@ def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: 
         if not hasattr(opts, k):
             raise TypeError(f"unknown option {k!r}")
         setattr(opts, k, v)
-    check_output(out, force=opts.force)  # fail before any work
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but no CUDA device is available")
     t0 = time.perf_counter()
@@ -178,7 +177,7 @@ def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: 
     sources = open_sources(recipe, opts.allow_pickle)
     try:
         inputs = _inputs(recipe, sources)
-        check_output(out, force=opts.force, inputs=inputs)
+        check_output(out, force=opts.force, inputs=inputs)  # before any work (opening read only headers)
         plan = RecipePlanner(recipe, sources).build()
         for w in plan.warnings:
             print(f"warning: {w}", file=sys.stderr)

@@ -340,7 +340,6 @@ def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, *
     t0 = time.time()
     r = load_moe_recipe(recipe)
     base_dir = r.path.resolve().parent if r.path else None
-    check_output(out, force=opts.force, inputs=_inputs(r, {}))
     sources = {}
     try:
         for m in r.models():
