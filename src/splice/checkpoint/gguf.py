@@ -63,10 +63,8 @@ class GGUFSource(ModelSource):
     """Read-only view of one ``.gguf`` file under Hugging Face names and conventions."""
 
     def __init__(self, name: str, path: Path):
-        try:
-            from gguf import GGUFReader
-        except ImportError:  # pragma: no cover - gguf is a declared dependency
-            raise CheckpointError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
+        from gguf import GGUFReader
+
         self.name = name
         self.file = _find_gguf(Path(path))
         self.path = self.file

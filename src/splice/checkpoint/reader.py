@@ -222,10 +222,8 @@ class PickleSource(FolderSource):
 
 def _hf_cache_lookup(ref: str) -> Path | None:
     """Resolve ``org/name`` through the local Hugging Face cache only (never the network)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover
-        return None
+    from huggingface_hub import snapshot_download
+
     try:
         return Path(snapshot_download(ref, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached, bad id, ...: all mean "not found locally"

@@ -312,14 +312,14 @@ class StagedFolder:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
             except OSError as e:
-                raise _os_error("write", path, e) from None
+                raise _os_error("write", self.out / fname, e) from None
             self._fds.append(fd)
             self._files.append(fname)
             self._pwrite(i, prefix, 0)
             try:
                 os.ftruncate(fd, end)
             except OSError as e:
-                raise _os_error("write", path, e) from None
+                raise _os_error("write", self.out / fname, e) from None
         self._expected = {name: (dt, tuple(shape)) for name, dt, shape in entries}
 
     def _pwrite(self, shard: int, data: bytes | memoryview, offset: int) -> None:
@@ -328,7 +328,7 @@ class StagedFolder:
             while pos < len(data):
                 pos += os.pwrite(self._fds[shard], data[pos:], offset + pos)
         except OSError as e:
-            raise _os_error("write", self.tmp / self._files[shard], e) from None
+            raise _os_error("write", self.out / self._files[shard], e) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Put one planned tensor (its planned dtype and shape, on the CPU) at its offset."""
@@ -352,7 +352,7 @@ class StagedFolder:
             try:
                 os.fsync(fd)
             except OSError as e:
-                raise _os_error("write", self.tmp / self._files[i], e) from None
+                raise _os_error("write", self.out / self._files[i], e) from None
         self._close()
         if len(self._files) > 1:
             self.write_json(
@@ -379,7 +379,7 @@ class StagedFolder:
         try:
             (self.tmp / name).write_text(text, encoding="utf-8")
         except OSError as e:
-            raise _os_error("write", self.tmp / name, e) from None
+            raise _os_error("write", self.out / name, e) from None
 
     def copy_file(self, src: Path, name: str) -> None:
         try:

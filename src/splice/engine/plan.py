@@ -103,9 +103,7 @@ class RecipePlanner:
                 return v
         return None
 
-    def _resolve(
-        self, name_in: dict[str, str], out_name: str, t: float, sl: Slice, base: str | None, contributors: list[str]
-    ) -> dict[str, Any]:
+    def _resolve(self, name_in: dict[str, str], out_name: str, t: float, sl: Slice, contributors: list[str]) -> dict[str, Any]:
         kw: dict[str, Any] = {}
         for p in self.method.params:
             if p.per_model:
@@ -214,7 +212,7 @@ class RecipePlanner:
             nbytes = odt.itemsize if hasattr(odt, "itemsize") else torch.empty((), dtype=odt).element_size()
             for s in shape:
                 nbytes *= s
-            kw = self._resolve(names, out_name, t, sl, base, contributors)
+            kw = self._resolve(names, out_name, t, sl, contributors)
             inputs = [Input(m, names[m], rows.get(m)) for m in contributors]
             base_inp = Input(base, base_in, rows.get(base)) if base_in is not None else None
             job = Job(out_name, inputs, base_inp, kw, shape, odt, nbytes)
