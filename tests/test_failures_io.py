@@ -498,3 +498,16 @@ def test_failed_merge_removes_the_parent_folders_it_made_and_only_those(pair, tm
     out = tmp_path / "kept" / "x" / "y" / "out"
     fails_cleanly(["merge", str(r), "-o", str(out), "-q"], tmp_path, capsys, "NaN or Inf", "layers.1.mlp.up_proj")
     assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
+@pytest.mark.parametrize(("option", "value"), [("workers", -1), ("workers", 0), ("threads", 0), ("workers", 1.5)])
+def test_writer_counts_are_whole_numbers(pair, tmp_path, capsys, option, value):
+    a, b = pair
+    r = write_recipe(tmp_path / "r.yaml", linear(a, b))
+    with pytest.raises(CheckpointError, match=f"{option}={value}: must be a whole number"):
+        splice.merge(r, tmp_path / "out", quiet=True, **{option: value})
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    if isinstance(value, int):
+        fails_cleanly(
+            ["merge", str(r), "-o", str(tmp_path / "out"), "-q", f"--{option}", str(value)], tmp_path, capsys, f"--{option} {value}"
+        )

@@ -9,6 +9,7 @@ thread, in any order.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -54,14 +55,16 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ``dtype`` and ``shape`` as stored."""
+    return dtype_size(dtype) * math.prod(shape)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -91,7 +94,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     infos: dict[str, TensorInfo] = {}
     for name, h in header.items():
         dt, shape, start, end = _header_entry(path, name, h)
-        if end - start != _numel(shape) * dtype_size(dt):
+        if end - start != tensor_nbytes(dt, shape):
             raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has inconsistent size in header")
         if base + end > size:
             raise CheckpointError(f"{path}: truncated file: tensor {_brief(name, 120)} ends at byte {base + end} but the file has {size}")
@@ -107,13 +110,6 @@ def _brief(x: Any, limit: int = 60) -> str:
 
 def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _header_entry(path: Path, name: str, h: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
@@ -168,10 +164,7 @@ def plan_layout(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadat
     offsets: dict[str, int] = {}
     pos = 0
     for name, dt, shape in entries:
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * dtype_size(dt)
+        nbytes = tensor_nbytes(dt, shape)
         header[name] = {"dtype": DTYPE_NAMES[dt], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         offsets[name] = pos
         pos += nbytes

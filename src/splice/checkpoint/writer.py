@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, option
-from .safetensors_io import dtype_size, plan_layout, tensor_bytes
+from .safetensors_io import plan_layout, tensor_bytes, tensor_nbytes
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 TEMP_MARK = ".splice-tmp-"  # in the name of every staging folder: .<target>.splice-tmp-<pid>-<random>
@@ -93,7 +93,7 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output(out: str | os.PathLike, *, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def check_output(out: str | os.PathLike, force: bool = False, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """The resolved output folder, or a one-line error if ``out`` may not receive a model.
 
     Refused with or without ``force``: an empty path; a path that is, contains or lies
@@ -138,16 +138,15 @@ def check_output(out: str | os.PathLike, *, force: bool = False, inputs: Iterabl
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
         return None
-    return stat.rsplit(")", 1)[-1].split()[19]
 
 
 def _owner_alive(owner: dict) -> bool:
     """Whether the process that made a staging folder may still be writing it (unknown: yes)."""
     pid, host = owner.get("pid"), owner.get("host")
-    if not isinstance(pid, int) or host != socket.gethostname():
+    if not isinstance(pid, int) or pid <= 0 or host != socket.gethostname():
         return True
     try:
         os.kill(pid, 0)
@@ -240,17 +239,24 @@ def make_temp_folder(parent: Path, name: str) -> Path:
     return tmp
 
 
-@contextlib.contextmanager
-def temp_folder(beside: Path) -> Iterator[Path]:
-    """A staging folder beside ``beside`` for intermediate results (removed on exit, as are the parents it created)."""
-    beside = _resolved(beside)
-    created = make_parents(beside)
-    remove_stale_temp_folders(beside.parent)
+def _stage_beside(target: Path) -> tuple[Path, list[Path]]:
+    """Make ``target``'s missing parents, remove dead runs' staging folders there and make a new one.
+
+    Returns the staging folder and the parent folders created (for ``remove_created``).
+    """
+    created = make_parents(target)
+    remove_stale_temp_folders(target.parent)
     try:
-        tmp = make_temp_folder(beside.parent, beside.name)
+        return make_temp_folder(target.parent, target.name), created
     except BaseException:
         remove_created(created)
         raise
+
+
+@contextlib.contextmanager
+def temp_folder(beside: str | os.PathLike) -> Iterator[Path]:
+    """A staging folder beside ``beside`` for intermediate results (removed on exit, as are the parents it created)."""
+    tmp, created = _stage_beside(_resolved(beside))
     try:
         yield tmp
     finally:
@@ -269,13 +275,7 @@ class StagedFolder:
     def __init__(self, target: Path, *, force: bool = False):
         self.out = target
         self.force = force
-        self._created = make_parents(target)
-        remove_stale_temp_folders(target.parent)
-        try:
-            self.tmp = make_temp_folder(target.parent, target.name)
-        except BaseException:
-            remove_created(self._created)
-            raise
+        self.tmp, self._created = _stage_beside(target)
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (shard index, offset, nbytes)
         self._expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self._fds: list[int] = []
@@ -291,7 +291,7 @@ class StagedFolder:
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
         size = 0
         for e in entries:
-            n = _nbytes(e[1], e[2])
+            n = tensor_nbytes(e[1], e[2])
             if shards[-1] and size + n > shard_size:
                 shards.append([])
                 size = 0
@@ -304,7 +304,7 @@ class StagedFolder:
             prefix, offsets = plan_layout(shard, {"format": "pt"})
             end = len(prefix)
             for name, dt, shape in shard:
-                n = _nbytes(dt, shape)
+                n = tensor_nbytes(dt, shape)
                 self._where[name] = (i, offsets[name], n)
                 self._weight_map[name] = fname
                 end = max(end, offsets[name] + n)
@@ -415,10 +415,3 @@ class StagedFolder:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = []
-
-
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = dtype_size(dtype)
-    for s in shape:
-        n *= s
-    return n

@@ -6,6 +6,7 @@ writes it to its planned offset.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import time
@@ -108,12 +109,9 @@ class JobContext:
 
 def job_memory(job: Job) -> int:
     """Bytes a job holds while computing: its inputs in float32, the output and ~2 scratch tensors."""
-    numel = 1
-    for s in job.shape:
-        numel *= s
     if job.copy:
         return job.nbytes
-    return numel * 4 * (len(job.inputs) + (job.base is not None) + 3)
+    return math.prod(job.shape) * 4 * (len(job.inputs) + (job.base is not None) + 3)
 
 
 def merge_entries(plan: Plan, sources: dict[str, ModelSource], opts: MergeOptions) -> list[Entry]:
@@ -147,6 +145,14 @@ def merge_side_files(plan: Plan, sources: dict[str, ModelSource], opts: MergeOpt
         generation_config=sources[plan.reference].generation_config(),
         card=card,
     )
+
+
+def _threads(opts: MergeOptions) -> int | None:
+    """Torch threads while writing: as asked; by default the cores' share on a CPU, and on a GPU
+    (where the CPU only reads and writes) torch's setting unchanged."""
+    if opts.threads is not None or torch.device(opts.device).type == "cpu":
+        return opts.threads
+    return torch.get_num_threads()
 
 
 def _inputs(recipe: Recipe, sources: dict[str, ModelSource]) -> list[Path]:
@@ -189,8 +195,7 @@ def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: 
             force=opts.force,
             shard_size=opts.shard_size,
             workers=opts.workers,
-            # on a GPU the CPU work is reads and writes: leave torch's threads as they are
-            threads=opts.threads or (None if torch.device(opts.device).type == "cpu" else torch.get_num_threads()),
+            threads=_threads(opts),
             memory_budget=opts.memory_budget,
             tune_malloc=opts.tune_malloc,
             label="merge",

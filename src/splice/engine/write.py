@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.safetensors_io import tensor_nbytes
 from ..checkpoint.side_files import SideFiles, check_side_files, write_side_files
 from ..checkpoint.writer import DEFAULT_SHARD_SIZE, StagedFolder, check_output, parse_size
-from ..errors import CheckpointError, MergeError
+from ..errors import CheckpointError, MergeError, option
 
 # Bytes of tensors in flight (estimated by each entry's ``memory``) beyond the first: more
 # overlaps more reads and writes, less bounds peak memory. Raised to the largest entry.
@@ -56,10 +57,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def write_checkpoint(
@@ -89,7 +87,7 @@ def write_checkpoint(
         workers: entries computed at once (default: one per core, at least 2; 1: in this thread).
         threads: torch intra-op threads while writing (default: cores / workers); restored after.
         memory_budget: bytes of entries in flight beyond the first (raised to the largest entry).
-        tune_malloc: fix glibc's malloc thresholds for this process first (see ``tune_malloc``);
+        tune_malloc: fix glibc's malloc thresholds for this process first (see ``_tune_malloc``);
             it cannot be undone, so a library call leaves it off and the CLI turns it on.
         label: what is being written, for the progress bar and errors ("merge", "moe", ...).
         quiet: no progress bar.
@@ -100,6 +98,7 @@ def write_checkpoint(
     target = check_output(out, force=force, inputs=inputs)
     check_side_files(side_files)
     shard_bytes = parse_size(shard_size)
+    _check_counts(workers=workers, threads=threads)
     _check_unique(entries)
     if tune_malloc:
         _tune_malloc()
@@ -118,6 +117,12 @@ def write_checkpoint(
         with _signals_deferred():
             staged.abort()
         raise
+
+
+def _check_counts(**counts: int | None) -> None:
+    for name, v in counts.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise CheckpointError(f"{option(name, v)}: must be a whole number of at least 1")
 
 
 def _check_unique(entries: Sequence[Entry]) -> None:
