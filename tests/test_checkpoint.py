@@ -90,3 +90,33 @@ def test_hf_id_resolves_through_local_cache_only(tmp_path, monkeypatch):
     assert set(src.keys()) == set(load_sd(m))
     with pytest.raises(CheckpointError, match="not found"):
         open_model("acme/absent")
+
+
+def test_hf_cache_snapshot_whose_files_link_to_blobs_is_merged_with_its_tokenizer(tmp_path, monkeypatch):
+    """In a real Hugging Face cache every snapshot file links to ../../blobs: inside the cached repository, so allowed."""
+    import hashlib
+
+    import yaml
+
+    import splice
+
+    m = make_model(tmp_path / "m", "llama")
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in m.iterdir():
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo / "blobs" / blob)
+        (snap / f.name).symlink_to(f"../../blobs/{blob}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "acme/tiny", "parameters": {"weight": 1.0}}]}))
+    splice.merge(recipe, tmp_path / "out", quiet=True)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (m / "tokenizer.json").read_bytes()
