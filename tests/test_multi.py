@@ -317,3 +317,16 @@ def test_matches_mergekit_multi(tmp_path, models):
     assert set(ours) == set(theirs)
     for k in theirs:
         torch.testing.assert_close(ours[k].float(), theirs[k].float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_output_over_a_model_only_an_earlier_stage_reads_is_refused_even_with_force(tmp_path, models, capsys):
+    """The target stage reads 'ab' and the base; -o over model a (read only by stage 'ab') must be refused too."""
+    import shutil
+
+    base, a, b = models
+    a_copy = shutil.copytree(a, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in a_copy.iterdir()}
+    r = _write(tmp_path, _two_stage(base, a_copy, b))
+    code, lines, _ = _run_cli(["merge", str(r), "-o", str(a_copy), "-q", "--force"], capsys)
+    assert code == 2 and len(lines) == 1 and "is the input" in lines[0]
+    assert {p.name: p.read_bytes() for p in a_copy.iterdir()} == before

@@ -26,6 +26,10 @@ _VOCAB_PATTERNS = (
 )
 _OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight")
 
+# Where an output head tied to the input embedding finds its weights when the checkpoint
+# stores no head of its own, in the order they are tried.
+TIED_EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight", "model.embed_in.weight")
+
 NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 # Config lists that hold layer *indices* rather than one entry per layer.

@@ -360,8 +360,8 @@ def _check_before_work(plan: StagePlan, out: Path, keys: dict, opts: Any) -> set
     """Check the output, the stage folders and the inputs; return the names of the stages to merge."""
     from .checkpoint.writer import check_output
 
+    check_output(out, opts.force, inputs=_external_inputs(plan))
     out = out.resolve()
-    check_output(out, opts.force)
     inter = plan.intermediate_dir
     if inter == out or out in inter.parents:
         raise MergeError(f"{option('intermediate_dir')} {inter} is inside the output {out}; put it beside the output")
@@ -381,6 +381,19 @@ def _check_before_work(plan: StagePlan, out: Path, keys: dict, opts: Any) -> set
         if st is plan.target or st.name in todo:
             _check_inputs(plan, st, opts.allow_pickle)
     return todo
+
+
+def _external_inputs(plan: StagePlan) -> list[str]:
+    """Every path the stages read that no stage writes: the recipe file and the models (as written)."""
+    stage_folders = {str(plan.folder(s)) for s in plan.stages if s.name is not None}
+    found = [plan.file] if Path(plan.file).exists() else []
+    for st in plan.order:
+        base_dir = st.recipe.path.parent if st.recipe.path is not None else Path.cwd()
+        for ref in st.recipe.referenced_models():
+            path = ref.partition("+")[0]
+            if path not in stage_folders and (base_dir / path).exists():
+                found.append(str(base_dir / path))
+    return found
 
 
 def _check_inputs(plan: StagePlan, st: Stage, allow_pickle: bool) -> None:

@@ -29,10 +29,7 @@ def load_vocab(src) -> tuple[dict[str, int], set[str]]:
         raise CheckpointError(f"model {src.name}: no tokenizer files found (needed to align vocabularies)")
     tj = Path(d) / "tokenizer.json"
     if tj.exists():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tj))
-        vocab = tok.get_vocab(with_added_tokens=True)
+        vocab = _read_tokenizer_json(tj).get_vocab(with_added_tokens=True)
         special = set()
         try:
             data = json.loads(tj.read_text(encoding="utf-8"))
@@ -164,38 +161,37 @@ def plan_vocab(recipe, sources: dict, reference: str, models: list[str]) -> Voca
     return plan
 
 
-def write_tokenizer(plan: VocabPlan | None, recipe, sources: dict, reference: str, dest: Path) -> list[str]:
-    """Write tokenizer files into ``dest``; returns the file names written."""
-    import shutil
+def _read_tokenizer_json(path: Path):
+    """A ``tokenizers.Tokenizer`` from ``path``, or a one-line error naming the file."""
+    from tokenizers import Tokenizer
 
-    from .checkpoint.reader import TOKENIZER_FILES
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception for a bad file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable tokenizer.json ({reason})") from None
 
+
+def tokenizer_model(plan: VocabPlan | None, recipe, reference: str) -> str:
+    """The model whose tokenizer files the output gets."""
     if plan is not None and plan.mode in ("base", "union", "model"):
-        src_name = plan.source
-    elif recipe.tokenizer_source and recipe.tokenizer_source not in ("base", "union"):
-        src_name = recipe.tokenizer_source
-    else:
-        src_name = reference
-    d = sources[src_name].tokenizer_dir()
-    if d is None:
-        return []
-    written = []
-    for f in TOKENIZER_FILES:
-        p = Path(d) / f
-        if p.exists():
-            shutil.copyfile(p, dest / f)
-            written.append(f)
-    if plan is not None and plan.mode == "union" and plan.added:
-        tj = dest / "tokenizer.json"
-        if not tj.exists():
-            raise CheckpointError(f"model {src_name}: tokenizer_source union needs a tokenizer.json")
-        from tokenizers import AddedToken, Tokenizer
+        return plan.source
+    if recipe.tokenizer_source and recipe.tokenizer_source not in ("base", "union"):
+        return recipe.tokenizer_source
+    return reference
 
-        tok = Tokenizer.from_file(str(tj))
-        for t, special in plan.added:  # one by one, so ids follow the planned order
-            if special:
-                tok.add_special_tokens([AddedToken(t, special=True, normalized=False)])
-            else:
-                tok.add_tokens([AddedToken(t, normalized=True)])
-        tok.save(str(tj))
-    return written
+
+def add_tokens(tokenizer_json: Path, added) -> None:
+    """Append ``added`` ((content, special) pairs) to the tokenizer in ``tokenizer_json``, in order."""
+    from tokenizers import AddedToken
+
+    tok = _read_tokenizer_json(tokenizer_json)
+    for t, special in added:  # one by one, so ids follow the planned order
+        if special:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+        else:
+            tok.add_tokens([AddedToken(t, normalized=True)])
+    try:
+        tok.save(str(tokenizer_json))
+    except Exception as e:  # noqa: BLE001 - as above
+        raise CheckpointError(f"cannot write {tokenizer_json}: {e}") from None

@@ -191,3 +191,58 @@ def test_real_smollm2_gguf_reads_and_speaks_english():
     )
     r = domain_loss(model, tok, text, seq_len=128)
     assert r.ppl < 40, r
+
+
+def _seeded_llama_module(tie: bool):
+    """A tiny LlamaForCausalLM whose weights come from a seeded generator, not from transformers' init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+GGUF_WEIGHTS_SHA256 = "28ec5c665899aece8472ec80ab20a96caded05bc75cd2975285d172ac78b2a40"
+
+
+def test_gguf_to_folder_bytes_are_fixed_and_memory_follows_the_largest_tensor(tmp_path, monkeypatch):
+    """Same weight bytes as the whole-model save_file the conversion used before; at most a few tensors alive at once."""
+    import hashlib
+    import weakref
+
+    from splice.checkpoint.gguf import GGUFSource, gguf_to_folder
+
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    _write_gguf(f, _seeded_llama_module(tie=False), None, quantize={"blk.0.ffn_up.weight"})
+    alive = weakref.WeakSet()
+    most, calls = [0], [0]
+    get = GGUFSource.get
+
+    def tracked(self, name):
+        calls[0] += 1
+        most[0] = max(most[0], len(alive))
+        t = get(self, name)
+        alive.add(t)
+        return t
+
+    monkeypatch.setattr(GGUFSource, "get", tracked)
+    out = gguf_to_folder(f, tmp_path / "hf")
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == GGUF_WEIGHTS_SHA256
+    src = GGUFSource(str(f), f)
+    assert (out / "config.json").read_text() == json.dumps({**src.config, "torch_dtype": "float32"}, indent=2, sort_keys=True) + "\n"
+    assert calls[0] == len(src.keys())
+    assert most[0] <= 3, most[0]  # tensors alive when the next one is read: the in-flight few (the old code: all 20)

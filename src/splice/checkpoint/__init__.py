@@ -1,6 +1,6 @@
 """Reading and writing Hugging Face model folders, tensor by tensor."""
 
 from .reader import ModelSource, open_model
-from .writer import CheckpointWriter
+from .side_files import SideFiles
 
-__all__ = ["ModelSource", "open_model", "CheckpointWriter"]
+__all__ = ["ModelSource", "SideFiles", "open_model"]

@@ -1,4 +1,4 @@
-"""Everything a merged folder holds beside its weights: config, tokenizer, generation config, model card."""
+"""A merge's model card (README.md) and the chat templates a recipe can name."""
 
 from __future__ import annotations
 
@@ -50,37 +50,6 @@ def resolve_chat_template(spec: str | None, sources: dict) -> str | None:
     if "{{" in spec or "{%" in spec:
         return spec
     raise RecipeError(f"chat_template {spec!r}: not a known name (auto, {', '.join(CHAT_TEMPLATES)}) nor a Jinja template")
-
-
-def _set_chat_template(dest: Path, template: str) -> None:
-    (dest / "chat_template.jinja").write_text(template, encoding="utf-8")
-    tc = dest / "tokenizer_config.json"
-    if tc.exists():
-        try:
-            data = json.loads(tc.read_text(encoding="utf-8"))
-        except ValueError:
-            data = {}
-        data.pop("chat_template", None)
-        tc.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def write_side_files(writer, plan, sources: dict, opts) -> None:
-    """config.json, tokenizer files, generation_config.json and README.md for a merge plan."""
-    from .. import __version__
-    from ..tokenizer import write_tokenizer
-
-    recipe = plan.recipe
-    writer.write_json("config.json", plan.config)
-    tok_files = write_tokenizer(plan.tokenizer, recipe, sources, plan.reference, writer.tmp)
-    template = resolve_chat_template(recipe.chat_template, sources)
-    if template:
-        _set_chat_template(writer.tmp, template)
-    gen = sources[plan.reference].generation_config()
-    if gen:
-        writer.write_json("generation_config.json", gen)
-    if opts.write_card:
-        hashes = writer.file_hashes()
-        writer.write_text("README.md", model_card(plan, hashes, __version__, opts.seed, tok_files))
 
 
 def model_card(plan, hashes: dict[str, str], version: str, seed: int, tok_files: list[str]) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,10 @@ import torch
 from ..errors import CheckpointError
 from .reader import ModelSource
 from .safetensors_io import TensorInfo
+
+# float32 copies of a tensor alive while one is dequantized: numpy's result, the
+# processor's (un-permuted) array and the torch copy the reader hands out
+_DEQUANT_COPIES = 3
 
 # llama.cpp architecture name -> transformers model_type, where they differ
 _ARCH_TO_MODEL_TYPE = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "command-r": "cohere"}
@@ -59,10 +63,8 @@ class GGUFSource(ModelSource):
     """Read-only view of one ``.gguf`` file under Hugging Face names and conventions."""
 
     def __init__(self, name: str, path: Path):
-        try:
-            from gguf import GGUFReader
-        except ImportError:  # pragma: no cover - gguf is a declared dependency
-            raise CheckpointError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
+        from gguf import GGUFReader
+
         self.name = name
         self.file = _find_gguf(Path(path))
         self.path = self.file
@@ -70,7 +72,6 @@ class GGUFSource(ModelSource):
             self._reader = GGUFReader(self.file)
         except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
             raise CheckpointError(f"{self.file}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        self._lock = threading.Lock()
         self._arch = self._field("general.architecture")
         if not isinstance(self._arch, str):
             raise CheckpointError(f"{self.file}: GGUF metadata has no general.architecture")
@@ -249,28 +250,52 @@ class GGUFSource(ModelSource):
         return {k: self._field(k) for k in self._reader.fields if k not in skip and not k.startswith("GGUF.")}
 
 
-def gguf_to_folder(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """Convert a GGUF file to a plain HF folder (safetensors, config, tokenizer)."""
-    import shutil
+def gguf_to_folder(
+    src: str | os.PathLike | GGUFSource,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    *,
+    force: bool = False,
+    workers: int | None = None,
+    tune_malloc: bool = False,
+    quiet: bool = True,
+) -> Path:
+    """Convert a GGUF file to a plain HF folder (safetensors, config, tokenizer), tensor by tensor.
 
-    from safetensors.torch import save_file
+    Args:
+        src: the ``.gguf`` file (or an open ``GGUFSource``).
+        out_dir: the output folder (an existing non-empty one only with ``force``).
+        dtype: dtype of the written weights.
+        force, workers, tune_malloc, quiet: as for ``splice.engine.write_checkpoint``.
 
-    from .reader import TOKENIZER_FILES
+    Returns:
+        The output folder. Peak memory is a few dequantized tensors, never the model.
+    """
+    from ..engine.write import Entry, write_checkpoint
+    from .side_files import SideFiles
 
     s = src if isinstance(src, GGUFSource) else GGUFSource(str(src), Path(src))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: s.get(k).to(dtype).contiguous() for k in s.keys()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = dict(s.config)
-    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    gc = s.generation_config()
-    if gc:
-        (out / "generation_config.json").write_text(json.dumps(gc, indent=2) + "\n")
-    td = s.tokenizer_dir()
-    if td:
-        for f in TOKENIZER_FILES:
-            if (td / f).exists():
-                shutil.copy2(td / f, out / f)
-    return out
+    try:
+        # sorted by name: the order safetensors' own writer gives tensors of one dtype
+        entries = [Entry(k, dtype, s.info(k).shape, partial(s.get, k), _DEQUANT_COPIES * 4 * s.info(k).numel) for k in sorted(s.keys())]
+        cfg = dict(s.config, torch_dtype=str(dtype).replace("torch.", ""))
+        side = SideFiles(
+            config=json.loads(json.dumps(cfg, sort_keys=True)),  # keys sorted at every level, as the file always had them
+            model=str(s.file),
+            tokenizer_dir=s.tokenizer_dir(),
+            generation_config=s.generation_config(),
+        )
+        return write_checkpoint(
+            out_dir,
+            entries,
+            side,
+            inputs=[s.file],
+            force=force,
+            workers=workers,
+            tune_malloc=tune_malloc,
+            label="gguf conversion",
+            quiet=quiet,
+        )
+    finally:
+        if s is not src:
+            s.close()

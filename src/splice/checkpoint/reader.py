@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import architecture as arch
 from ..errors import CheckpointError, option
 from .safetensors_io import TensorFile, TensorInfo, read_header
 
@@ -65,6 +66,37 @@ class ModelSource:
         return f"{type(self).__name__}({self.name!r})"
 
 
+def check_layer_count(name: str, config: dict, names: Iterable[str]) -> None:
+    """A one-line error if ``config.json``'s layer count disagrees with the layers the tensors hold.
+
+    Models with several layer stacks (a vision tower beside the language model) pass when
+    one stack holds exactly the declared layers.
+    """
+    declared = arch.num_layers(config)
+    if not declared:
+        return
+    stacks: dict[str, set[int]] = {}
+    sizes: dict[str, int] = {}
+    for n in names:
+        role = arch.classify(n)
+        if role.layer is not None:
+            stacks.setdefault(role.prefix, set()).add(role.layer)
+            sizes[role.prefix] = sizes.get(role.prefix, 0) + 1
+    if not stacks:
+        return
+    extra = arch.text_config(config).get("num_nextn_predict_layers") or 0  # DeepSeek's multi-token-prediction layers
+    allowed = ({*range(declared)}, {*range(declared + extra)}) if isinstance(extra, int) else ({*range(declared)},)
+    if any(layers in allowed for layers in stacks.values()):
+        return
+    main = max(sizes, key=sizes.get)
+    held = max(stacks[main]) + 1
+    gaps = "" if len(stacks[main]) == held else f", {held - len(stacks[main])} of them missing"
+    key = next(k for k in arch.NUM_LAYER_KEYS if arch.text_config(config).get(k) == declared)
+    raise CheckpointError(
+        f"model {name}: config.json says {key} = {declared} but its tensors hold {held} layers ({main}.0 to {main}.{held - 1}{gaps})"
+    )
+
+
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -92,6 +124,7 @@ class FolderSource(ModelSource):
                 if k in self._infos:
                     raise CheckpointError(f"{folder}: tensor {k!r} appears in two shards")
                 self._infos[k] = v
+        check_layer_count(name, self.config, self._infos)
         self._maps: dict[Path, TensorFile] = {}
         self._lock = threading.Lock()
 
@@ -178,6 +211,7 @@ class PickleSource(FolderSource):
                 raise CheckpointError(f"{f}: not a state dict")
             self._tensors.update(sd)
         self._infos = {k: TensorInfo(k, v.dtype, tuple(v.shape), f, 0, v.numel() * v.element_size()) for k, v in self._tensors.items()}
+        check_layer_count(name, self.config, self._infos)
         self._maps = {}
         self._lock = threading.Lock()
 
@@ -188,10 +222,8 @@ class PickleSource(FolderSource):
 
 def _hf_cache_lookup(ref: str) -> Path | None:
     """Resolve ``org/name`` through the local Hugging Face cache only (never the network)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover
-        return None
+    from huggingface_hub import snapshot_download
+
     try:
         return Path(snapshot_download(ref, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached, bad id, ...: all mean "not found locally"
@@ -230,14 +262,7 @@ def _single_file_source(name: str, file: Path) -> FolderSource:
     cfg = file.parent / "config.json"
     src.config = _read_json(cfg) if cfg.exists() else {}
     src._infos, _ = read_header(file)
+    check_layer_count(name, src.config, src._infos)
     src._maps = {}
     src._lock = threading.Lock()
     return src
-
-
-def open_models(refs: Iterable[str], **kw) -> dict[str, ModelSource]:
-    out: dict[str, ModelSource] = {}
-    for r in refs:
-        if r not in out:
-            out[r] = open_model(r, **kw)
-    return out

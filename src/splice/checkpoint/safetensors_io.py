@@ -9,6 +9,7 @@ thread, in any order.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -54,14 +55,16 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ``dtype`` and ``shape`` as stored."""
+    return dtype_size(dtype) * math.prod(shape)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -76,31 +79,52 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: corrupted or truncated safetensors header")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupted safetensors header (nested too deeply)") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupted safetensors header")
-    meta = header.pop("__metadata__", None) or {}
+        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupted safetensors header (__metadata__ is not an object of strings)")
     base = 8 + n
     infos: dict[str, TensorInfo] = {}
     for name, h in header.items():
-        try:
-            dt = DTYPES[h["dtype"]]
-            shape = tuple(int(s) for s in h["shape"])
-            start, end = (int(x) for x in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a corrupted header entry") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - start != numel * dtype_size(dt) or start < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent size in header")
+        dt, shape, start, end = _header_entry(path, name, h)
+        if end - start != tensor_nbytes(dt, shape):
+            raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has inconsistent size in header")
         if base + end > size:
-            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {base + end} but the file has {size}")
+            raise CheckpointError(f"{path}: truncated file: tensor {_brief(name, 120)} ends at byte {base + end} but the file has {size}")
         infos[name] = TensorInfo(name, dt, shape, path, base + start, base + end)
-    return infos, {str(k): str(v) for k, v in meta.items()}
+    return infos, dict(meta)
+
+
+def _brief(x: Any, limit: int = 60) -> str:
+    """``repr(x)`` cut to ``limit`` characters (a corrupt header can hold anything)."""
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _header_entry(path: Path, name: str, h: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, each checked; a one-line error otherwise."""
+    if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= set(h):
+        raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has a corrupted header entry (needs dtype, shape and data_offsets)")
+    dt = DTYPES.get(h["dtype"]) if isinstance(h["dtype"], str) else None
+    if dt is None:
+        raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has an unknown dtype {_brief(h['dtype'])} (known: {', '.join(DTYPES)})")
+    shape, offsets = h["shape"], h["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has an invalid shape {_brief(shape)} (dimensions must be integers >= 0)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{path}: tensor {_brief(name, 120)} has invalid data_offsets {_brief(offsets)} (two integers, start <= end)")
+    return dt, tuple(shape), offsets[0], offsets[1]
 
 
 class TensorFile:
@@ -140,10 +164,7 @@ def plan_layout(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadat
     offsets: dict[str, int] = {}
     pos = 0
     for name, dt, shape in entries:
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * dtype_size(dt)
+        nbytes = tensor_nbytes(dt, shape)
         header[name] = {"dtype": DTYPE_NAMES[dt], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         offsets[name] = pos
         pos += nbytes

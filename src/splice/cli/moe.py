@@ -42,6 +42,7 @@ def cmd_moe(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         quiet=args.quiet,
         threads=args.threads,
+        tune_malloc=True,  # the CLI owns its process; a library call leaves the allocator alone
     )
     s = build_moe(args.recipe, args.out, opts)
     shared = f" + {s['shared_experts']} shared" if s["shared_experts"] else ""
@@ -73,6 +74,7 @@ def cmd_moe_compress(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         quiet=args.quiet,
         threads=args.threads,
+        tune_malloc=True,  # the CLI owns its process; a library call leaves the allocator alone
     )
     print(
         f"wrote {s['out']}: {s['experts_before']} -> {s['experts']} experts per layer, merged on {s['tokens']} calibration tokens in {s['seconds']:.1f}s"

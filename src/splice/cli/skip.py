@@ -67,18 +67,16 @@ def add_skip(sub) -> None:
 def cmd_skip(args: argparse.Namespace) -> int:
     from ..skip import SkipError, plan, prune
 
-    if not args.plan_only and not args.out:
+    if not args.plan_only and args.out is None:
         raise SkipError("give -o OUT to write the pruned model, or --plan-only to only print the plan")
     if args.speedup is None and args.drop is None and args.ratio is None:
         raise SkipError("give one of --speedup X, --drop N or --ratio F")
     if args.heal and args.plan_only:
         raise SkipError("--heal writes a model; it does not go with --plan-only")
-    if args.out and not args.plan_only:
-        from pathlib import Path
-
+    if args.out is not None and not args.plan_only:
         from ..checkpoint.writer import check_output
 
-        check_output(Path(args.out).resolve(), args.force)  # fail before calibrating
+        check_output(args.out, force=args.force, inputs=[args.model, args.calibration])  # fail before calibrating
     p = plan(
         args.model,
         args.strategy,
@@ -104,6 +102,7 @@ def cmd_skip(args: argparse.Namespace) -> int:
             seq_len=args.seq_len,
             seed=args.seed,
             calibration_tokens=max(args.calibration_tokens, 16384),
+            tune_malloc=True,  # the CLI owns its process; a library call leaves the allocator alone
         )
     if args.json:
         print(json.dumps({"plan": p.to_dict(), "result": result}, indent=2))

@@ -8,9 +8,7 @@ import torch
 
 from ..errors import RecipeError
 from ..methods import get_method
-from .run import _seed_for
-
-# ------------------------------------------------------------------ in memory
+from .run import tensor_seed
 
 
 def merge_tensors(
@@ -39,7 +37,7 @@ def merge_tensors(
         raise RecipeError(f"merge method {method!r} needs a base tensor")
     if m.randomized:
         g = torch.Generator(device=tensors[0].device)
-        g.manual_seed(_seed_for(seed or 0, name))
+        g.manual_seed(tensor_seed(seed or 0, name))
         kw["generator"] = g
     dt = tensors[0].dtype
     cdt = torch.float64 if dt == torch.float64 else torch.float32

@@ -58,9 +58,6 @@ class Plan:
         return sum(j.nbytes for j in self.jobs)
 
 
-# ------------------------------------------------------------------ planning
-
-
 class RecipePlanner:
     def __init__(self, recipe: Recipe, sources: dict[str, ModelSource]):
         self.recipe = recipe
@@ -106,9 +103,7 @@ class RecipePlanner:
                 return v
         return None
 
-    def _resolve(
-        self, name_in: dict[str, str], out_name: str, t: float, sl: Slice, base: str | None, contributors: list[str]
-    ) -> dict[str, Any]:
+    def _resolve(self, name_in: dict[str, str], out_name: str, t: float, sl: Slice, contributors: list[str]) -> dict[str, Any]:
         kw: dict[str, Any] = {}
         for p in self.method.params:
             if p.per_model:
@@ -137,11 +132,8 @@ class RecipePlanner:
         src = self._src(ref)
         if name in src:
             return name
-        role = arch.classify(name)
-        if role.kind == "head":
-            for cand in ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight", "model.embed_in.weight"):
-                if cand in src:
-                    return cand
+        if arch.classify(name).kind == "head":
+            return next((cand for cand in arch.TIED_EMBEDDING_NAMES if cand in src), None)
         return None
 
     def build(self, out_dtype_override: str | None = None) -> Plan:
@@ -173,6 +165,8 @@ class RecipePlanner:
         ref_src = self._src(ref)
         ref_names = ref_src.keys()
         cfg = ref_src.config
+        if not cfg:
+            raise CheckpointError(f"model {ref}: no config.json; the output's config.json is made from the reference model's")
 
         dtype_name = out_dtype_override or r.out_dtype or r.dtype
         out_dt = TORCH_DTYPES[dtype_name] if dtype_name else None
@@ -218,7 +212,7 @@ class RecipePlanner:
             nbytes = odt.itemsize if hasattr(odt, "itemsize") else torch.empty((), dtype=odt).element_size()
             for s in shape:
                 nbytes *= s
-            kw = self._resolve(names, out_name, t, sl, base, contributors)
+            kw = self._resolve(names, out_name, t, sl, contributors)
             inputs = [Input(m, names[m], rows.get(m)) for m in contributors]
             base_inp = Input(base, base_in, rows.get(base)) if base_in is not None else None
             job = Job(out_name, inputs, base_inp, kw, shape, odt, nbytes)
@@ -287,9 +281,6 @@ class RecipePlanner:
         if tok is not None:
             tcfg["vocab_size"] = tok.size
         return Plan(r, method, jobs, new_cfg, ref, layer_sources, tok, self.warnings)
-
-
-# ------------------------------------------------------------------ top level
 
 
 def open_sources(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelSource]:

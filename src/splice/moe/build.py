@@ -9,6 +9,7 @@ bad input writes nothing.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,9 @@ import torch
 
 from .. import architecture as arch
 from .. import options as checks  # build_moe's parameter is called options
-from ..checkpoint import CheckpointWriter, open_model
-from ..checkpoint.reader import TOKENIZER_FILES
+from ..checkpoint import SideFiles, open_model
 from ..checkpoint.writer import check_output
+from ..engine.write import Entry, write_checkpoint
 from ..errors import CheckpointError, RecipeError
 from .experts import expert_tensor
 from .families import ATTN_BIAS_RE, DENSE_MLP_RE, PROJS, Family, choose_family
@@ -46,6 +47,8 @@ class MoEOptions:
     quiet: bool = False
     threads: int | None = None
     write_card: bool = True
+    workers: int | None = None  # tensors written at once (see splice.engine.write_checkpoint)
+    tune_malloc: bool = False  # the CLI turns it on; a library call leaves the allocator alone
 
     def __post_init__(self) -> None:
         """Refuse unusable values before any work (splice.options' checks, shared with the CLI)."""
@@ -349,11 +352,11 @@ def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, *
     t0 = time.time()
     r = load_moe_recipe(recipe)
     base_dir = r.path.resolve().parent if r.path else None
-    check_output(Path(out).resolve(), opts.force)
     sources = {}
     try:
         for m in r.models():
             sources[m] = open_model(m, allow_pickle=opts.allow_pickle, base_dir=base_dir)
+        check_output(out, force=opts.force, inputs=_inputs(r, sources))  # before any work
         plan = plan_moe(r, sources, opts)
         if opts.threads:
             torch.set_num_threads(opts.threads)
@@ -408,35 +411,44 @@ def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, *
     return summary
 
 
+def _inputs(r: MoERecipe, sources: dict) -> list:
+    """Every path a MoE build reads: the recipe, the models, the calibration files."""
+    files = [e.calibration_file for e in r.experts + r.shared_experts]
+    return [p for p in [r.path, *(s.path for s in sources.values()), *files] if p is not None]
+
+
+# float32 copies alive while one expert tensor is made: the donor's, the noise and the result
+_EXPERT_COPIES = 3
+
+
 def _write(plan: MoEPlan, sources: dict, out, opts: MoEOptions, calib) -> Path:
     r = plan.recipe
-    with CheckpointWriter(out, force=opts.force, shard_size=opts.shard_size) as w:
-        w.layout([(e.name, plan.out_dtype, e.shape) for e in plan.entries])
-        bar = None
-        if not opts.quiet:
-            from tqdm import tqdm
+    base = sources[r.base_model]
+    entries = [Entry(e.name, plan.out_dtype, e.shape, e.make, _EXPERT_COPIES * 4 * math.prod(e.shape)) for e in plan.entries]
+    card = None
+    if opts.write_card:
+        from .card import moe_card
 
-            bar = tqdm(total=len(plan.entries), desc="moe", unit="tensor", file=sys.stderr, leave=False, dynamic_ncols=True)
-        for e in plan.entries:
-            t = e.make()
-            w.write(e.name, t.to(plan.out_dtype).contiguous())
-            if bar:
-                bar.update(1)
-        if bar:
-            bar.close()
-        w.finish_tensors()
-        w.write_json("config.json", plan.config)
-        base = sources[r.base_model]
-        tdir = base.tokenizer_dir()
-        if tdir is not None:
-            for f in TOKENIZER_FILES:
-                if (Path(tdir) / f).is_file():
-                    w.copy_file(Path(tdir) / f)
-        gen = base.generation_config()
-        if gen:
-            w.write_json("generation_config.json", gen)
-        if opts.write_card:
-            from .card import moe_card
+        def card(hashes: dict[str, str], _tokenizer_files: list[str]) -> str:
+            return moe_card(plan, hashes, opts, calib)
 
-            w.write_text("README.md", moe_card(plan, w.file_hashes(), opts, calib))
-        return w.commit()
+    side = SideFiles(
+        config=plan.config,
+        model=r.base_model,
+        tokenizer_dir=base.tokenizer_dir(),
+        generation_config=base.generation_config(),
+        card=card,
+    )
+    return write_checkpoint(
+        out,
+        entries,
+        side,
+        inputs=_inputs(r, sources),
+        force=opts.force,
+        shard_size=opts.shard_size,
+        workers=opts.workers,
+        threads=opts.threads,
+        tune_malloc=opts.tune_malloc,
+        label="moe",
+        quiet=opts.quiet,
+    )

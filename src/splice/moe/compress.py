@@ -17,17 +17,17 @@ Everything else (attention, norms, embeddings, a shared expert) is copied.
 from __future__ import annotations
 
 import re
-import sys
+import threading
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .. import architecture as arch
-from ..checkpoint import CheckpointWriter, open_model
-from ..checkpoint.reader import TOKENIZER_FILES
+from ..checkpoint import SideFiles, open_model
 from ..checkpoint.writer import check_output
+from ..engine.write import Entry, write_checkpoint
 from ..errors import RecipeError
 from .assignment import max_weight_matching
 from .families import PROJS, Family, family_of_moe
@@ -111,6 +111,28 @@ def _expert_tensors(src, fam: Family, prefix: str, layer: int, e: int) -> dict[s
     return {p: src.get(fam.expert_name(prefix, layer, e, p)).to(torch.float32) for p in PROJS}
 
 
+class _GroupMerge:
+    """One group's merged expert, computed once (by whichever of its three projections is written
+    first) and handed out projection by projection; freed when all three are taken."""
+
+    def __init__(self, src, fam: Family, prefix: str, layer: int, members: list[int], usage: list[float]):
+        self._make = lambda: merge_group([_expert_tensors(src, fam, prefix, layer, e) for e in members], usage)
+        self._lock = threading.Lock()
+        self._merged: dict[str, torch.Tensor] | None = None
+        info = src.info(fam.expert_name(prefix, layer, 0, "gate"))
+        # every member's three projections in float32 and float64 while merging, and the result
+        self.memory = 3 * info.numel * (4 + 8) * (len(members) + 1)
+
+    def take(self, proj: str) -> torch.Tensor:
+        with self._lock:
+            if self._merged is None:
+                self._merged = self._make()
+            t = self._merged.pop(proj)
+            if not self._merged:
+                self._make = None  # all three taken: nothing of the group stays alive
+            return t
+
+
 def compress_moe(
     moe: str | Path,
     out: str | Path,
@@ -125,6 +147,8 @@ def compress_moe(
     quiet: bool = False,
     threads: int | None = None,
     write_card: bool = True,
+    workers: int | None = None,
+    tune_malloc: bool = False,
 ) -> dict:
     from .calibrate import read_documents, token_sequences
     from .dense import load_tokenizer
@@ -140,7 +164,7 @@ def compress_moe(
         if isinstance(experts, bool) or not isinstance(experts, int) or not 1 <= experts <= n:
             raise RecipeError(f"--experts must be between 1 and {n} (the experts {moe} has), got {experts!r}")
         top_k = int(cfg.get("num_experts_per_tok", 2))
-        check_output(Path(out).resolve(), force)
+        check_output(out, force=force, inputs=[src.path, *calibration])
         routers = {}
         for name in src.keys():
             m = re.match(r"^(?P<prefix>.*layers)\.(?P<layer>\d+)\.", name)
@@ -170,76 +194,62 @@ def compress_moe(
         n_tokens = int(logits[0].shape[0])
         groups = [group_experts(usage[l], logits[l], experts) for l in range(layers)]
 
-        entries: list[tuple[str, Any, tuple, Any]] = []
+        entries: list[Entry] = []
         for name in src.keys():
             if re.search(r"\.experts\.\d+\.", name) or name in {r[1] for r in routers.values()}:
                 continue
             info = src.info(name)
-            entries.append((name, info.dtype, tuple(info.shape), (lambda name=name: src.get(name))))
+            entries.append(Entry(name, info.dtype, tuple(info.shape), partial(src.get, name), info.nbytes, check_finite=False))
         for l in range(layers):
             rname = routers[l][1]
-            rdtype = src.info(rname).dtype
-            hid = src.info(rname).shape[1]
+            info = src.info(rname)
             lead = [g[0] for g in groups[l]]
-            entries.append((rname, rdtype, (experts, hid), (lambda rname=rname, lead=lead: src.get(rname)[lead])))
+            entries.append(
+                Entry(rname, info.dtype, (experts, info.shape[1]), (lambda rname=rname, lead=lead: src.get(rname)[lead]), info.nbytes)
+            )
             for gi, g in enumerate(groups[l]):
-
-                def make(l=l, g=g):
-                    return merge_group([_expert_tensors(src, fam, prefix, l, e) for e in g], [float(usage[l][e]) for e in g])
-
-                cache: dict = {}
+                merged = _GroupMerge(src, fam, prefix, l, g, [float(usage[l][e]) for e in g])
                 for proj in PROJS:
-                    name0 = fam.expert_name(prefix, l, 0, proj)
-                    info = src.info(name0)
-
-                    def get(cache=cache, make=make, proj=proj):
-                        if "t" not in cache:
-                            cache["t"] = make()
-                        t = cache["t"][proj]
-                        if proj == "down":
-                            cache.clear()
-                        return t
-
-                    entries.append((fam.expert_name(prefix, l, gi, proj), info.dtype, tuple(info.shape), get))
+                    info = src.info(fam.expert_name(prefix, l, 0, proj))
+                    entries.append(
+                        Entry(
+                            fam.expert_name(prefix, l, gi, proj), info.dtype, tuple(info.shape), partial(merged.take, proj), merged.memory
+                        )
+                    )
 
         new_cfg = dict(src.config)
         new_cfg[fam.expert_key] = experts
         new_cfg["num_experts_per_tok"] = min(top_k, experts)
-        with CheckpointWriter(out, force=force, shard_size=shard_size) as w:
-            w.layout([(nm, dt, sh) for nm, dt, sh, _ in entries])
-            bar = None
-            if not quiet:
-                from tqdm import tqdm
+        summary = {
+            "experts_before": n,
+            "experts": experts,
+            "tokens": n_tokens,
+            "groups": groups,
+            "usage": [(u / u.sum().clamp(min=1)).tolist() for u in usage],
+        }
+        card = None
+        if write_card:
+            from .card import compress_card
 
-                bar = tqdm(total=len(entries), desc="moe-compress", unit="tensor", file=sys.stderr, leave=False, dynamic_ncols=True)
-            for nm, dt, _sh, make in entries:
-                w.write(nm, make().to(dt).contiguous())
-                if bar:
-                    bar.update(1)
-            if bar:
-                bar.close()
-            w.finish_tensors()
-            w.write_json("config.json", new_cfg)
-            tdir = src.tokenizer_dir()
-            if tdir is not None:
-                for f in TOKENIZER_FILES:
-                    if (Path(tdir) / f).is_file():
-                        w.copy_file(Path(tdir) / f)
-            gen = src.generation_config()
-            if gen:
-                w.write_json("generation_config.json", gen)
-            summary = {
-                "experts_before": n,
-                "experts": experts,
-                "tokens": n_tokens,
-                "groups": groups,
-                "usage": [(u / u.sum().clamp(min=1)).tolist() for u in usage],
-            }
-            if write_card:
-                from .card import compress_card
+            def card(hashes: dict[str, str], _tokenizer_files: list[str]) -> str:
+                return compress_card(str(moe), summary, hashes)
 
-                w.write_text("README.md", compress_card(str(moe), summary, w.file_hashes()))
-            written = w.commit()
+        side = SideFiles(
+            config=new_cfg, model=str(moe), tokenizer_dir=src.tokenizer_dir(), generation_config=src.generation_config(), card=card
+        )
+        written = write_checkpoint(
+            out,
+            entries,
+            side,
+            inputs=[src.path, *calibration],
+            force=force,
+            shard_size=shard_size,
+            workers=workers,
+            threads=threads,
+            tune_malloc=tune_malloc,
+            label="moe-compress",
+            quiet=quiet,
+        )
     finally:
         src.close()
     summary.update(out=str(written), seconds=time.time() - t0)

@@ -4,7 +4,7 @@ Only the layers next to each cut are trained (the kept layer just before and
 just after every dropped block), with AdamW on next-token loss; everything
 else is frozen, so a few hundred steps fit on a CPU. The loss is measured
 before and after on a held-out tenth of the calibration text (never trained
-on). The result is written atomically with ``CheckpointWriter``, beside the
+on). The result is written through the engine's ``write_checkpoint``, with the
 pruned folder's config, tokenizer and card.
 """
 
@@ -62,10 +62,9 @@ def heal(
     quiet: bool = True,
     plan=None,
     layers: list[int] | None = None,
+    tune_malloc: bool = False,
 ) -> dict:
     """Fine-tune the layers next to the cuts of the model in ``pruned`` and write it to ``out``."""
-    from ..checkpoint.reader import TOKENIZER_FILES, open_model  # noqa: F401
-    from ..checkpoint.writer import CheckpointWriter
     from .model import load_model
 
     torch.manual_seed(seed)
@@ -115,30 +114,19 @@ def heal(
     after = heldout_loss(model, held_seqs)
     seconds = time.perf_counter() - t0
 
-    # write: the pruned folder's tensors (trained ones replaced), its side files, a note in the card
-    sd = model.state_dict()
-    src = open_model(pruned)
-    try:
-        names = src.keys()
-        with CheckpointWriter(out, force=force) as w:
-            w.layout([(n, src.info(n).dtype, tuple(src.info(n).shape)) for n in names])
-            for n in names:
-                t = sd[n] if n in sd else src.get(n)
-                w.write(n, t.detach().to(src.info(n).dtype).contiguous())
-            w.finish_tensors()
-            for f in sorted(Path(pruned).iterdir()):
-                if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-                    w.copy_file(f)
-            card = Path(pruned) / "README.md"
-            note = (
-                f"\n## Healing\n\nAfter pruning, layers {layers} (new numbering) were fine-tuned for {steps} steps "
-                f"(AdamW, lr {lr}, batch {batch}x{L} tokens) on calibration text. Held-out loss "
-                f"{before:.4f} -> {after:.4f}.\n"
-            )
-            w.write_text("README.md", (card.read_text(encoding="utf-8") if card.exists() else "") + note)
-            w.commit()
-    finally:
-        src.close()
+    _write_healed(
+        model.state_dict(),
+        pruned,
+        out,
+        force=force,
+        quiet=quiet,
+        tune_malloc=tune_malloc,
+        note=(
+            f"\n## Healing\n\nAfter pruning, layers {layers} (new numbering) were fine-tuned for {steps} steps "
+            f"(AdamW, lr {lr}, batch {batch}x{L} tokens) on calibration text. Held-out loss "
+            f"{before:.4f} -> {after:.4f}.\n"
+        ),
+    )
     return {
         "layers": layers,
         "steps": steps,
@@ -148,3 +136,29 @@ def heal(
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
     }
+
+
+def _write_healed(sd: dict, pruned, out, *, force: bool, quiet: bool, tune_malloc: bool, note: str) -> None:
+    """The pruned folder's tensors (trained ones replaced) and side files, with ``note`` added to its card."""
+    from ..checkpoint import SideFiles, open_model
+    from ..engine.write import Entry, write_checkpoint
+
+    src = open_model(pruned)
+    try:
+        entries = []
+        for n in src.keys():
+            info = src.info(n)
+            compute = (lambda t=sd[n]: t.detach()) if n in sd else (lambda n=n: src.get(n))
+            entries.append(Entry(n, info.dtype, tuple(info.shape), compute, info.nbytes, check_finite=n in sd))
+        card = Path(pruned) / "README.md"
+        old_card = card.read_text(encoding="utf-8") if card.exists() else ""
+        side = SideFiles(
+            config=src.config,
+            model=str(pruned),
+            tokenizer_dir=src.tokenizer_dir(),
+            generation_config=src.generation_config(),
+            card=lambda _hashes, _tokenizer_files: old_card + note,
+        )
+        write_checkpoint(out, entries, side, inputs=[pruned], force=force, tune_malloc=tune_malloc, label="heal", quiet=quiet)
+    finally:
+        src.close()

@@ -16,9 +16,7 @@ the block's compute.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -135,14 +133,17 @@ def prune(
     seq_len: int = 256,
     calibration_tokens: int = 16384,
     seed: int = 0,
+    tune_malloc: bool = False,
 ) -> dict:
-    """Write the pruned model of ``plan`` to ``out`` (optionally healed for ``heal_steps`` steps). Returns a summary."""
+    """Write the pruned model of ``plan`` to ``out`` (optionally healed for ``heal_steps`` steps). Returns a summary.
+
+    ``tune_malloc``: as for ``splice.engine.write_checkpoint`` (the CLI turns it on).
+    """
     from ..checkpoint.reader import open_model
-    from ..checkpoint.writer import check_output
+    from ..checkpoint.writer import check_output, temp_folder
     from ..engine import run_merge
 
-    out = Path(out)
-    check_output(out.resolve(), force)
+    check_output(out, force=force, inputs=[plan.model, calibration])
     if plan.num_layers - len(plan.drop_layers) < 1:
         raise SkipError("the plan drops every layer")
     text = None
@@ -158,13 +159,11 @@ def prune(
     recipe = recipe_for(plan, costs.mlp_output)
     t0 = time.perf_counter()
     if not heal_steps:
-        s = run_merge(recipe, out, force=force, quiet=quiet)
+        s = run_merge(recipe, out, force=force, quiet=quiet, tune_malloc=tune_malloc)
         return {"out": s["out"], "layers": s["layers"], "seconds": time.perf_counter() - t0, "healed": None}
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.splice-tmp-prune-", dir=out.resolve().parent))
-    try:
+    with temp_folder(out) as tmp:
         pruned = tmp / "pruned"
-        s = run_merge(recipe, pruned, quiet=quiet)
+        s = run_merge(recipe, pruned, quiet=quiet, tune_malloc=tune_malloc)
         from .heal import heal
 
         h = heal(
@@ -180,7 +179,6 @@ def prune(
             force=force,
             quiet=quiet,
             plan=plan,
+            tune_malloc=tune_malloc,
         )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out.resolve()), "layers": s["layers"], "seconds": time.perf_counter() - t0, "healed": h}
+    return {"out": str(Path(out).resolve()), "layers": s["layers"], "seconds": time.perf_counter() - t0, "healed": h}
