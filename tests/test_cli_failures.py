@@ -107,7 +107,7 @@ BAD_COMMAND_LINES = [
     ("merge {recipe} -o {out} --workers", "--workers expected one argument"),
     ("mege {recipe}", "invalid choice: 'mege'"),
     ("generate {model} --prompt t5 --prompt-file {root}/text.txt", "not allowed with argument --prompt"),
-    ("merge {recipe} -o ''", "--out '': must be a path"),
+    ("merge {recipe} -o ''", "--out '': the output path is empty"),
 ]
 
 

@@ -174,8 +174,11 @@ def test_recipe_file_and_calibration_text_are_inputs_too(world, tmp_path, capsys
     (tmp_path / "sub").mkdir()
     r = write_recipe(tmp_path / "sub" / "r.yaml", linear(world / "a", world / "b"))
     fails_cleanly(["merge", str(r), "-o", str(tmp_path / "sub"), "-q", "--force"], tmp_path, capsys, "contains the input", "r.yaml")
-    args = commands(world, str(world / "text.txt"))["moe-compress"] + ["--force"]
-    fails_cleanly(args, world, capsys, "is the input")
+    (tmp_path / "cal").mkdir()
+    text = (tmp_path / "cal" / "text.txt").write_bytes((world / "text.txt").read_bytes())
+    args = ["moe-compress", str(world / "mixtral"), "-o", str(tmp_path / "cal"), "--experts", "1"]
+    fails_cleanly(args + ["--calibration", str(tmp_path / "cal" / "text.txt"), "-q", "--force"], tmp_path, capsys, "contains the input")
+    assert text > 0
 
 
 def test_library_call_is_refused_too(world):
@@ -412,14 +415,14 @@ def test_fuzzed_safetensors_headers_fail_in_one_line_and_leave_nothing(tmp_path,
 # ------------------------------------------------------------------ signals and stale staging folders (13.12)
 
 _SLOW_MERGE = """
-import time, splice.methods.linear as L
-f = L.linear
+import dataclasses, time
+from splice.methods import METHODS
+linear = METHODS.get('linear')
 def slow(*a, **k):
     open({started!r}, 'w').close()
     time.sleep(0.2)
-    return f(*a, **k)
-import splice.methods.registry as R
-R._METHODS['linear'] = R.MergeMethod(**{{**R._METHODS['linear'].__dict__, 'fn': slow}})
+    return linear.fn(*a, **k)
+METHODS._entries['linear'] = dataclasses.replace(linear, fn=slow)
 from splice.cli import main
 raise SystemExit(main(['merge', {recipe!r}, '-o', {out!r}, '-q', '--workers', '2']))
 """
@@ -504,7 +507,7 @@ def test_failed_merge_removes_the_parent_folders_it_made_and_only_those(pair, tm
 def test_writer_counts_are_whole_numbers(pair, tmp_path, capsys, option, value):
     a, b = pair
     r = write_recipe(tmp_path / "r.yaml", linear(a, b))
-    with pytest.raises(CheckpointError, match=f"{option}={value}: must be a whole number"):
+    with pytest.raises(SpliceError, match=f"{option}={value}: must be a whole number"):
         splice.merge(r, tmp_path / "out", quiet=True, **{option: value})
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
     if isinstance(value, int):

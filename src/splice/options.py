@@ -290,6 +290,8 @@ def output_folder(value: Any, name: str) -> Path:
     Returns:
         The path.
     """
+    if isinstance(value, (str, os.PathLike)) and not str(value).strip():
+        raise OptionError(name, value, "the output path is empty; name the folder to write to")
     path = _path(value, name)
     try:
         if path.exists() and not path.is_dir():
