@@ -44,6 +44,10 @@ MLP_OUTPUT_NAMES = (
 # The same projections as module names inside an MLP block (``down_proj``, ``c_proj``, ...).
 MLP_OUTPUT_PROJECTIONS = tuple(dict.fromkeys(n.rsplit(".", 1)[1] for n in MLP_OUTPUT_NAMES))
 
+# Tensors older checkpoints store that the model computes itself (rotary frequencies, GPT-2's causal
+# mask); transformers ignores them when loading, and so does splice.
+COMPUTED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
 # "<container>.<index>.<rest>" where the container ends in one of these words.
 _LAYER_RE = re.compile(rf"^(?P<prefix>(?:.*\.)?(?:{'|'.join(LAYER_CONTAINERS)}))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import architecture as arch
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -249,13 +250,15 @@ def _filled_from_source(src: ModelSource, dtype: torch.dtype):
         for name in src.keys():
             slot = slots.get(name)
             if slot is None:
+                if name.endswith(arch.COMPUTED_TENSOR_SUFFIXES):
+                    continue
                 raise CheckpointError(f"model {src.name}: tensor {name!r} is not part of a {config.model_type!r} model")
             t = src.get(name)
             if tuple(t.shape) != tuple(slot.shape):
                 raise CheckpointError(
                     f"model {src.name}: tensor {name!r} has shape {list(t.shape)}, a {config.model_type!r} model expects {list(slot.shape)}"
                 )
-            slot.copy_(t.to(dtype))
+            slot.copy_(t)
             loaded.add(name)
     missing = [n for n, _ in model.named_parameters() if n not in loaded]  # a tied head is listed once, as the embedding
     if missing:
