@@ -78,14 +78,19 @@ def _no_progress_bars():
 # ------------------------------------------------------------------ remote code
 
 
+def _json_key(path: Path, key: str):
+    """``key`` of the JSON object in ``path``; None when the file, the object or the key is missing."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
 def _custom_code_file(folder: Path, auto_class: str) -> tuple[str, object] | None:
     """The file in ``folder`` whose ``auto_map`` names custom code for ``auto_class``, and that entry."""
     for name in _AUTO_MAP_FILES[auto_class]:
-        try:
-            data = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        amap = data.get("auto_map") if isinstance(data, dict) else None
+        amap = _json_key(folder / name, "auto_map")
         if isinstance(amap, dict) and auto_class in amap:
             return name, amap[auto_class]
         if isinstance(amap, (list, tuple)) and auto_class == "AutoTokenizer":  # the old tokenizer_config format
@@ -112,10 +117,7 @@ def _check_tokenizer_class(folder: Path) -> None:
         return
     import transformers
 
-    try:
-        cls = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
-        cls = None
+    cls = _json_key(folder / "tokenizer_config.json", "tokenizer_class")
     if not isinstance(cls, str) or not hasattr(transformers, cls):
         raise _refusal(folder, *custom, "tokenizer")
 
@@ -127,11 +129,8 @@ def _check_model_type(folder: Path) -> None:
         return
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    try:
-        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    if model_type not in CONFIG_MAPPING:
+    model_type = _json_key(folder / "config.json", "model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise _refusal(folder, *custom, "model")
 
 
@@ -215,10 +214,10 @@ def _from_pretrained_folder(src: ModelSource) -> Path | None:
         return None
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            expected = {(folder / f).resolve() for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        weight_map = _json_key(index, "weight_map")
+        if not isinstance(weight_map, dict):
             return None
+        expected = {(folder / str(f)).resolve() for f in weight_map.values()}
     else:
         expected = {(folder / "model.safetensors").resolve()}
     files = {Path(src.info(k).file).resolve() for k in src.keys()}
