@@ -54,10 +54,10 @@ def eval_model(path: Path, texts: dict[str, str], *, seq_len: int, max_tokens: i
     import torch
     import torch.nn.functional as F
 
-    from splice.eval import load_model
     from splice.eval.perplexity import padded_batch, windows
+    from splice.hf import load_causal_lm
 
-    model, tok = load_model(path)
+    model, tok = load_causal_lm(path, with_tokenizer=True)
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = {}

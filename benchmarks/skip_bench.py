@@ -183,11 +183,10 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     from splice.checkpoint.reader import open_model
-    from splice.skip import SelfSpeculativeDecoder, generate_plain, hidden_stats, layer_costs, load_model, make_plan, prune, skipping
-    from splice.skip.model import chunks, tokenize
+    from splice.hf import load_causal_lm, load_tokenizer
+    from splice.skip import SelfSpeculativeDecoder, generate_plain, hidden_stats, layer_costs, make_plan, prune, skipping
+    from splice.skip.calibration import chunks, stream_hooks, tokenize
     from splice.zoo import default_zoo_dir
 
     torch.set_num_threads(args.threads)
@@ -211,13 +210,13 @@ def main(argv=None) -> int:
     )
     loads = res.get("load") or []
     loads.append({"when": time.strftime("%H:%M:%S"), "parts": sorted(parts), "start": load_avg()})
-    tok = AutoTokenizer.from_pretrained(base_path)
+    tok = load_tokenizer(base_path)
     dprompt = tok(calibration_text(train, 400))["input_ids"][:32]
 
     base = None
     if parts & {"plans", "speedup"}:
         if res.get("base") is None:
-            base = load_model(model_ref)
+            base = load_causal_lm(model_ref, bypass_zero_mlps=True)
             print("base: eval + decode", file=sys.stderr)
             res.put(
                 {
@@ -257,11 +256,11 @@ def main(argv=None) -> int:
                                 costs.compute_without(done["drop_layers"], done["drop_mlp"]),
                             )
                         prune(p, out)
-                        m = load_model(out)
-                        base = base or load_model(model_ref)
+                        m = load_causal_lm(out, bypass_zero_mlps=True)
+                        base = base or load_causal_lm(model_ref, bypass_zero_mlps=True)
                         speed = paired_tps(base, m, dprompt, args.decode_tokens, args.repeats)
                         if strategy == "ffn":
-                            hf_m = load_model(out, skip_zero_mlps=False)
+                            hf_m = load_causal_lm(out)
                             speed["plain_transformers"] = paired_tps(base, hf_m, dprompt, args.decode_tokens, args.repeats)
                             del hf_m
                         del m
@@ -272,10 +271,10 @@ def main(argv=None) -> int:
                 if done is not None:
                     continue
                 if strategy != "balanced" and stats is None:
-                    m = load_model(model_ref, skip_zero_mlps=False)
+                    m, m_tok = load_causal_lm(model_ref, with_tokenizer=True)
                     text = calibration_text(train, args.calibration_chars)
                     t = time.perf_counter()
-                    stats = hidden_stats(m, chunks(tokenize(m, text, args.calibration_tokens), 256))
+                    stats = hidden_stats(m, chunks(tokenize(m_tok, text, args.calibration_tokens), 256))
                     res.put(round(time.perf_counter() - t, 1), "calibration_seconds")
                     del m
                 p = make_plan(costs, strategy, None if strategy == "balanced" else stats, model=model_ref, ratio=ratio)
@@ -285,12 +284,12 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     prune(p, out)
                     write_s = time.perf_counter() - t
-                    m = load_model(out)  # bypasses zeroed MLP blocks (ffn)
+                    m = load_causal_lm(out, bypass_zero_mlps=True)  # bypasses zeroed MLP blocks (ffn)
                     loss = eval_losses(m, tok, held, args.eval_tokens)
-                    base = base or load_model(model_ref)
+                    base = base or load_causal_lm(model_ref, bypass_zero_mlps=True)
                     speed = paired_tps(base, m, dprompt, args.decode_tokens, args.repeats)
                     if strategy == "ffn":  # plain transformers computes the zeroed blocks anyway
-                        hf_m = load_model(out, skip_zero_mlps=False)
+                        hf_m = load_causal_lm(out)
                         speed["plain_transformers"] = paired_tps(base, hf_m, dprompt, args.decode_tokens, args.repeats)
                         del hf_m
                     del m
@@ -315,10 +314,10 @@ def main(argv=None) -> int:
         costs = layer_costs(src)
         src.close()
         p = make_plan(costs, "balanced", None, model=model_ref, speedup=1.5)
-        base = base or load_model(model_ref)
+        base = base or load_causal_lm(model_ref, bypass_zero_mlps=True)
         with tempfile.TemporaryDirectory() as tmp:
             prune(p, Path(tmp) / "p")
-            m = load_model(Path(tmp) / "p")
+            m = load_causal_lm(Path(tmp) / "p", bypass_zero_mlps=True)
             # base and pruned in alternation, so load changes hit both alike
             speed = paired_tps(base, m, dprompt, args.decode_tokens, max(args.repeats, 5))
             old = res.get("speedup15")
@@ -337,16 +336,14 @@ def main(argv=None) -> int:
 
     if "agreement" in parts and res.get("agreement") is None:
         from splice.skip import AutoSkip
-        from splice.skip.plan import _spread
+        from splice.skip.strategies import _spread
 
-        m = load_model(model_ref)
+        m, m_tok = load_causal_lm(model_ref, with_tokenizer=True, bypass_zero_mlps=True)
         auto = AutoSkip(m)
-        ids = torch.tensor([tokenize(m, calibration_text(train, 3000), 256).tolist()])
+        ids = torch.tensor([tokenize(m_tok, calibration_text(train, 3000), 256).tolist()])
         with torch.inference_mode():
-            hs, cur = auto.hooks()
-            full = m(ids).logits[0].argmax(-1)
-            for h in hs:
-                h.remove()
+            with stream_hooks(auto.layers) as cur:
+                full = m(ids).logits[0].argmax(-1)
             auto.set_influence(cur)
             rows = []
 
@@ -365,7 +362,7 @@ def main(argv=None) -> int:
         res.put(rows, "agreement")
 
     if "spec" in parts:
-        m = load_model(model_ref)
+        m = load_causal_lm(model_ref, bypass_zero_mlps=True)
         ps = prompts(tok, held, args.spec_prompts, 64)
         sets = ["auto"] + [s for s in args.spec_sets.split(";") if s]
         for d, ids in ps.items():

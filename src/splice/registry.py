@@ -77,10 +77,13 @@ class Registry(Generic[T]):
     ``what`` names the kind of thing in messages ("merge method", "skip strategy").
     ``loader``, if given, is called once before the first lookup: it imports the
     modules whose decorators fill the registry (lazy discovery keeps imports cheap).
+    ``error``, a subclass of ``UnknownName``, lets an operation's registry fail with an
+    error that is also that operation's own (``class UnknownStrategy(UnknownName, SkipError)``).
     """
 
-    def __init__(self, what: str, *, loader: Callable[[], None] | None = None):
+    def __init__(self, what: str, *, loader: Callable[[], None] | None = None, error: type[UnknownName] = UnknownName):
         self.what = what
+        self._error = error
         self._entries: dict[str, T] = {}
         self._canonical: dict[str, str] = {}  # alias or name -> name
         self._loader = loader
@@ -114,7 +117,7 @@ class Registry(Generic[T]):
         key = self._canonical.get(name) if isinstance(name, str) else None
         if key is None:
             msg, hint = unknown_name_message(self.what, name, self.names())
-            raise UnknownName(msg, name, hint)
+            raise self._error(msg, name, hint)
         return self._entries[key]
 
     def names(self) -> list[str]:

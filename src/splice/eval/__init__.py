@@ -34,15 +34,8 @@ __all__ = [
     "read_task",
     "read_text",
     "DomainResult",
-    "load_model",
     "run_lm_eval",
 ]
-
-
-def load_model(ref, **kw):
-    from .loading import load_model as _load
-
-    return _load(ref, **kw)
 
 
 def _name_models(refs: list[str]) -> dict[str, str]:
@@ -84,9 +77,13 @@ def evaluate_model(
     """
     import torch
 
+    from ..hf import load_causal_lm
+
     check_settings(max_tokens, seq_len, batch_size)
     t0 = time.time()
-    model, tok = load_model(ref)
+    model, tok = load_causal_lm(ref, with_tokenizer=True)
+    if tok.pad_token_id is None:  # batches are right-padded; padded positions are masked out of the loss
+        tok.pad_token = tok.eos_token
     load_s = time.time() - t0
     texts = texts or {d: read_text(p) for d, p in domains.items()}
     task_items = task_items or {t: read_task(p) for t, p in (tasks or {}).items()}

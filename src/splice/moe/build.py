@@ -26,7 +26,7 @@ from ..engine.write import Entry, write_checkpoint
 from ..errors import CheckpointError, RecipeError
 from .experts import expert_tensor
 from .families import ATTN_BIAS_RE, DENSE_MLP_RE, PROJS, Family, choose_family
-from .gates import GateContext, check_gates, get_gate_init
+from .gates import GATE_INITIALISERS, GateContext, check_gates
 from .recipe import MoERecipe, load_moe_recipe
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -272,9 +272,11 @@ class _Features:
 
     def tokenizer(self):
         if self._tok is None:
-            from .dense import load_tokenizer
+            from ..hf import source_tokenizer
 
-            self._tok = load_tokenizer(self.sources[self.r.base_model], f"gate_mode {self.r.gate_mode!r} / calibration")
+            self._tok = source_tokenizer(
+                self.sources[self.r.base_model], f"gate_mode {self.r.gate_mode!r} / calibration needs the base's tokenizer"
+            )
         return self._tok
 
     def runner(self):
@@ -305,7 +307,7 @@ def compute_gates(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     base = sources[r.base_model]
     embed = next((k for k in base.keys() if arch.classify(k).kind == "embed" and k.endswith("embed_tokens.weight")), None)
-    init = get_gate_init(r.gate_mode)
+    init = GATE_INITIALISERS.get(r.gate_mode)
 
     def ctx_for(experts: list, slot: str) -> GateContext:
         return GateContext(

@@ -28,7 +28,7 @@ from .. import architecture as arch
 from ..checkpoint import SideFiles, open_model
 from ..checkpoint.writer import check_output
 from ..engine.write import Entry, write_checkpoint
-from ..errors import RecipeError
+from ..errors import RecipeError, option
 from .assignment import max_weight_matching
 from .families import PROJS, Family, family_of_moe
 
@@ -72,17 +72,6 @@ def merge_group(members: list[dict[str, torch.Tensor]], weights: list[float]) ->
 
 
 # ---------------------------------------------------------------- routing statistics
-
-
-def load_hf(path: str | Path):
-    import transformers as tf
-
-    try:
-        m = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    except TypeError:  # transformers 4.x
-        m = tf.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
-    m.eval()
-    return m
 
 
 def routing_stats(model, sequences: list[list[int]], top_k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -150,8 +139,8 @@ def compress_moe(
     workers: int | None = None,
     tune_malloc: bool = False,
 ) -> dict:
+    from ..hf import load_causal_lm, source_tokenizer
     from .calibrate import read_documents, token_sequences
-    from .dense import load_tokenizer
 
     t0 = time.time()
     src = open_model(moe)
@@ -162,14 +151,14 @@ def compress_moe(
         if not isinstance(n, int) or n < 1:
             raise RecipeError(f"{moe}: config.json has no {fam.expert_key}")
         if isinstance(experts, bool) or not isinstance(experts, int) or not 1 <= experts <= n:
-            raise RecipeError(f"--experts must be between 1 and {n} (the experts {moe} has), got {experts!r}")
+            raise RecipeError(f"{option('experts', experts)}: must be between 1 and {n} (the experts {moe} has)")
         top_k = int(cfg.get("num_experts_per_tok", 2))
         check_output(out, force=force, inputs=[src.path, *calibration])
         routers = {}
         for name in src.keys():
-            m = re.match(r"^(?P<prefix>.*layers)\.(?P<layer>\d+)\.", name)
-            if m and name == fam.router_name(m.group("prefix"), int(m.group("layer"))):
-                routers[int(m.group("layer"))] = (m.group("prefix"), name)
+            role = arch.classify(name)
+            if role.layer is not None and name == fam.router_name(role.prefix, role.layer):
+                routers[role.layer] = (role.prefix, name)
         layers = arch.num_layers(src.config, src.keys())
         if sorted(routers) != list(range(layers)):
             raise RecipeError(f"{moe}: expected a router in each of its {layers} layers (per-expert tensor layout), found {len(routers)}")
@@ -184,11 +173,11 @@ def compress_moe(
             raise RecipeError("the calibration files hold no text")
         if threads:
             torch.set_num_threads(threads)
-        tok = load_tokenizer(src, "moe-compress")
+        tok = source_tokenizer(src, "moe-compress needs the model's tokenizer")
         seqs = token_sequences(tok, docs, tokens=tokens, seq_len=seq_len, seed=seed)
         if not seqs:
             raise RecipeError("the calibration text is too short (no document has 4 tokens or more)")
-        model = load_hf(moe)
+        model = load_causal_lm(src, dtype=torch.float32)
         usage, logits = routing_stats(model, seqs, top_k)
         del model
         n_tokens = int(logits[0].shape[0])

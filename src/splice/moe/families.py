@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import RecipeError
+from ..registry import Registry
 
 PROJS = ("gate", "up", "down")
 DENSE_MLP_RE = re.compile(r"^(?P<prefix>.*layers)\.(?P<layer>\d+)\.mlp\.(?P<proj>gate|up|down)_proj\.weight$")
@@ -52,10 +53,6 @@ class Family:
 
     def shared_gate_name(self, prefix: str, layer: int) -> str:
         return f"{prefix}.{layer}.mlp.shared_expert_gate.weight"
-
-    def is_moe_tensor(self, name: str) -> bool:
-        """A tensor that belongs to a layer's MoE block (experts, routers, shared expert)."""
-        return (".block_sparse_moe." in name) if self.name == "mixtral" else bool(re.search(r"\.mlp\.(experts|gate|shared_expert)", name))
 
     def config(self, base: dict, *, experts: int, top_k: int, intermediate: int, shared_intermediate: int | None, dtype: str) -> dict:
         """The output config.json: the base's, re-typed, with every MoE key written out."""
@@ -106,11 +103,10 @@ def _rope_for_v4(cfg: dict) -> None:
             cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
 
 
-FAMILIES: dict[str, Family] = {
-    "mixtral": Family("mixtral", "Mixtral", "MixtralForCausalLM", ("llama", "mistral"), "none", "num_local_experts"),
-    "qwen2_moe": Family("qwen2_moe", "Qwen2-MoE", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), "required", "num_experts"),
-    "qwen3_moe": Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", ("qwen3",), "none", "num_experts"),
-}
+FAMILIES: Registry[Family] = Registry("MoE architecture")
+FAMILIES.add("mixtral", Family("mixtral", "Mixtral", "MixtralForCausalLM", ("llama", "mistral"), "none", "num_local_experts"))
+FAMILIES.add("qwen2_moe", Family("qwen2_moe", "Qwen2-MoE", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), "required", "num_experts"))
+FAMILIES.add("qwen3_moe", Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", ("qwen3",), "none", "num_experts"))
 
 SUPPORTED_TEXT = "llama/mistral -> Mixtral; llama/mistral/qwen2 with one shared expert -> Qwen2-MoE; qwen3 -> Qwen3-MoE"
 
@@ -118,21 +114,21 @@ SUPPORTED_TEXT = "llama/mistral -> Mixtral; llama/mistral/qwen2 with one shared 
 def choose_family(model_type: str, requested: str | None, has_shared: bool, where: str) -> Family:
     """The output family for donors of ``model_type`` (mergekit's choice: Mixtral when it fits)."""
     if requested is not None:
-        fam = FAMILIES[requested]
+        fam = FAMILIES.get(requested)
         if model_type not in fam.donors:
             raise RecipeError(
                 f"{where}: architecture {requested!r} cannot be built from {model_type!r} donors (supported: {SUPPORTED_TEXT})"
             )
     elif has_shared:
-        fam = FAMILIES["qwen2_moe"]
+        fam = FAMILIES.get("qwen2_moe")
         if model_type not in fam.donors:
             raise RecipeError(
                 f"{where}: shared experts need Qwen2-MoE output, which cannot be built from {model_type!r} donors (supported: {SUPPORTED_TEXT})"
             )
     elif model_type in ("llama", "mistral"):
-        fam = FAMILIES["mixtral"]
+        fam = FAMILIES.get("mixtral")
     elif model_type == "qwen3":
-        fam = FAMILIES["qwen3_moe"]
+        fam = FAMILIES.get("qwen3_moe")
     elif model_type == "qwen2":
         raise RecipeError(f"{where}: qwen2 donors become Qwen2-MoE, which needs one shared expert (add 'shared_experts', e.g. the base)")
     else:
@@ -149,4 +145,4 @@ def family_of_moe(config: dict, where: str) -> Family:
     mt = config.get("model_type")
     if mt not in FAMILIES:
         raise RecipeError(f"{where}: not a Mixtral, Qwen2-MoE or Qwen3-MoE checkpoint (model_type {mt!r})")
-    return FAMILIES[mt]
+    return FAMILIES.get(mt)

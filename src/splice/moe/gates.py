@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import RecipeError
+from ..registry import Registry
 
 
 @dataclass
@@ -46,34 +47,19 @@ class GateContext:
 
 
 GateInit = Callable[[GateContext, list], torch.Tensor]
-GATE_INITIALISERS: dict[str, GateInit] = {}
-
-
-def register_gate(name: str):
-    def deco(fn: GateInit) -> GateInit:
-        GATE_INITIALISERS[name] = fn
-        return fn
-
-    return deco
-
-
-def get_gate_init(name: str) -> GateInit:
-    try:
-        return GATE_INITIALISERS[name]
-    except KeyError:
-        raise RecipeError(f"unknown gate_mode {name!r} (valid: {', '.join(GATE_INITIALISERS)})") from None
+GATE_INITIALISERS: Registry[GateInit] = Registry("gate_mode")
 
 
 def _generator(seed: int, what: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + sum(map(ord, what))) & ((1 << 62) - 1))
 
 
-@register_gate("random")
+@GATE_INITIALISERS.register("random")
 def random_gates(ctx: GateContext, experts: list, what: str = "routed") -> torch.Tensor:
     return torch.randn((ctx.layers, len(experts), ctx.hidden), generator=_generator(ctx.seed, what))
 
 
-@register_gate("uniform_random")
+@GATE_INITIALISERS.register("uniform_random")
 def uniform_random_gates(ctx: GateContext, experts: list, what: str = "routed") -> torch.Tensor:
     bound = 1.0 / math.sqrt(ctx.hidden)
     u = torch.rand((ctx.layers, len(experts), ctx.hidden), generator=_generator(ctx.seed, what))
@@ -93,7 +79,7 @@ def _center_normalize(vecs: torch.Tensor, center: bool) -> torch.Tensor:
     return vecs / vecs.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-@register_gate("hidden")
+@GATE_INITIALISERS.register("hidden")
 def hidden_gates(ctx: GateContext, experts: list, what: str = "routed") -> torch.Tensor:
     out = []
     for i, e in enumerate(experts):
@@ -104,7 +90,7 @@ def hidden_gates(ctx: GateContext, experts: list, what: str = "routed") -> torch
     return _center_normalize(torch.stack(out, dim=1), center=(what == "routed"))
 
 
-@register_gate("cheap_embed")
+@GATE_INITIALISERS.register("cheap_embed")
 def cheap_embed_gates(ctx: GateContext, experts: list, what: str = "routed") -> torch.Tensor:
     if ctx.embed_name is None:
         raise RecipeError(f"model {ctx.base_src.name}: no token embedding found for gate_mode 'cheap_embed'")

@@ -21,61 +21,48 @@ instance attributes over ``forward`` and removed on exit.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
 
-from .model import SkipError, decoder_layers, sub_block
+from .. import architecture as arch
+from .errors import SkipError
+from .units import KINDS, Unit, normalize
 
-Unit = tuple[int, str]
-KINDS = ("layer", "attn", "mlp")
-
-
-def parse_units(spec: str, num_layers: int) -> set[Unit]:
-    """``"4-9,12,mlp20-22,attn15"`` -> units. Plain numbers are whole layers."""
-    units: set[Unit] = set()
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        m = re.fullmatch(r"(layer|attn|mlp)?(\d+)(?:-(\d+))?", part)
-        if not m:
-            raise SkipError(f"skip set {spec!r}: cannot read {part!r} (examples: 4-9, 12, mlp20-22, attn15)")
-        kind = m.group(1) or "layer"
-        a = int(m.group(2))
-        b = int(m.group(3)) if m.group(3) else a
-        if b < a:
-            raise SkipError(f"skip set {spec!r}: range {part!r} goes backwards")
-        if b >= num_layers:
-            raise SkipError(f"skip set {spec!r}: layer {b} does not exist (the model has {num_layers} layers, 0-{num_layers - 1})")
-        units |= {(i, kind) for i in range(a, b + 1)}
-    return normalize(units)
+# ------------------------------------------------------------------ model calls with a KV cache
 
 
-def normalize(units: Iterable[Unit]) -> set[Unit]:
-    """Fold attn+mlp of one layer into the layer, and drop sub-blocks of skipped layers."""
-    units = set(units)
-    for i in {i for i, k in units}:
-        if (i, "attn") in units and (i, "mlp") in units:
-            units -= {(i, "attn"), (i, "mlp")}
-            units.add((i, "layer"))
-        if (i, "layer") in units:
-            units -= {(i, "attn"), (i, "mlp")}
-    return units
+def new_cache(model):
+    """An empty KV cache for ``model``."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
 
 
-def format_units(units: Iterable[Unit]) -> str:
-    from .plan import _ranges
+def forward_logits(model, ids: list[int] | torch.Tensor, cache, keep: int = 1) -> torch.Tensor:
+    """Logits [keep, V] (float32) for the last ``keep`` positions of ``ids``, appending them to ``cache``."""
+    x = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long)
+    x = x.view(1, -1)
+    if getattr(model, "_splice_keep", None) is None:
+        import inspect
 
-    units = set(units)
-    parts = []
-    for kind in KINDS:
-        ix = sorted(i for i, k in units if k == kind)
-        if ix:
-            r = _ranges(ix)
-            parts.append(r if kind == "layer" else ",".join(kind + x for x in r.split(",")))
-    return ",".join(parts) or "none"
+        model._splice_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    kw = {"logits_to_keep": keep} if model._splice_keep else {}
+    out = model(input_ids=x, cache=cache, use_cache=True, **kw)
+    return out.logits[0, -keep:].float()
+
+
+def prefix_cache(model, cache, length: int):
+    """A new cache holding the first ``length`` positions of ``cache`` (the original is untouched)."""
+    c = new_cache(model)
+    for i, lay in enumerate(cache.layers):
+        if getattr(lay, "is_initialized", False) and lay.keys is not None and lay.keys.numel():
+            c.update(lay.keys[..., :length, :], lay.values[..., :length, :], i)
+    return c
+
+
+# ------------------------------------------------------------------ bypassed units
 
 
 def _cache_of(args, kwargs):
@@ -115,18 +102,6 @@ def pad_cache(cache, layer_idx: int, n: int, kv: tuple[int, int, int] | None = N
     cache.update(kz, vz, layer_idx)
 
 
-def kv_shape(model) -> tuple[int, int, int] | None:
-    """(kv heads, key dim, value dim) of the model's attention, from its config."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
-    if not heads or not hidden:
-        return None
-    kvh = getattr(cfg, "num_key_value_heads", None) or heads
-    hd = getattr(cfg, "head_dim", None) or hidden // heads
-    return kvh, hd, hd
-
-
 def crop_cache(cache, length: int) -> None:
     """Cut every layer's cache back to ``length`` positions."""
     for lay in cache.layers:
@@ -141,9 +116,9 @@ class _Shapes:
     def __init__(self, model):
         self.layer_tuple: int | None = None
         self.attn_tuple: int | None = None
-        layers = decoder_layers(model)
+        layers = arch.decoder_layers(model)
         hooks = [layers[0].register_forward_hook(self._layer)]
-        a = sub_block(layers[0], "attn")
+        a = arch.sub_block(layers[0], "attn")
         if a is not None:
             hooks.append(a.register_forward_hook(self._attn))
         try:
@@ -169,7 +144,7 @@ def _shapes(model) -> _Shapes:
 
 
 def _layer_idx(layer, i: int) -> int:
-    a = sub_block(layer, "attn")
+    a = arch.sub_block(layer, "attn")
     for obj in (a, layer):
         v = getattr(obj, "layer_idx", None)
         if isinstance(v, int):
@@ -203,14 +178,15 @@ def _skip_mlp(hidden_states, *args, **kwargs):
 
 
 def check_units(model, units: Iterable[Unit]) -> set[Unit]:
-    layers = decoder_layers(model)
+    """``units`` normalized, each checked to exist in ``model`` (a one-line error naming the first that does not)."""
+    layers = arch.decoder_layers(model)
     units = normalize(units)
     for i, k in units:
         if k not in KINDS:
             raise SkipError(f"unknown skip unit kind {k!r} (one of {', '.join(KINDS)})")
         if not 0 <= i < len(layers):
             raise SkipError(f"skip set: layer {i} does not exist (the model has {len(layers)} layers)")
-        if k != "layer" and sub_block(layers[i], k) is None:
+        if k != "layer" and arch.sub_block(layers[i], k) is None:
             raise SkipError(f"skip set: cannot find the {k} block of layer {i} in {type(layers[i]).__name__}")
     return units
 
@@ -222,9 +198,9 @@ def skipping(model, units: Iterable[Unit]):
     if not units:
         yield
         return
-    layers = decoder_layers(model)
+    layers = arch.decoder_layers(model)
     shapes = _shapes(model)
-    kv = kv_shape(model)
+    kv = arch.kv_shape(model.config)
     patched = []
     try:
         for i, k in sorted(units):
@@ -232,9 +208,9 @@ def skipping(model, units: Iterable[Unit]):
             if k == "layer":
                 mod, fn = layer, _skip_layer(_layer_idx(layer, i), shapes.layer_tuple or 0, kv)
             elif k == "attn":
-                mod, fn = sub_block(layer, "attn"), _skip_attn(_layer_idx(layer, i), shapes.attn_tuple or 0, kv)
+                mod, fn = arch.sub_block(layer, "attn"), _skip_attn(_layer_idx(layer, i), shapes.attn_tuple or 0, kv)
             else:
-                mod, fn = sub_block(layer, "mlp"), _skip_mlp
+                mod, fn = arch.sub_block(layer, "mlp"), _skip_mlp
             had = "forward" in mod.__dict__
             patched.append((mod, had, mod.__dict__.get("forward")))
             mod.forward = fn
@@ -250,15 +226,12 @@ def skipping(model, units: Iterable[Unit]):
 def bypass_zero_mlps(model) -> list[int]:
     """Permanently bypass MLP blocks whose output projection is all zeros; returns their layers."""
     out = []
-    for i, layer in enumerate(decoder_layers(model)):
-        m = sub_block(layer, "mlp")
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        m = arch.sub_block(layer, "mlp")
         if m is None:
             continue
-        last = None
-        for name, p in m.named_parameters():
-            if name.split(".")[0] in ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "out_proj"):
-                last = (last or []) + [p]
-        if last and all(bool((p == 0).all()) for p in last):
+        output = [p for name, p in m.named_parameters() if name.split(".")[0] in arch.MLP_OUTPUT_PROJECTIONS]
+        if output and all(bool((p == 0).all()) for p in output):
             m.forward = _skip_mlp
             out.append(i)
     model.splice_bypassed_mlps = out

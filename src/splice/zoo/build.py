@@ -285,7 +285,8 @@ def build_tokenizer(out: Path, tier: Tier, seed: int, data_key: str, quiet: bool
 def _token_streams(out: Path, tier: Tier, tok_dir: Path, key: str) -> dict:
     """Training token ids per domain (documents joined by EOS), cached as .npy next to the data."""
     import numpy as np
-    from transformers import AutoTokenizer
+
+    from ..hf import load_tokenizer
 
     cache = out / "data" / f".tokens-{key}"
     streams = {}
@@ -296,7 +297,7 @@ def _token_streams(out: Path, tier: Tier, tok_dir: Path, key: str) -> dict:
             streams[d] = np.load(f, allow_pickle=False)
             continue
         if tok is None:
-            tok = AutoTokenizer.from_pretrained(str(tok_dir))
+            tok = load_tokenizer(tok_dir)
         eos = tok.eos_token_id
         ids: list[int] = []
         for enc in tok.backend_tokenizer.encode_batch(_train_texts(out, d), add_special_tokens=False):
@@ -327,10 +328,10 @@ def _progress(desc: str, total: int, quiet: bool):
 
 
 def _save_model(model, folder: Path, tok_dir: Path) -> None:
-    from transformers import AutoTokenizer
+    from ..hf import load_tokenizer
 
     model.save_pretrained(str(folder), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(folder))
+    load_tokenizer(tok_dir).save_pretrained(str(folder))
 
 
 def _param_count(model) -> int:
@@ -345,9 +346,9 @@ def build_scratch_base(out: Path, tier: Tier, seed: int, tok_dir: Path, streams:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tmp = st.begin()
-    from transformers import AutoTokenizer
+    from ..hf import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = load_tokenizer(tok_dir)
     cfg = LlamaConfig(
         vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **tier.model
     )
@@ -421,18 +422,17 @@ def build_expert(out: Path, tier: Tier, domain: str, seed: int, tok_dir: Path, s
     st = _Stage(out / "models" / domain, key)
     if (info := st.done()) is not None:
         return info
-    import torch
-    from transformers import AutoModelForCausalLM
+    from .. import architecture as arch
+    from ..hf import load_causal_lm
 
     tmp = st.begin()
-    model = AutoModelForCausalLM.from_pretrained(str(out / "models" / "base"), dtype=torch.float32)
+    model = load_causal_lm(out / "models" / "base")
     params = None
     if tier.expert_trainable == "upper_mlp":
         n = model.config.num_hidden_layers
         for name, p in model.named_parameters():
-            parts = name.split(".")
-            layer = int(parts[2]) if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() else -1
-            p.requires_grad = layer >= n // 2 and ".mlp." in name
+            role = arch.classify(name)
+            p.requires_grad = role.layer is not None and role.layer >= n // 2 and role.kind == "mlp"
         params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in (params or model.parameters()))
     _log(f"fine-tuning expert '{domain}' ({trainable / 1e6:.2f}M trainable params, {tier.expert_steps} steps)", quiet)

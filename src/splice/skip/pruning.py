@@ -8,9 +8,9 @@ overwrite without ``force``).
 
 A dropped MLP block is written as a layer whose MLP output projection (and its
 bias) is scaled by 0: the block then adds nothing to the residual stream, plain
-``transformers`` loads the folder unchanged, and splice's own runtime
-(:func:`splice.skip.model.load_model`) notices the zero projection and skips
-the block's compute.
+``transformers`` loads the folder unchanged, and splice's own loader
+(``splice.hf.load_causal_lm(..., bypass_zero_mlps=True)``) notices the zero
+projection and skips the block's compute.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from .model import SkipError, chunks, hidden_stats, layer_costs, load_model, read_calibration, tokenize
-from .plan import SkipPlan, get_planner, make_plan
+from ..errors import option
+from .calibration import chunks, hidden_stats, read_calibration, tokenize
+from .costs import layer_costs
+from .errors import SkipError, check_float, check_int
+from .strategies import STRATEGIES, SkipPlan, check_count, make_plan
 
 
 def plan(
@@ -37,32 +40,41 @@ def plan(
     seq_len: int = 256,
     quiet: bool = True,
 ) -> SkipPlan:
-    """A skip plan for ``model`` (folder, .safetensors or .gguf) with a registered strategy.
+    """A skip plan for ``model`` with a registered strategy.
 
-    Give exactly one of ``drop`` (layers, or MLP blocks for ``ffn``), ``ratio``
-    (fraction of them) or ``speedup`` (predicted decode speedup). Data-aware
-    strategies read ``calibration`` (a text file) or ``calibration_text``.
+    Args:
+        model: a model folder, ``.safetensors`` or ``.gguf`` file, or cached id.
+        strategy: a name in ``STRATEGIES`` (``balanced``, ``block-influence``, ``angular``, ``ffn``).
+        drop, ratio, speedup: exactly one: layers (MLP blocks for ``ffn``) to drop, a fraction of
+            them, or a predicted decode speedup.
+        calibration: a text file for data-aware strategies (or give ``calibration_text``).
+        calibration_tokens: tokens of calibration text to use (>= 1).
+        seq_len: calibration sequence length (>= 2).
+        quiet: no progress output.
+
+    Returns:
+        The :class:`SkipPlan`.
     """
     from ..checkpoint.reader import open_model
 
-    p = get_planner(strategy)
-    given = [x is not None for x in (drop, ratio, speedup)]
-    if sum(given) != 1:
-        raise SkipError("give exactly one of --drop N, --ratio F or --speedup X")
-    if speedup is not None and not speedup >= 1:
-        raise SkipError(f"--speedup {speedup}: must be at least 1")
+    chosen = STRATEGIES.get(strategy)
+    check_count(drop, ratio, speedup)
+    check_int("calibration_tokens", calibration_tokens, 1)
+    check_int("seq_len", seq_len, 2)
     text = None
-    if p.needs_data:
-        text = calibration_text if calibration_text is not None else read_calibration(calibration, strategy)
+    if chosen.needs_data:
+        text = calibration_text if calibration_text is not None else read_calibration(calibration, f"strategy {strategy!r}")
     src = open_model(model)
     try:
         costs = layer_costs(src)
     finally:
         src.close()
     stats = None
-    if p.needs_data:
-        m = load_model(model, skip_zero_mlps=False)
-        ids = tokenize(m, text, calibration_tokens)
+    if chosen.needs_data:
+        from ..hf import load_causal_lm
+
+        m, tok = load_causal_lm(model, with_tokenizer=True)
+        ids = tokenize(tok, text, calibration_tokens)
         seqs = chunks(ids, seq_len)
         prog = None if quiet else _progress("calibrating")
         stats = hidden_stats(m, seqs, progress=prog)
@@ -125,7 +137,7 @@ def prune(
     *,
     force: bool = False,
     quiet: bool = True,
-    heal_steps: int = 0,
+    heal: int = 0,
     calibration: str | os.PathLike | None = None,
     calibration_text: str | None = None,
     heal_lr: float = 1e-4,
@@ -135,22 +147,36 @@ def prune(
     seed: int = 0,
     tune_malloc: bool = False,
 ) -> dict:
-    """Write the pruned model of ``plan`` to ``out`` (optionally healed for ``heal_steps`` steps). Returns a summary.
+    """Write the pruned model of ``plan`` to ``out``, optionally healed.
 
-    ``tune_malloc``: as for ``splice.engine.write_checkpoint`` (the CLI turns it on).
+    Args:
+        plan: a :class:`SkipPlan` (from ``plan``).
+        out: the output folder (refused if it exists and is not empty, unless ``force``).
+        heal: fine-tune the layers next to the cuts for this many steps (0: no healing) on
+            ``calibration`` (a text file) or ``calibration_text``.
+        heal_lr, heal_batch: healing's learning rate (> 0) and sequences per step (>= 1).
+        seq_len: healing sequence length (>= 2); calibration_tokens: tokens of text to heal on (>= 1).
+        seed: seeds healing.
+        tune_malloc: as for ``splice.engine.write_checkpoint`` (the CLI turns it on).
+
+    Returns:
+        A summary: ``out``, ``layers``, ``seconds`` and ``healed`` (None, or healing's summary).
     """
     from ..checkpoint.reader import open_model
     from ..checkpoint.writer import check_output, temp_folder
     from ..engine import run_merge
 
+    check_int("heal", heal, 0)
+    check_float("heal_lr", heal_lr, 0.0, low_open=True)
+    check_int("heal_batch", heal_batch, 1)
+    check_int("seq_len", seq_len, 2)
+    check_int("calibration_tokens", calibration_tokens, 1)
     check_output(out, force=force, inputs=[plan.model, calibration])
     if plan.num_layers - len(plan.drop_layers) < 1:
         raise SkipError("the plan drops every layer")
     text = None
-    if heal_steps:
-        if heal_steps < 0:
-            raise SkipError(f"--heal {heal_steps}: must be >= 0")
-        text = calibration_text if calibration_text is not None else read_calibration(calibration, "--heal")
+    if heal:
+        text = calibration_text if calibration_text is not None else read_calibration(calibration, option("heal", heal))
     src = open_model(plan.model)
     try:
         costs = layer_costs(src)
@@ -158,19 +184,19 @@ def prune(
         src.close()
     recipe = recipe_for(plan, costs.mlp_output)
     t0 = time.perf_counter()
-    if not heal_steps:
+    if not heal:
         s = run_merge(recipe, out, force=force, quiet=quiet, tune_malloc=tune_malloc)
         return {"out": s["out"], "layers": s["layers"], "seconds": time.perf_counter() - t0, "healed": None}
     with temp_folder(out) as tmp:
         pruned = tmp / "pruned"
         s = run_merge(recipe, pruned, quiet=quiet, tune_malloc=tune_malloc)
-        from .heal import heal
+        from .healing import heal as heal_pruned
 
-        h = heal(
+        h = heal_pruned(
             pruned,
             text,
             out,
-            steps=heal_steps,
+            steps=heal,
             lr=heal_lr,
             batch=heal_batch,
             seq_len=seq_len,

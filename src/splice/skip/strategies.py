@@ -1,9 +1,11 @@
-"""Skip plans: which layers (or MLP blocks) to drop, chosen by a registered planner.
+"""Skip strategies and the plans they make: which layers (or MLP blocks) to drop. Torch-free.
 
-A planner gets the model's cost model, the number of units to drop (or a target
+A strategy gets the model's cost model, the number of units to drop (or a target
 speedup, turned into a count with the cost model) and, when it needs data,
 hidden-state statistics from calibration text. It returns the units to drop
-and the scores behind the choice.
+and the scores behind the choice. Strategies live in the ``STRATEGIES``
+registry; this module imports no torch, so ``splice --help`` reads their
+summaries from it.
 
 * ``balanced`` (Liu et al. 2024, Unified Layer Skipping): no data; the count
   comes from the target speedup, the dropped layers are spread evenly over the
@@ -23,37 +25,46 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from .model import HiddenStats, LayerCosts, SkipError
+from .. import architecture as arch
+from ..errors import option
+from ..registry import Registry, UnknownName
+from .errors import SkipError, check_float, check_int
+from .units import ranges
 
-STRATEGIES: dict[str, Planner] = {}
+if TYPE_CHECKING:
+    from .calibration import HiddenStats
+    from .costs import LayerCosts
 
 
 @dataclass(frozen=True)
-class Planner:
+class Strategy:
+    """A registered skip strategy: ``choose(costs, stats, drop=, ratio=, speedup=)`` -> (layers, mlps, scores, score name)."""
+
     name: str
-    fn: Callable
+    choose: Callable
     unit: str  # "layer" or "mlp"
     needs_data: bool
     summary: str
     paper: str
 
 
-def planner(name: str, *, unit: str = "layer", needs_data: bool = True, summary: str = "", paper: str = ""):
-    def deco(fn):
-        if name in STRATEGIES:
-            raise ValueError(f"skip strategy {name!r} registered twice")
-        STRATEGIES[name] = Planner(name, fn, unit, needs_data, summary, paper)
-        return fn
+class UnknownStrategy(UnknownName, SkipError):
+    """A skip strategy name that is not registered (with the closest one suggested)."""
+
+
+STRATEGIES: Registry[Strategy] = Registry("skip strategy", error=UnknownStrategy)
+
+
+def skip_strategy(name: str, *, unit: str = "layer", needs_data: bool = True, summary: str = "", paper: str = ""):
+    """Decorator: register ``choose`` as the skip strategy ``name``."""
+
+    def deco(choose: Callable) -> Callable:
+        STRATEGIES.add(name, Strategy(name, choose, unit, needs_data, summary, paper))
+        return choose
 
     return deco
-
-
-def get_planner(name: str) -> Planner:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise SkipError(f"unknown skip strategy {name!r} (known: {', '.join(STRATEGIES)})") from None
 
 
 @dataclass
@@ -96,10 +107,10 @@ class SkipPlan:
         what = "MLP blocks" if self.drop_mlp else "layers"
         dropped = self.drop_mlp or self.drop_layers
         lines = [
-            f"{self.model}: {self.strategy} plan, drop {len(dropped)} of {self.num_layers} {what}: {_ranges(dropped) or 'none'}",
+            f"{self.model}: {self.strategy} plan, drop {len(dropped)} of {self.num_layers} {what}: {ranges(dropped) or 'none'}",
         ]
         if self.drop_layers:
-            lines.append(f"  kept layers ({len(self.kept_layers)}): {_ranges(self.kept_layers)}")
+            lines.append(f"  kept layers ({len(self.kept_layers)}): {ranges(self.kept_layers)}")
         if self.scores:
             chosen = {_key(self, i) for i in dropped}
             lines.append(
@@ -125,18 +136,6 @@ def _key(p: SkipPlan, i: int) -> str:
     return f"mlp {i}" if p.drop_mlp else f"layer {i}"
 
 
-def _ranges(ix: list[int]) -> str:
-    ix = sorted(ix)
-    out, start = [], None
-    for k, i in enumerate(ix):
-        if start is None:
-            start = i
-        if k + 1 == len(ix) or ix[k + 1] != i + 1:
-            out.append(f"{start}" if start == i else f"{start}-{i}")
-            start = None
-    return ",".join(out)
-
-
 def _count(n: int) -> str:
     for unit, d in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= d:
@@ -145,6 +144,19 @@ def _count(n: int) -> str:
 
 
 # ------------------------------------------------------------------ how many units
+
+
+def check_count(drop: int | None, ratio: float | None, speedup: float | None) -> None:
+    """Exactly one of ``drop`` (>= 0), ``ratio`` (in [0, 1)) or ``speedup`` (>= 1) given; else a ``SkipError``."""
+    if sum(x is not None for x in (drop, ratio, speedup)) != 1:
+        raise SkipError(f"give exactly one of {option('drop', 'N')}, {option('ratio', 'F')} or {option('speedup', 'X')}")
+    if drop is not None:
+        check_int("drop", drop, 0)
+    elif ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:  # NaN fails too
+            raise SkipError(f"{option('ratio', ratio)}: must be in [0, 1)")
+    else:
+        check_float("speedup", speedup, 1.0)
 
 
 def count_for(
@@ -162,27 +174,19 @@ def count_for(
     For ``speedup`` it is the smallest count whose choice (``choose(n)``) reaches
     the target by the cost model.
     """
-    given = [x is not None for x in (drop, ratio, speedup)]
-    if sum(given) != 1:
-        raise SkipError("give exactly one of --drop N, --ratio F or --speedup X")
+    check_count(drop, ratio, speedup)
     n_units = costs.num_layers
     limit = n_units - 1 if max_units is None else max_units
     what = "MLP blocks" if unit == "mlp" else "layers"
     if drop is not None:
-        if drop < 0:
-            raise SkipError(f"--drop {drop}: must be >= 0")
         if drop > limit:
-            raise SkipError(f"--drop {drop}: the model has {n_units} {what}; at most {limit} can be dropped")
+            raise SkipError(f"{option('drop', drop)}: the model has {n_units} {what}; at most {limit} can be dropped")
         return drop
     if ratio is not None:
-        if not 0 <= ratio < 1:
-            raise SkipError(f"--ratio {ratio}: must be in [0, 1)")
         n = round(ratio * n_units)
         if n > limit:
-            raise SkipError(f"--ratio {ratio}: {n} of {n_units} {what}; at most {limit} can be dropped")
+            raise SkipError(f"{option('ratio', ratio)}: {n} of {n_units} {what}; at most {limit} can be dropped")
         return n
-    if not speedup >= 1:  # noqa: SIM300 - also catches NaN
-        raise SkipError(f"--speedup {speedup}: must be at least 1")
 
     def predicted(n: int) -> float:
         return costs.speedup(layers=choose(n)) if unit == "layer" else costs.speedup(mlps=choose(n))
@@ -190,13 +194,15 @@ def count_for(
     for n in range(0, limit + 1):
         if predicted(n) >= speedup - 1e-9:
             return n
-    raise SkipError(f"--speedup {speedup}: dropping {limit} of {n_units} {what} gives only {predicted(limit):.2f}x by the cost model")
+    raise SkipError(
+        f"{option('speedup', speedup)}: dropping {limit} of {n_units} {what} gives only {predicted(limit):.2f}x by the cost model"
+    )
 
 
 # ------------------------------------------------------------------ planners
 
 
-@planner(
+@skip_strategy(
     "balanced",
     needs_data=False,
     summary="spread the dropped layers evenly over the intermediate layers (no data)",
@@ -218,7 +224,7 @@ def _spread(L: int, n: int) -> list[int]:
     return [1 + int((k + 0.5) * width) for k in range(n)]
 
 
-@planner(
+@skip_strategy(
     "block-influence",
     summary="drop the layers whose output is most similar to their input",
     paper="Men et al. 2024, ShortGPT (arXiv:2403.03853)",
@@ -231,7 +237,7 @@ def plan_block_influence(costs: LayerCosts, stats: HiddenStats, *, drop=None, ra
     return sorted(order[:n]), [], {f"layer {i}": bi[i] for i in range(L)}, "block influence (1 - cos)"
 
 
-@planner(
+@skip_strategy(
     "angular",
     summary="drop the contiguous block of layers with the smallest angular distance across it",
     paper="Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers (arXiv:2403.17887)",
@@ -260,7 +266,7 @@ def plan_angular(costs: LayerCosts, stats: HiddenStats, *, drop=None, ratio=None
     )
 
 
-@planner(
+@skip_strategy(
     "ffn",
     unit="mlp",
     summary="drop only MLP blocks, those that change the residual stream least",
@@ -273,7 +279,7 @@ def plan_ffn(costs: LayerCosts, stats: HiddenStats, *, drop=None, ratio=None, sp
     missing = [i for i in range(L) if i not in costs.mlp_output]
     if missing:
         raise SkipError(
-            f"ffn: cannot find the MLP output projection of layer {missing[0]} (looked for {', '.join(n + '.weight' for n in ('mlp.down_proj', 'mlp.c_proj'))}, ...)"
+            f"ffn: cannot find the MLP output projection of layer {missing[0]} (looked for {', '.join(n + '.weight' for n in arch.MLP_OUTPUT_NAMES[:2])}, ...)"
         )
     score = [1.0 - float(stats.mlp_cos[i]) for i in range(L)]
     order = sorted(range(L), key=lambda i: (score[i], i))
@@ -287,17 +293,27 @@ def plan_ffn(costs: LayerCosts, stats: HiddenStats, *, drop=None, ratio=None, sp
 def make_plan(
     costs: LayerCosts, strategy: str, stats: HiddenStats | None = None, *, model: str = "model", drop=None, ratio=None, speedup=None
 ) -> SkipPlan:
-    """A :class:`SkipPlan` from a cost model and (for data-aware strategies) hidden-state statistics."""
-    p = get_planner(strategy)
-    if p.needs_data and stats is None:
-        raise SkipError(f"strategy {strategy!r} needs calibration text: pass --calibration FILE")
+    """A :class:`SkipPlan` from a cost model and (for data-aware strategies) hidden-state statistics.
+
+    Args:
+        costs: the model's cost model (``layer_costs``).
+        strategy: a name in ``STRATEGIES``.
+        stats: hidden-state statistics from calibration text (``hidden_stats``); needed by data-aware strategies.
+        model: the model's reference, recorded in the plan.
+        drop, ratio, speedup: exactly one: units to drop, a fraction of them, or a predicted decode speedup.
+
+    Returns:
+        The plan: what to drop, the scores behind the choice, parameter and compute before and after.
+    """
+    s = STRATEGIES.get(strategy)
+    if s.needs_data and stats is None:
+        raise SkipError(f"strategy {strategy!r} needs calibration text: pass {option('calibration', 'FILE')}")
     if stats is not None and stats.num_layers != costs.num_layers:
         raise SkipError(f"calibration statistics cover {stats.num_layers} layers, the model has {costs.num_layers}")
-    layers, mlps, scores, score_name = p.fn(costs, stats, drop=drop, ratio=ratio, speedup=speedup)
+    layers, mlps, scores, score_name = s.choose(costs, stats, drop=drop, ratio=ratio, speedup=speedup)
     notes = []
     if speedup is not None:
-        s = costs.speedup(layers, mlps)
-        notes.append(f"target {speedup:.2f}x; the cost model predicts {s:.2f}x for this plan")
+        notes.append(f"target {speedup:.2f}x; the cost model predicts {costs.speedup(layers, mlps):.2f}x for this plan")
     return SkipPlan(
         model=model,
         strategy=strategy,

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .model import SkipError, chunks, decoder_layers, tokenize
+from .. import architecture as arch
+from .calibration import chunks, tokenize
+from .errors import SkipError, check_float, check_int
 
 
 def neighbours(plan, new_layers: int) -> list[int]:
@@ -64,18 +66,36 @@ def heal(
     layers: list[int] | None = None,
     tune_malloc: bool = False,
 ) -> dict:
-    """Fine-tune the layers next to the cuts of the model in ``pruned`` and write it to ``out``."""
-    from .model import load_model
+    """Fine-tune the layers next to the cuts of the model in ``pruned`` and write it to ``out``.
 
+    Args:
+        pruned: the pruned model's folder.
+        text: the calibration text; a tenth of its tokens is held out to measure the loss.
+        out: the output folder.
+        steps: AdamW steps (>= 1); lr: peak learning rate (> 0, warm-up then cosine); batch:
+            sequences per step (>= 1); seq_len: tokens per sequence (>= 2); max_tokens: text used (>= 1).
+        plan: the plan that pruned it: the layers next to its cuts are trained. Or give ``layers``
+            (new numbering); with neither, every layer is.
+
+    Returns:
+        The trained layers, steps, held-out loss before and after, seconds, first and last training loss.
+    """
+    from ..hf import load_causal_lm
+
+    check_int("steps", steps, 1)
+    check_float("lr", lr, 0.0, low_open=True)
+    check_int("batch", batch, 1)
+    check_int("seq_len", seq_len, 2)
+    check_int("max_tokens", max_tokens, 1)
     torch.manual_seed(seed)
-    model = load_model(pruned, skip_zero_mlps=True)
-    ids = tokenize(model, text, max_tokens)
+    model, tok = load_causal_lm(pruned, with_tokenizer=True, bypass_zero_mlps=True)
+    ids = tokenize(tok, text, max_tokens)
     n_held = max(len(ids) // 10, 2)
     if len(ids) - n_held < 8:
         raise SkipError(f"calibration text: {len(ids)} tokens is too little to heal on (need a few hundred)")
     train, held = ids[:-n_held], ids[-n_held:]
     held_seqs = chunks(held, seq_len)
-    dec = decoder_layers(model)
+    dec = arch.decoder_layers(model)
     if layers is None:
         layers = neighbours(plan, len(dec)) if plan is not None else list(range(len(dec)))
     if not layers:
@@ -133,8 +153,8 @@ def heal(
         "loss_before": before,
         "loss_after": after,
         "seconds": seconds,
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_last": train_losses[-1] if train_losses else None,
+        "train_loss_first": train_losses[0],
+        "train_loss_last": train_losses[-1],
     }
 
 
