@@ -18,9 +18,9 @@ from splice.skip import SelfSpeculativeDecoder, SkipError, generate, generate_pl
         ({"drop": 1, "speedup": 1.2}, "give exactly one of drop=N, ratio=F or speedup=X"),
         ({"ratio": 1.0}, "ratio=1.0: must be in [0, 1)"),
         ({"speedup": math.nan}, "speedup=nan: must be a finite number"),
-        ({"drop": -1}, "drop=-1: must be at least 0"),
-        ({"drop": 1, "calibration_tokens": 0}, "calibration_tokens=0: must be at least 1"),
-        ({"drop": 1, "seq_len": 1}, "seq_len=1: must be at least 2"),
+        ({"drop": -1}, "drop=-1: must be a whole number at least 0"),
+        ({"drop": 1, "calibration_tokens": 0}, "calibration_tokens=0: must be a whole number at least 1"),
+        ({"drop": 1, "seq_len": 1}, "seq_len=1: must be a whole number at least 2"),
         ({"drop": 1, "seq_len": 2.5}, "seq_len=2.5: must be a whole number"),
     ],
 )
@@ -39,10 +39,10 @@ def test_library_messages_name_parameters_not_flags(skip_models):
 @pytest.mark.parametrize(
     "kw,message",
     [
-        ({"heal": -1}, "heal=-1: must be at least 0"),
+        ({"heal": -1}, "heal=-1: must be a whole number at least 0"),
         ({"heal": 2, "heal_lr": math.nan}, "heal_lr=nan: must be a finite number"),
-        ({"heal": 2, "heal_lr": 0.0}, "heal_lr=0.0: must be greater than 0"),
-        ({"heal": 2, "heal_batch": 0}, "heal_batch=0: must be at least 1"),
+        ({"heal": 2, "heal_lr": 0.0}, "heal_lr=0.0: must be a number above 0"),
+        ({"heal": 2, "heal_batch": 0}, "heal_batch=0: must be a whole number at least 1"),
         ({"heal": 2}, "heal=2 needs calibration text: pass calibration=FILE"),
     ],
 )
@@ -65,12 +65,12 @@ def llama(skip_models):
 @pytest.mark.parametrize(
     "kw,message",
     [
-        ({"top_k": -5}, "top_k=-5: must be at least 0"),
-        ({"temperature": -1.0}, "temperature=-1.0: must be at least 0"),
-        ({"top_p": 0.0}, "top_p=0.0: must be in (0, 1]"),
-        ({"max_new_tokens": 0}, "max_new_tokens=0: must be at least 1"),
-        ({"self_speculative": "auto", "max_draft": 0}, "max_draft=0: must be at least 1"),
-        ({"self_speculative": "auto", "confidence": 2.0}, "confidence=2.0: must be in [0, 1]"),
+        ({"top_k": -5}, "top_k=-5: must be a whole number at least 0"),
+        ({"temperature": -1.0}, "temperature=-1.0: must be a number at least 0"),
+        ({"top_p": 0.0}, "top_p=0.0: must be a number above 0 and at most 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0: must be a whole number at least 1"),
+        ({"self_speculative": "auto", "max_draft": 0}, "max_draft=0: must be a whole number at least 1"),
+        ({"self_speculative": "auto", "confidence": 2.0}, "confidence=2.0: must be a number at least 0 and at most 1"),
         ({"self_speculative": "auto", "skip": "1"}, "skip=SKIP and self_speculative=SKIP do not go together"),
     ],
 )
@@ -83,9 +83,9 @@ def test_generation_checks_its_parameters(llama, kw, message):
 
 def test_decoders_check_their_parameters_too(llama):
     model, _ = llama
-    with pytest.raises(SkipError, match="^top_k=-1: must be at least 0"):
+    with pytest.raises(SkipError, match="^top_k=-1: must be a whole number at least 0"):
         generate_plain(model, [5, 6], 4, top_k=-1)
-    with pytest.raises(SkipError, match="^draft_length=0: must be at least 1"):
+    with pytest.raises(SkipError, match="^draft_length=0: must be a whole number at least 1"):
         SelfSpeculativeDecoder(model, "auto", draft_length=0)
 
 
@@ -110,9 +110,9 @@ def _error_line(args, capsys):
 @pytest.mark.parametrize(
     "extra,flag",
     [
-        (["--calibration-tokens", "0"], "--calibration-tokens 0: must be at least 1"),
-        (["--seq-len", "0"], "--seq-len 0: must be at least 2"),
-        (["--heal", "2", "--heal-batch", "0"], "--heal-batch 0: must be at least 1"),
+        (["--calibration-tokens", "0"], "--calibration-tokens 0: must be a whole number at least 1"),
+        (["--seq-len", "0"], "--seq-len 0: must be a whole number at least 2"),
+        (["--heal", "2", "--heal-batch", "0"], "--heal-batch 0: must be a whole number at least 1"),
         (["--heal", "2", "--heal-lr", "nan"], "--heal-lr nan: must be a finite number"),
     ],
 )
@@ -126,11 +126,11 @@ def test_cli_shows_the_flags(skip_models, tmp_path, capsys, extra, flag):
 def test_generate_cli_flags_and_binary_prompt_file(skip_models, tmp_path, capsys):
     models, _ = skip_models
     m = str(models["llama"])
-    assert "--top-k -5: must be at least 0" in _error_line(["generate", m, "--prompt", "t5", "--top-k", "-5"], capsys)
+    assert "--top-k -5: must be a whole number at least 0" in _error_line(["generate", m, "--prompt", "t5", "--top-k", "-5"], capsys)
     assert "--max-new-tokens 0" in _error_line(["generate", m, "--prompt", "t5", "--max-new-tokens", "0"], capsys)
     binary = tmp_path / "prompt.bin"
     binary.write_bytes(bytes(range(256)))
-    assert f"prompt file {binary}: not UTF-8 text" in _error_line(["generate", m, "--prompt-file", str(binary)], capsys)
+    assert f"--prompt-file {binary}: is not UTF-8 text" in _error_line(["generate", m, "--prompt-file", str(binary)], capsys)
     code = main(["generate", m, "--prompt", "t5 t9", "--max-new-tokens", "3", "--ignore-eos", "--json"])
     assert code == 0 and len(json.loads(capsys.readouterr().out)["tokens"]) == 3
 

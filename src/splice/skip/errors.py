@@ -1,14 +1,16 @@
 """``SkipError`` and the checks of numeric parameters that raise it. Torch-free.
 
-Messages name parameters through ``splice.errors.option``, so a Python caller reads
-``seq_len=0: must be at least 2`` and the command line ``--seq-len 0: must be at least 2``.
+The checks are splice.options' (the CLI's too), and messages name parameters through
+``splice.errors.option``, so a Python caller reads ``seq_len=0: must be a whole number at
+least 2`` and the command line ``--seq-len 0: ...``.
 """
 
 from __future__ import annotations
 
 import math
 
-from ..errors import SpliceError, option
+from .. import options
+from ..errors import SpliceError
 
 
 class SkipError(SpliceError):
@@ -16,22 +18,19 @@ class SkipError(SpliceError):
 
 
 def check_int(name: str, value: object, low: int) -> int:
-    """``value`` as an int of at least ``low``; else a ``SkipError`` naming parameter ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SkipError(f"{option(name, value)}: must be a whole number")
-    if value < low:
-        raise SkipError(f"{option(name, value)}: must be at least {low}")
-    return value
+    """``value`` as an int of at least ``low``; else a ``SkipError`` naming parameter ``name`` (splice.options' check)."""
+    try:
+        return options.integer(value, name, minimum=low)
+    except options.OptionError as e:
+        raise SkipError(e.args[0]) from None
 
 
 def check_float(name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
     """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``); else a ``SkipError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SkipError(f"{option(name, value)}: must be a finite number")
-    if value < low or (low_open and value == low) or value > high:
-        if high < math.inf:
-            rule = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        else:
-            rule = f"greater than {low:g}" if low_open else f"at least {low:g}"
-        raise SkipError(f"{option(name, value)}: must be {rule}")
-    return float(value)
+    bounds = {"above": low} if low_open else {"minimum": low}
+    if high < math.inf:
+        bounds["maximum"] = high
+    try:
+        return options.real(value, name, **bounds)
+    except options.OptionError as e:
+        raise SkipError(e.args[0]) from None
