@@ -107,7 +107,7 @@ def write_checkpoint(
     staged = StagedFolder(target, force=force)
     try:
         staged.layout([(e.name, e.dtype, tuple(e.shape)) for e in entries], shard_bytes)
-        with _torch_threads(threads or max(1, cores // workers)):
+        with torch_threads(threads or max(1, cores // workers)):
             _compute_and_write(staged, entries, workers, memory_budget, label, quiet)
         staged.finish_tensors()
         write_side_files(staged, side_files)
@@ -210,7 +210,14 @@ def _signals_deferred() -> Iterator[None]:
 
 
 @contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Torch's intra-op threads set to ``n`` inside the block and restored after (None: unchanged).
+
+    A library call must not leave the host process with another thread count.
+    """
+    if n is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -22,14 +22,14 @@ from .. import architecture as arch
 from .. import options as checks  # build_moe's parameter is called options
 from ..checkpoint import SideFiles, open_model
 from ..checkpoint.writer import check_output
-from ..engine.write import Entry, write_checkpoint
+from ..engine.plan import TORCH_DTYPES
+from ..engine.write import Entry, torch_threads, write_checkpoint
 from ..errors import CheckpointError, RecipeError
 from .experts import expert_tensor
 from .families import ATTN_BIAS_RE, DENSE_MLP_RE, PROJS, Family, choose_family
 from .gates import GATE_INITIALISERS, GateContext, check_gates
 from .recipe import MoERecipe, load_moe_recipe
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DISTANCE_WARN = 0.7  # relative distance above which an expert looks unrelated to the base (independent inits: ~1.4)
 
 
@@ -283,7 +283,7 @@ class _Features:
         if self._runner is None:
             from .dense import DenseRunner
 
-            self._runner = DenseRunner(self.sources[self.r.base_model], self.plan.prefix, threads=self.opts.threads)
+            self._runner = DenseRunner(self.sources[self.r.base_model], self.plan.prefix)
         return self._runner
 
     def router_inputs(self, expert, slot: str, sequences: list[list[int]]) -> list[torch.Tensor]:
@@ -360,31 +360,30 @@ def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, *
             sources[m] = open_model(m, allow_pickle=opts.allow_pickle, base_dir=base_dir)
         check_output(out, force=opts.force, inputs=_inputs(r, sources))  # before any work
         plan = plan_moe(r, sources, opts)
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
-        feats = _Features(r, sources, plan, opts)
-        timings = {"plan": time.time() - t0}
-        t1 = time.time()
-        gates, shared_gates = compute_gates(r, sources, plan, opts, feats)
-        timings["gates"] = time.time() - t1
-        calib = None
-        if opts.calibrate > 0:
+        with torch_threads(opts.threads):  # restored when the build ends, however it ends
+            feats = _Features(r, sources, plan, opts)
+            timings = {"plan": time.time() - t0}
             t1 = time.time()
-            calib = calibrate(r, plan, opts, feats, gates)
-            gates = calib.gates
-            timings["calibration"] = time.time() - t1
-        feats._runner = None  # free the in-memory model before writing
-        for w in plan.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            gates, shared_gates = compute_gates(r, sources, plan, opts, feats)
+            timings["gates"] = time.time() - t1
+            calib = None
+            if opts.calibrate > 0:
+                t1 = time.time()
+                calib = calibrate(r, plan, opts, feats, gates)
+                gates = calib.gates
+                timings["calibration"] = time.time() - t1
+            feats._runner = None  # free the in-memory model before writing
+            for w in plan.warnings:
+                print(f"warning: {w}", file=sys.stderr)
 
-        fam, p = plan.family, plan.prefix
-        for l in range(plan.layers):
-            plan.entries.append(_Entry(fam.router_name(p, l), (len(r.experts), plan.hidden), (lambda l=l: gates[l])))
-            if shared_gates is not None:
-                plan.entries.append(_Entry(fam.shared_gate_name(p, l), (1, plan.hidden), (lambda l=l: shared_gates[l][:1])))
-        t1 = time.time()
-        written = _write(plan, sources, out, opts, calib)
-        timings["write"] = time.time() - t1
+            fam, p = plan.family, plan.prefix
+            for l in range(plan.layers):
+                plan.entries.append(_Entry(fam.router_name(p, l), (len(r.experts), plan.hidden), (lambda l=l: gates[l])))
+                if shared_gates is not None:
+                    plan.entries.append(_Entry(fam.shared_gate_name(p, l), (1, plan.hidden), (lambda l=l: shared_gates[l][:1])))
+            t1 = time.time()
+            written = _write(plan, sources, out, opts, calib)
+            timings["write"] = time.time() - t1
     finally:
         for s in sources.values():
             s.close()

@@ -27,7 +27,7 @@ import torch
 from .. import architecture as arch
 from ..checkpoint import SideFiles, open_model
 from ..checkpoint.writer import check_output
-from ..engine.write import Entry, write_checkpoint
+from ..engine.write import Entry, torch_threads, write_checkpoint
 from ..errors import RecipeError, option
 from .assignment import max_weight_matching
 from .families import PROJS, Family, family_of_moe
@@ -171,15 +171,14 @@ def compress_moe(
             docs += read_documents(p)
         if not docs:
             raise RecipeError("the calibration files hold no text")
-        if threads:
-            torch.set_num_threads(threads)
         tok = source_tokenizer(src, "moe-compress needs the model's tokenizer")
         seqs = token_sequences(tok, docs, tokens=tokens, seq_len=seq_len, seed=seed)
         if not seqs:
             raise RecipeError("the calibration text is too short (no document has 4 tokens or more)")
-        model = load_causal_lm(src, dtype=torch.float32)
-        usage, logits = routing_stats(model, seqs, top_k)
-        del model
+        with torch_threads(threads):  # restored after: a library call leaves the host's setting alone
+            model = load_causal_lm(src, dtype=torch.float32)
+            usage, logits = routing_stats(model, seqs, top_k)
+            del model
         n_tokens = int(logits[0].shape[0])
         groups = [group_experts(usage[l], logits[l], experts) for l in range(layers)]
 

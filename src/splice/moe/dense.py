@@ -28,11 +28,9 @@ def encode(tok, text: str, max_len: int) -> list[int]:
 class DenseRunner:
     """``base`` as a transformers model (float32); ``use_expert`` swaps its MLPs for a donor's."""
 
-    def __init__(self, base_src, prefix: str, *, threads: int | None = None):
+    def __init__(self, base_src, prefix: str):
         from ..hf import load_causal_lm
 
-        if threads:
-            torch.set_num_threads(threads)
         self.model = load_causal_lm(base_src, dtype=torch.float32)
         self.prefix = prefix
         self.layers = arch.decoder_layers(self.model)
