@@ -185,19 +185,7 @@ class GGUFSource(ModelSource):
             raise CheckpointError(f"{self.file}: no GGUF tensor maps to a {model_type} parameter")
         return by_hf, infos
 
-    # -- ModelSource -------------------------------------------------------
-    def keys(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"model {self.name}: tensor {name!r} not found") from None
-
+    # -- ModelSource (keys, info and membership come from self._infos) -----
     def get(self, name: str) -> torch.Tensor:
         from gguf import dequantize
 

@@ -38,12 +38,16 @@ class ModelSource:
     name: str  # the reference as the user wrote it
     path: Path  # folder (or file) on disk
     config: dict
+    _infos: dict[str, TensorInfo]  # every tensor's name, dtype, shape and place, read from headers
 
     def keys(self) -> list[str]:
-        raise NotImplementedError
+        return list(self._infos)
 
     def info(self, name: str) -> TensorInfo:
-        raise NotImplementedError
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"model {self.name}: tensor {name!r} not found") from None
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor as stored (dtype unchanged), in memory the caller owns."""
@@ -60,7 +64,7 @@ class ModelSource:
         pass
 
     def __contains__(self, name: str) -> bool:
-        return name in set(self.keys())
+        return name in self._infos
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -152,18 +156,6 @@ class FolderSource(ModelSource):
                 f"{folder}: only pickle weights (.bin/.pt) found; pass {option('allow_pickle')} to load them (weights_only)"
             )
         raise CheckpointError(f"{folder}: no model weights (*.safetensors) found")
-
-    def keys(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"model {self.name}: tensor {name!r} not found") from None
 
     def get(self, name: str) -> torch.Tensor:
         info = self.info(name)
