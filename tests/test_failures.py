@@ -116,7 +116,7 @@ def test_invalid_recipe_via_cli_is_one_line_and_verbose_shows_traceback(tmp_path
     code, lines, err = _run_cli(["merge", str(r), "-o", str(tmp_path / "out"), "-q"], capsys)
     assert code == 2 and len(lines) == 1 and "wieght" in lines[0] and "bad.yaml:2" in lines[0]
     assert "Traceback" not in err
-    with pytest.raises(SpliceError):
+    with pytest.raises(SpliceError, match="wieght"):
         main(["merge", str(r), "-o", str(tmp_path / "out"), "-q", "--verbose"])
 
 

@@ -168,9 +168,9 @@ def test_della_edges():
     g = torch.Generator().manual_seed(0)
     assert torch.equal(della_(d.clone(), 1.0, 0.1, True, g), d)
     assert torch.equal(della_(d.clone(), 0.0, 0.1, True, g), torch.zeros_like(d))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"density=0.9, epsilon=0.15"):
         della_(d.clone(), 0.9, 0.15, True, g)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"density=0.1, epsilon=0.15"):
         della_(d.clone(), 0.1, 0.15, True, g)
     one_col = della_(rand(50, 1, seed=7), 0.5, 0.1, True, g)  # rows of one element use density
     assert torch.isfinite(one_col).all()

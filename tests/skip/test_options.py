@@ -157,7 +157,7 @@ def test_auto_policy_constants_come_from_its_config(llama):
 
     model, _ = llama
     cfg = AutoSkipConfig(verify_cost_prior=2.0)
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="cannot assign to field 'window'"):
         cfg.window = 3  # frozen: one place for the constants
     many = AutoSkip(model).ranked(0.5)
     assert AutoSkip(model).predict(0.95, many)[0] > 1.0
