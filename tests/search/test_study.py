@@ -76,7 +76,7 @@ def test_resume_gives_the_trace_of_an_uninterrupted_study(spec, tmp_path, optimi
     part = tmp_path / "part"
     run_search(spec, part, budget=2, optimizer=optimizer, quiet=True, leaderboard=False)
     with open(part / "trials.jsonl", "a") as f:
-        f.write('{"trial": 2, "params": {"meth')  # killed while writing trial 2: that trial runs again
+        f.write('{"trial": 3, "params": {"meth')  # killed while writing trial 3: that trial runs again
     run_search(spec, part, budget=4, optimizer=optimizer, resume=True, quiet=True, leaderboard=False)
     assert trace(read_trials(part / "trials.jsonl")) == trace(read_trials(whole / "trials.jsonl"))
     assert len(read_trials(part / "trials.jsonl")) == 4
@@ -132,3 +132,26 @@ def test_cli_search_prints_progress_and_the_test_leaderboard(spec, tmp_path, cap
     assert main(["search", str(spec), "-o", str(out), "--budget", "0"]) == 2
     assert main(["search", str(spec), "-o", str(out), "--optimizer", "cmaess", "--resume"]) == 2
     assert "did you mean 'cmaes'?" in capsys.readouterr().err
+
+
+def test_several_objectives_write_a_pareto_front(spec, tmp_path):
+    pytest.importorskip("optuna")
+    out = tmp_path / "st"
+    run_search(spec, out, budget=3, optimizer="nsga2", objectives="mean,forgetting", quiet=True, leaderboard=False)
+    front = json.loads((out / "pareto.json").read_text())
+    assert front["objectives"] == ["mean", "forgetting"] and 1 <= len(front["front"]) <= 3
+    assert set(front["front"][0]["values"]) == {"mean", "forgetting"}
+
+
+def test_a_failed_set_up_writes_nothing(llama_trio, tmp_path):
+    base, fts = llama_trio
+    text = tmp_path / "held.txt"
+    text.write_text(" ".join(f"t{3 + i % 90}" for i in range(400)))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        f"models: {{base: {base}, experts: {{a: {fts[0]}, b: {fts[1]}}}}}\n"
+        f"evaluation: {{domains: {{a: {text}, b: {text}}}, seq_len: 32}}\nspace: {{methods: [linear]}}\nbudget: 2\n"
+    )
+    with pytest.raises(SpliceError, match=r"expert '(a|b)' is no better than the base on its own domain's search split"):
+        run_search(spec, tmp_path / "st", optimizer="random", quiet=True)
+    assert not (tmp_path / "st").exists()

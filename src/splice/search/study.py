@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class SearchOptions:
 
 @dataclass
 class Trial:
-    number: int
+    number: int  # 1, 2, ... (the line of trials.jsonl it is on)
     params: dict
     recipe: dict
     status: str = "ok"  # "ok" | "failed"
@@ -100,8 +100,9 @@ def trace(records: list[dict]) -> list[tuple]:
     return [(r["trial"], json.dumps(r["params"], sort_keys=True), r["status"], r["values"]) for r in records]
 
 
-def read_trials(path: Path) -> list[dict]:
+def read_trials(path: str | os.PathLike) -> list[dict]:
     """The trials of a study's ``trials.jsonl``; a half-written last line is cut off the file."""
+    path = Path(path)
     if not path.exists():
         return []
     raw = path.read_bytes()
@@ -118,8 +119,8 @@ def read_trials(path: Path) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(good)
     for i, r in enumerate(records):
-        if r.get("trial") != i:
-            raise SearchError(f"{path}:{i + 1}: trial {r.get('trial')!r} where trial {i} was expected; the file was edited?")
+        if r.get("trial") != i + 1:
+            raise SearchError(f"{path}:{i + 1}: trial {r.get('trial')!r} where trial {i + 1} was expected; the file was edited?")
     return records
 
 
@@ -170,7 +171,7 @@ class Study:
         }
 
     def open(self) -> list[dict]:
-        """Check the folder against the rules; returns the recorded trials (empty for a new study)."""
+        """Check the folder against the rules (writing nothing); returns the recorded trials (empty for a new study)."""
         f = self.folder
         meta_path = f / "study.json"
         exists = f.exists() and any(f.iterdir())
@@ -201,11 +202,14 @@ class Study:
                 raise SearchError(
                     f"{f} holds files that are not a study's ({', '.join(sorted(others)[:3])}); refusing to start a study over them"
                 )
-            for name in STUDY_FILES:
-                (f / name).unlink(missing_ok=True)
-        f.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(meta_path, json.dumps(self.meta(), indent=2) + "\n")
         return []
+
+    def create(self) -> None:
+        """Start a new study in the folder (once the set-up succeeded); ``force`` clears an old one first."""
+        for name in STUDY_FILES:
+            (self.folder / name).unlink(missing_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.folder / "study.json", json.dumps(self.meta(), indent=2) + "\n")
 
 
 def _progress(msg: str, quiet: bool) -> None:
@@ -229,8 +233,6 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
     """
     opts = opts or SearchOptions()
     if kw:
-        from dataclasses import replace
-
         for k in kw:
             if not hasattr(opts, k):
                 raise TypeError(f"unknown option {k!r}")
@@ -256,7 +258,7 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
     from ..checkpoint.writer import check_output
 
     check_output(folder, force=True, inputs=[spec.base, *spec.experts.values(), *spec.domains.values()])
-    spec.objectives = objectives
+    spec = replace(spec, objectives=objectives)
     study = Study(folder, spec, opts, optimizer, seed, objectives)
     records = study.open()
     return _run(study, records, budget, limit)
@@ -301,13 +303,15 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
             quiet,
         )
 
+        if not opts.resume:
+            study.create()
         best: Trial | None = None
         # replay: the optimizer must propose the recorded candidates again
         for r in records:
             params = opt.ask()
             if json.dumps(params, sort_keys=True) != json.dumps(r["params"], sort_keys=True):
                 raise SearchError(
-                    f"{study.trials_path}:{r['trial'] + 1}: the optimizer proposes another candidate than the recorded trial "
+                    f"{study.trials_path}:{r['trial']}: the optimizer proposes another candidate than the recorded trial "
                     f"{r['trial']} on replay; this study cannot be resumed (was it made by another splice version?)"
                 )
             opt.tell(params, r["values"] if r["status"] == "ok" else None)
@@ -325,7 +329,7 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
                 _progress(f"time limit reached after {n} trial(s)", quiet)
                 break
             params = opt.ask()
-            trial = _evaluate(resident, space, params, refs, splits.search, spec, n, study.seed)
+            trial = _evaluate(resident, space, params, refs, splits.search, spec, n + 1, study.seed)
             _append(study.trials_path, trial.to_json())  # persisted before the next is asked
             opt.tell(params, trial.values)
             evals.append(trial.seconds)
@@ -399,9 +403,9 @@ def _evaluate(resident, space, params: dict, refs: dict, windows: dict, spec: Se
 
 def _line(trial: Trial, best: Trial | None, budget: int | None, objectives: list[str], space) -> str:
     total = f"/{budget}" if budget is not None else ""
-    head = f"trial {trial.number + 1}{total} {space.method_of(trial.params)}"
+    head = f"trial {trial.number}{total} {space.method_of(trial.params)}"
     score = f"{objectives[0]} {trial.values[0]:.4f}" if trial.values is not None else f"failed ({trial.error})"
-    b = f"best {best.values[0]:.4f} (trial {best.number + 1})" if best is not None else "best -"
+    b = f"best {best.values[0]:.4f} (trial {best.number})" if best is not None else "best -"
     return f"{head}: {score}, {b}, {trial.seconds:.2f}s/eval"
 
 
