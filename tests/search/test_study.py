@@ -56,6 +56,8 @@ def test_a_search_records_every_trial_and_writes_best_yaml(study, spec):
         "expert code",
         "expert news",
         "expert scripture",
+        "hand-tuned linear",
+        "hand-tuned ties",
     ]
     base_row = board["rows"][1]["scores"]
     assert base_row["normalized"] == 0 and base_row["forgetting"] == 0

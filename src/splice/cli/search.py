@@ -31,9 +31,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     if s["leaderboard"] is not None:
         print(f"test split ({', '.join(f'{d} {n}' for d, n in s['leaderboard']['tokens'].items())} tokens):")
         print(format_leaderboard(s["leaderboard"], list(spec.domains)))
+        on_test = s["leaderboard"]["rows"][0]["scores"]
+        seen = s["leaderboard"]["best_search_split"]
+        print(
+            f"best: mean {_num(seen['normalized'])} / worst {_num(seen['min_normalized'])} on the search split, "
+            f"{_num(on_test['normalized'])} / {_num(on_test['min_normalized'])} on the test split"
+        )
     per = f", {s['seconds_per_eval']:.2f}s per evaluation" if s["seconds_per_eval"] is not None else ""
     print(f"{s['study']}: {s['trials']} trial(s){per}; best is trial {best['trial']}: {s['study']}/best.yaml (splice merge runs it)")
     return 0
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def _duration(text: str, name: str = "value") -> float:

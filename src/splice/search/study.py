@@ -338,7 +338,8 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
                 best = trial
                 write_text_atomic(study.folder / "best.yaml", best_yaml(trial, spec, study.folder))
                 write_text_atomic(study.folder / "best.json", json.dumps(trial.to_json(), indent=2) + "\n")
-            _progress(_line(trial, best, budget, spec.objectives, space), quiet)
+            left = f", {_duration(limit - (time.perf_counter() - t0))} left" if limit is not None else ""
+            _progress(_line(trial, best, budget, spec.objectives, space) + left, quiet)
             n += 1
         all_records = read_trials(study.trials_path)
         if len(spec.objectives) > 1:
@@ -351,7 +352,7 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
             "leaderboard": None,
         }
         if best is not None and opts.leaderboard:
-            board = _leaderboard(resident, spec, splits, best, refs)
+            board = _leaderboard(resident, spec, space, splits, best)
             write_text_atomic(study.folder / "leaderboard.json", json.dumps(board, indent=2) + "\n")
             summary["leaderboard"] = board
         return summary
@@ -409,6 +410,11 @@ def _line(trial: Trial, best: Trial | None, budget: int | None, objectives: list
     return f"{head}: {score}, {b}, {trial.seconds:.2f}s/eval"
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def _write_pareto(study: Study, records: list[dict]) -> None:
     ok = [(r["trial"], r["values"]) for r in records if r["status"] == "ok" and r["values"] is not None]
     front = pareto_front(ok, study.spec.directions())
@@ -420,14 +426,20 @@ def _write_pareto(study: Study, records: list[dict]) -> None:
     write_text_atomic(study.folder / "pareto.json", json.dumps({"objectives": study.objectives, "front": rows}, indent=2) + "\n")
 
 
-def _leaderboard(resident, spec: SearchSpec, splits, best: Trial, search_refs: dict) -> dict:
-    """The best trial, the base and each expert, scored on the test split (never shown to the search)."""
+def _leaderboard(resident, spec: SearchSpec, space, splits, best: Trial) -> dict:
+    """The best trial, the base, each expert and each method's hand-tuned point, scored on the test split (never shown to the search)."""
     test_refs = _reference_losses(resident, spec, splits.test)
     resident.apply(best.recipe, seed=MERGE_SEED)
     best_test = resident.losses(splits.test)
     rows = [{"model": f"best (trial {best.number})", "losses": best_test}]
     rows += [{"model": "base", "losses": test_refs["base"]}]
     rows += [{"model": f"expert {d}", "losses": test_refs[d]} for d in spec.experts]
+    for method in space.methods:  # the hand-tuned baselines: each method at the point the default optimizer starts from
+        try:
+            resident.apply(space.decode(space.start(method)), seed=MERGE_SEED)
+        except SpliceError:
+            continue
+        rows.append({"model": f"hand-tuned {method}", "losses": resident.losses(splits.test)})
     for row in rows:
         row["scores"] = scores_of(row["losses"], test_refs, list(spec.experts), spec.general)
         row["losses"] = {k: round(v, 6) for k, v in row["losses"].items()}
