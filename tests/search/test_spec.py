@@ -121,6 +121,22 @@ def test_a_required_parameter_needs_a_range(files):
         load_spec(write(files, text))
 
 
+def test_registry_ranges(files):
+    s = load_spec(
+        write(
+            files,
+            GOOD.replace("[linear, ties]", "[della]").replace("lambda: [0.5, 1.5]", "epsilon: range").replace("    normalize: true\n", ""),
+        )
+    )
+    assert (s.space.params["epsilon"].low, s.space.params["epsilon"].high) == (0.0, 0.999)  # [0, 1): the open end moved in
+    one = GOOD.replace("[linear, ties]", "[slerp]").replace("experts: {a: ma, b: mb}", "experts: {a: ma}")
+    one = one.replace("    weight: [0.2, 1]\n    lambda: [0.5, 1.5]\n    normalize: true\n", "")
+    t = load_spec(write(files, one)).space.params["t"]  # required, and bounded: searched over its whole range
+    assert (t.low, t.high, t.searched) == (0.0, 1.0, True)
+    with pytest.raises(SpliceError, match=r"search.yaml:13: space.params.lambda: 'lambda' has no bounded range in the registry"):
+        load_spec(write(files, GOOD.replace("lambda: [0.5, 1.5]", "lambda: range")))
+
+
 def test_missing_models_and_empty_specs(files):
     with pytest.raises(SpliceError, match=r"search.yaml:1: missing required key 'models'"):
         load_spec(write(files, "budget: 3\n"))

@@ -59,6 +59,7 @@ OBJECTIVES = {"mean": True, "worst": True, "forgetting": False}
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")  # the families that mattered most on the tiny zoo
 DEFAULT_SEARCHED = ("weight", "density")  # per-model parameters searched when the method takes them
 DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0)}  # where the registry's range is wider or unbounded
+OPEN_END_MARGIN = 1e-3  # an open end of a registry range, e.g. epsilon's [0, 1), is searched up to 0.999
 DEFAULT_SEARCH_SHARE = 0.5  # half of each domain's windows for the search, half kept back for the test split
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 8
@@ -305,6 +306,16 @@ def objectives_list(value: Any, expert_domains: list[str], general: str | None, 
     return names
 
 
+def registry_range(p) -> tuple[float, float] | None:
+    """A parameter's range in the methods registry as a closed search interval (an open end moved in by
+    ``OPEN_END_MARGIN`` of the span), or None when it is unbounded."""
+    r = p.range
+    if not (math.isfinite(r.low) and math.isfinite(r.high)):
+        return None
+    margin = OPEN_END_MARGIN * (r.high - r.low)
+    return (r.low + margin if r.low_open else r.low, r.high - margin if r.high_open else r.high)
+
+
 def _number(ctx: _Ctx, v: Any, path: tuple) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ctx.fail(path, f"must be a number, got {v!r}")
@@ -384,6 +395,11 @@ def _space(ctx: _Ctx, data: Any, n_experts: int) -> SpaceSpec:
                     raise ctx.fail(path, f"{k!r} of merge method {m.name!r} {problem}")
             params[k] = ParamRange(k, fixed=v, integer=integer)
             continue
+        if v == "range":  # the registry's range of the parameter, shared by every method that takes it
+            bounds = [registry_range(p) for p in ps]
+            if any(b is None for b in bounds):
+                raise ctx.fail(path, f"{k!r} has no bounded range in the registry; give one: {k}: [low, high]")
+            v = [max(b[0] for b in bounds), min(b[1] for b in bounds)]
         if (
             not isinstance(v, list)
             or len(v) != 2
@@ -403,7 +419,10 @@ def _space(ctx: _Ctx, data: Any, n_experts: int) -> SpaceSpec:
     for m in used:  # a required parameter the space neither searches nor fixes
         for p in m.params:
             if p.required and p.name not in params:
-                bounded = math.isfinite(p.range.low) and math.isfinite(p.range.high)
-                hint = f"e.g. {p.name}: [{p.range.low:g}, {p.range.high:g}]" if bounded else f"e.g. {p.name}: [0, 1]"
-                raise ctx.fail(("space", "params"), f"merge method {m.name!r} needs parameter {p.name!r}: give its range ({hint})")
+                bounds = registry_range(p)
+                if bounds is None:
+                    raise ctx.fail(
+                        ("space", "params"), f"merge method {m.name!r} needs parameter {p.name!r}: give its range (e.g. {p.name}: [0, 1])"
+                    )
+                params[p.name] = ParamRange(p.name, *bounds, integer=p.kind == "int")  # slerp's t: its whole range
     return SpaceSpec(names, gran, groups, split, params)
