@@ -19,6 +19,7 @@ space:
   granularity: {{groups: 2}}
 objective: mean
 seed: 0
+threads: 1  # one torch thread: on a shared 2-core machine two threads are many times slower
 """
 
 

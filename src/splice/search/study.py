@@ -238,11 +238,11 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
                 raise TypeError(f"unknown option {k!r}")
         opts = replace(opts, **kw)
     spec = spec if isinstance(spec, SearchSpec) else load_spec(spec)
+    optimizer = OPTIMIZERS.get(opts.optimizer).name if opts.optimizer is not None else spec.optimizer
     budget = opts.budget if opts.budget is not None else spec.budget
     limit = opts.time if opts.time is not None else spec.time
     if budget is None and limit is None:
         raise SearchError(f"no budget: give {option('budget', 'N')} trials or {option('time', '30m')} (or budget: / time: in the spec)")
-    optimizer = OPTIMIZERS.get(opts.optimizer).name if opts.optimizer is not None else spec.optimizer
     seed = opts.seed if opts.seed is not None else spec.seed
     objectives = spec.objectives
     if opts.objectives is not None:
