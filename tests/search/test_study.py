@@ -7,7 +7,10 @@ import pytest
 
 from splice.cli import main
 from splice.errors import SpliceError
-from splice.search import SearchOptions, read_trials, run_search, trace
+from splice.eval.perplexity import read_text
+from splice.search import SearchOptions, load_spec, read_trials, run_search, trace
+from splice.search.resident import ResidentModel
+from splice.search.splits import make_splits
 
 SPEC = """\
 zoo: {zoo}
@@ -64,10 +67,20 @@ def test_a_search_records_every_trial_and_writes_best_yaml(study, spec):
     assert base_row["normalized"] == 0 and base_row["forgetting"] == 0
 
 
-def test_best_yaml_is_a_recipe_splice_merge_runs(study, tmp_path):
-    out, _ = study
-    assert main(["merge", str(out / "best.yaml"), "-o", str(tmp_path / "merged"), "-q"]) == 0
-    assert (tmp_path / "merged" / "config.json").exists()
+def test_best_yaml_is_a_recipe_splice_merge_runs_and_gives_the_scored_model(study, spec, tmp_path):
+    out, s = study
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out / "best.yaml"), "-o", str(merged), "-q"]) == 0
+    # the merged folder, scored on the same test windows, has the losses the leaderboard gives the best trial
+    sp = load_spec(spec)
+    model = ResidentModel(str(merged), [], threads=1, batch_size=sp.batch_size)
+    try:
+        texts = {d: read_text(p) for d, p in sp.domains.items()}
+        splits = make_splits(model.tokenizer, texts, sp.seq_len, sp.search_share, sp.tokens)
+        losses = model.losses(splits.test)
+    finally:
+        model.close()
+    assert losses == pytest.approx(s["leaderboard"]["rows"][0]["losses"], abs=2e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["random", "default"])
