@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .. import options
 from .common import POSITIVE_INT, add_common, add_force, add_threads, checked
@@ -23,7 +24,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet,
     )
-    s = run_search(spec, args.out, opts)
+    try:
+        s = run_search(spec, args.out, opts)
+    except KeyboardInterrupt:  # every finished trial is on disk already: say so, not "nothing was written"
+        print(f"splice: interrupted; the study in {args.out} keeps its finished trials; --resume continues it", file=sys.stderr)
+        return 130
     best = s["best"]
     if best is None:
         print(f"{s['study']}: {s['trials']} trial(s), none succeeded; no best.yaml")
