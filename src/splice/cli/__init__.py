@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import merge, moe, skip, zoo
+from . import merge, moe, search, skip, zoo
 from .common import Parser, command_flags
 
 COMMANDS = (
@@ -25,6 +25,7 @@ COMMANDS = (
     skip.add_generate,
     zoo.add_zoo,
     zoo.add_eval,
+    search.add_search,
     zoo.add_demo,
 )
 
