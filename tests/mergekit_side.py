@@ -77,6 +77,7 @@ def missing(what: str) -> None:
 #   {"kind": "fn", "inputs": file, "output": file, "fn": "module:attr", "registry": name|null,
 #    "n": count, "base_index": int|null, "parameters": {...}}
 #   {"kind": "yaml", "config": file, "output": folder, "options": {MergeOptions fields}}
+#   {"kind": "moe_accepts", "config": file}  ->  "accepted": whether mergekit-moe would go on to build it
 SERVER = r"""
 import importlib, json, sys, traceback
 import torch
@@ -118,12 +119,21 @@ def run_yaml(req):
         cache.flush_all()
         cache.loaders.clear()  # each recipe starts as a fresh mergekit-yaml would
 
+def moe_accepts(req):
+    # mergekit-moe's own checks before it builds anything: the schema, then is_bad_config
+    import yaml
+    from mergekit.moe.config import MoEMergeConfig, is_bad_config
+    with open(req["config"], encoding="utf-8") as f:
+        config = MoEMergeConfig.model_validate(yaml.safe_load(f))
+    return {"accepted": not is_bad_config(config, allow_all_same=req.get("allow_all_same", False))}
+
+KINDS = {"fn": run_fn, "yaml": run_yaml, "moe_accepts": moe_accepts}
 print("@@" + json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
     try:
-        (run_yaml if req["kind"] == "yaml" else run_fn)(req)
-        print("@@" + json.dumps({"ok": True}), flush=True)
+        answer = KINDS[req["kind"]](req) or {}
+        print("@@" + json.dumps({"ok": True, **answer}), flush=True)
     except BaseException:
         print("@@" + json.dumps({"error": traceback.format_exc()}), flush=True)
 """
@@ -190,7 +200,16 @@ class MergekitSide:
         self._ask({"kind": "yaml", "config": str(config), "output": str(out), "options": opts}, f"run on {config}")
         return out
 
-    def _ask(self, req: dict, what: str) -> None:
+    def moe_accepts(self, config: Path) -> bool:
+        """Whether mergekit-moe 0.1.5 accepts an MoE recipe (its schema and its ``is_bad_config`` checks)."""
+        try:
+            return self._ask({"kind": "moe_accepts", "config": str(config)}, f"moe check of {config}")["accepted"]
+        except MergekitError as e:
+            if "ValidationError" in str(e):
+                return False
+            raise
+
+    def _ask(self, req: dict, what: str) -> dict:
         if self._proc.poll() is not None:
             raise RuntimeError("the mergekit side process has exited")
         self._proc.stdin.write(json.dumps(req) + "\n")
@@ -198,6 +217,7 @@ class MergekitSide:
         reply = self._reply()
         if "error" in reply:
             raise MergekitError(f"mergekit {what} failed:\n{reply['error']}")
+        return reply
 
     def _reply(self) -> dict:
         """The next answer line (marked "@@"; anything else mergekit prints is passed over)."""
