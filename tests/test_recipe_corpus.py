@@ -10,7 +10,7 @@ architecture, so task vectors are small and real), then:
   side process, as ``mergekit-yaml`` would run them; deterministic methods must
   agree on every tensor to 1e-4. Under ``dtype: bfloat16`` / ``float16`` mergekit
   computes in that dtype and splice in float32 (a deliberate difference: up to a
-  couple of bf16 rounding steps on 1-25% of elements), so such a recipe runs with
+  couple of bf16 rounding steps on up to a quarter of the elements), so such a recipe runs with
   splice as published and is compared with ``dtype: float32``, where both compute
   alike. TIES-style trimming may differ where magnitudes tie at the threshold
   (counted, at most ``MAX_TIE_FRACTION`` of a recipe's elements); random methods
