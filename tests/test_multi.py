@@ -285,21 +285,16 @@ def test_a_stage_interrupted_while_building_is_redone(tmp_path, models):
     _assert_close(tmp_path / "out", _expected(base, a, b))
 
 
-def _mergekit_multi():
-    import os
-
-    root = Path(__file__).resolve().parents[1]
-    for yaml_cmd in (os.environ.get("SPLICE_MERGEKIT_YAML"), str(root / "benchmarks" / ".venv-mergekit" / "bin" / "mergekit-yaml")):
-        if yaml_cmd and (Path(yaml_cmd).parent / "mergekit-multi").exists():
-            return str(Path(yaml_cmd).parent / "mergekit-multi")
-    return None
-
-
 @pytest.mark.mergekit
-@pytest.mark.skipif(_mergekit_multi() is None, reason="mergekit-multi not available (benchmarks/setup_mergekit.sh)")
 def test_matches_mergekit_multi(tmp_path, models):
     import os
     import subprocess
+
+    from mergekit_side import mergekit_bin, missing
+
+    multi = mergekit_bin("mergekit-multi")
+    if multi is None:
+        missing("no mergekit-multi")
 
     base, a, b = models
     text = (
@@ -311,7 +306,7 @@ def test_matches_mergekit_multi(tmp_path, models):
     r = _write(tmp_path, text)
     splice.merge(r, tmp_path / "ours", quiet=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [_mergekit_multi(), str(r), "--out-path", str(tmp_path / "theirs"), "-I", str(tmp_path / "mk-stages"), "--no-copy-tokenizer"]
+    cmd = [str(multi), str(r), "--out-path", str(tmp_path / "theirs"), "-I", str(tmp_path / "mk-stages"), "--no-copy-tokenizer"]
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     ours, theirs = load_sd(tmp_path / "ours"), load_sd(tmp_path / "theirs")
     assert set(ours) == set(theirs)

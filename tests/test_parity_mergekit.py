@@ -1,16 +1,9 @@
 """Parity with mergekit 0.1.5 on the same recipe, for every deterministic method.
 
-Runs when mergekit is available: importable in this environment, or a
-``mergekit-yaml`` executable named by $SPLICE_MERGEKIT_YAML or found in
-``benchmarks/.venv-mergekit`` (made by ``benchmarks/setup_mergekit.sh``).
-Skipped otherwise.
+mergekit runs from its side venv (``benchmarks/.venv-mergekit``, which ``make test``
+builds; see ``mergekit_side``). Without it these tests skip, except under
+``SPLICE_REQUIRE_MERGEKIT=1`` (set by ``make test``), where they fail.
 """
-
-import importlib.util
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,23 +12,8 @@ from helpers import load_sd, make_model
 
 import splice
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.mergekit
 
-
-def _mergekit_cmd():
-    env = os.environ.get("SPLICE_MERGEKIT_YAML")
-    if env and Path(env).exists():
-        return [env]
-    venv = ROOT / "benchmarks" / ".venv-mergekit" / "bin" / "mergekit-yaml"
-    if venv.exists():
-        return [str(venv)]
-    if importlib.util.find_spec("mergekit") is not None and shutil.which("mergekit-yaml"):
-        return [shutil.which("mergekit-yaml")]
-    return None
-
-
-MK = _mergekit_cmd()
-pytestmark = [pytest.mark.mergekit, pytest.mark.skipif(MK is None, reason="mergekit not available")]
 
 CASES = {
     "linear": (False, {"weight": [0.3, 0.5, 0.2]}, {}),
@@ -62,7 +40,7 @@ def models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_matches_mergekit(tmp_path, models, method):
+def test_matches_mergekit(tmp_path, models, mergekit, method):
     uses_base, per, glob = CASES[method]
     base, fts = models
     n = {"slerp": 1, "nearswap": 1, "nuslerp": 2}.get(method, 3)
@@ -78,14 +56,14 @@ def test_matches_mergekit(tmp_path, models, method):
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(recipe))
     splice.merge(p, tmp_path / "ours", quiet=True)
-    subprocess.run(MK + [str(p), str(tmp_path / "theirs"), "--no-copy-tokenizer"], check=True, capture_output=True)
+    mergekit.run_yaml(p, tmp_path / "theirs")
     ours, theirs = load_sd(tmp_path / "ours"), load_sd(tmp_path / "theirs")
     assert set(theirs) <= set(ours)
     for k in theirs:
         torch.testing.assert_close(ours[k].float(), theirs[k].float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{method} {k}: {m}")
 
 
-def test_passthrough_slices_match_mergekit(tmp_path, models):
+def test_passthrough_slices_match_mergekit(tmp_path, models, mergekit):
     base, fts = models
     recipe = {
         "merge_method": "passthrough",
@@ -98,7 +76,7 @@ def test_passthrough_slices_match_mergekit(tmp_path, models):
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(recipe))
     splice.merge(p, tmp_path / "ours", quiet=True)
-    subprocess.run(MK + [str(p), str(tmp_path / "theirs"), "--no-copy-tokenizer"], check=True, capture_output=True)
+    mergekit.run_yaml(p, tmp_path / "theirs")
     ours, theirs = load_sd(tmp_path / "ours"), load_sd(tmp_path / "theirs")
     assert set(ours) == set(theirs)
     for k in theirs:

@@ -146,14 +146,9 @@ def test_inputs_not_modified():
 
 
 @pytest.mark.mergekit
-def test_parity_with_mergekit():
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    from mergekit.merge_methods.karcher import karcher_merge_method
+def test_parity_with_mergekit(mergekit):
 
     xs = [rand(3, 5, seed=40 + i) for i in range(4)]
     for params in ({}, {"max_iter": 2}, {"max_iter": 50, "tol": 1e-7}):
-        group = base_mod.TensorGroup.from_tensors(xs)
-        (expected,) = karcher_merge_method((group,), parameters=params)
+        expected = mergekit.merge("mergekit.merge_methods.karcher:karcher_merge_method", xs, parameters=params)
         torch.testing.assert_close(run(xs, **params), expected, rtol=1e-5, atol=1e-6)

@@ -159,16 +159,13 @@ def test_errors():
 
 
 @pytest.mark.mergekit
-def test_parity_with_mergekit():
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    from mergekit.merge_methods.model_stock import model_stock_merge_method
+def test_parity_with_mergekit(mergekit):
 
     for shape in [(3, 5), (6,)]:
         base = rand(*shape, seed=7)
         xs = finetunes(base, 3, seed=8)
         for fw in (False, True):
-            group = base_mod.TensorGroup.from_tensors([base] + xs, base_index=0)
-            (expected,) = model_stock_merge_method((group,), parameters={"filter_wise": fw})
+            expected = mergekit.merge(
+                "mergekit.merge_methods.model_stock:model_stock_merge_method", [base] + xs, base_index=0, parameters={"filter_wise": fw}
+            )
             torch.testing.assert_close(run(xs, base, filter_wise=fw), expected, rtol=1e-5, atol=1e-6)

@@ -152,11 +152,7 @@ def test_inputs_not_modified():
 
 
 @pytest.mark.mergekit
-def test_parity_with_mergekit():
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    from mergekit.merge_methods.multislerp import multislerp as mk_multislerp
+def test_parity_with_mergekit(mergekit):
 
     xs = [rand(3, 5, seed=40 + i) for i in range(4)]
     base = rand(3, 5, seed=50)
@@ -164,8 +160,9 @@ def test_parity_with_mergekit():
         for normalize in (True, False):
             params = {"weight": [1.0, 0.5, 2.0, 0.25], "normalize_weights": normalize}
             tensors = xs if not with_base else [base] + xs
-            group = base_mod.TensorGroup.from_tensors(tensors, base_index=0 if with_base else None)
-            (expected,) = mk_multislerp((group,), parameters=params)
+            expected = mergekit.merge(
+                "mergekit.merge_methods.multislerp:multislerp", tensors, base_index=0 if with_base else None, parameters=params
+            )
             actual = run(xs, base if with_base else None, **params)
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 

@@ -100,15 +100,10 @@ def test_errors():
 
 
 @pytest.mark.mergekit
-def test_parity_with_mergekit():
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    from mergekit.merge_methods.nearswap import nearswap_merge
+def test_parity_with_mergekit(mergekit):
 
     base = rand(3, 5, seed=8)
     other = base + 0.2 * rand(3, 5, seed=9)
     for t in (0.0, 0.01, 0.1, 1.0):
-        group = base_mod.TensorGroup.from_tensors([base, other], base_index=0)
-        (expected,) = nearswap_merge((group,), parameters={"t": t})
+        expected = mergekit.merge("mergekit.merge_methods.nearswap:nearswap_merge", [base, other], base_index=0, parameters={"t": t})
         torch.testing.assert_close(run(base, other, t), expected, rtol=1e-5, atol=1e-6)

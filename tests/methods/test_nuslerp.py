@@ -166,11 +166,7 @@ def test_errors():
 
 
 @pytest.mark.mergekit
-def test_parity_with_mergekit():
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    from mergekit.merge_methods.nuslerp import nuslerp_merge_method
+def test_parity_with_mergekit(mergekit):
 
     a, b, c = rand(3, 5, seed=15), rand(3, 5, seed=16), rand(3, 5, seed=17)
     for base in (None, c):
@@ -178,7 +174,11 @@ def test_parity_with_mergekit():
             for flatten in (False, True):
                 params = {"weight": [0.3, 0.7], "nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten}
                 tensors = [a, b] if base is None else [base, a, b]
-                group = base_mod.TensorGroup.from_tensors(tensors, base_index=None if base is None else 0)
-                (expected,) = nuslerp_merge_method((group,), parameters=params)
+                expected = mergekit.merge(
+                    "mergekit.merge_methods.nuslerp:nuslerp_merge_method",
+                    tensors,
+                    base_index=None if base is None else 0,
+                    parameters=params,
+                )
                 actual = run(a, b, base, **params)
                 torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

@@ -71,14 +71,9 @@ def test_errors():
 
 
 @pytest.mark.mergekit
-def test_parity_with_mergekit():
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    from mergekit.merge_methods.passthrough import passthrough_merge_method
+def test_parity_with_mergekit(mergekit):
 
     x = rand(3, 5, seed=4)
     for scale in (None, 0.0, 1.7):
-        group = base_mod.TensorGroup.from_tensors([x])
-        (expected,) = passthrough_merge_method((group,), parameters={"scale": [scale]})
+        expected = mergekit.merge("mergekit.merge_methods.passthrough:passthrough_merge_method", [x], parameters={"scale": [scale]})
         torch.testing.assert_close(run(x, scale=[scale]), expected)

@@ -83,11 +83,7 @@ def test_selection_keeps_highest_variance():
 
 
 @pytest.mark.mergekit
-def test_parity_with_mergekit():
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    from mergekit.merge_methods.registry import get
+def test_parity_with_mergekit(mergekit):
 
     base = rand(33, 17, seed=12)
     for scale in (0.1, 1.0, None):
@@ -97,6 +93,7 @@ def test_parity_with_mergekit():
         else:
             ts = [base + scale * rand(33, 17, seed=13 + i) for i in range(3)]
         for st in (1.0, 0.5, 0.1, 0.0):
-            group = base_mod.TensorGroup.from_tensors([base, *ts], base_index=0)
-            (expected,) = get(NAME)((group,), parameters={"select_topk": st})
+            expected = mergekit.merge(
+                "mergekit.merge_methods.registry:get", [base, *ts], base_index=0, parameters={"select_topk": st}, registry=NAME
+            )
             torch.testing.assert_close(call(ts, base, select_topk=st), expected, rtol=1e-5, atol=1e-6)

@@ -136,17 +136,12 @@ def test_errors():
 
 
 @pytest.mark.mergekit
-def test_parity_with_mergekit():
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    from mergekit.merge_methods.slerp import slerp_merge_method
+def test_parity_with_mergekit(mergekit):
 
     g = torch.Generator().manual_seed(8)
     for shape in [(4, 4), (7,), (3, 2, 5)]:
         base, other = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         for pair in [(base, other), (base, 2 * base), (base, base + 1e-3 * other)]:
             for t in (0.0, 0.3, 1.0):
-                group = base_mod.TensorGroup.from_tensors(list(pair), base_index=0)
-                (expected,) = slerp_merge_method((group,), parameters={"t": t})
+                expected = mergekit.merge("mergekit.merge_methods.slerp:slerp_merge_method", list(pair), base_index=0, parameters={"t": t})
                 torch.testing.assert_close(run(pair[0], pair[1], t), expected, rtol=1e-5, atol=1e-6)

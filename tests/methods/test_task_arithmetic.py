@@ -734,11 +734,7 @@ PARITY = {  # name: (shape, also bf16-valued models, rtol, parameter sets)
 
 @pytest.mark.mergekit
 @pytest.mark.parametrize("name", NAMES)
-def test_parity_with_mergekit(name):
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    from mergekit.merge_methods.registry import get
+def test_parity_with_mergekit(mergekit, name):
 
     shape, quantized, rtol, param_sets = PARITY[name]
     base = rand(*shape, seed=12)
@@ -747,6 +743,5 @@ def test_parity_with_mergekit(name):
     cases = [(ts, base)] + ([([t.bfloat16().float() for t in ts], base.bfloat16().float())] if quantized else [])
     for ts, base in cases:
         for params in param_sets:
-            group = base_mod.TensorGroup.from_tensors([base, *ts], base_index=0)
-            (expected,) = get(name)((group,), parameters=params)
+            expected = mergekit.merge("mergekit.merge_methods.registry:get", [base, *ts], base_index=0, parameters=params, registry=name)
             torch.testing.assert_close(call(name, ts, base, **dict(params)), expected, rtol=rtol, atol=1e-6)

@@ -51,9 +51,10 @@ def test_expert_without_prompts_under_hidden(tmp_path, moe_donors):
 
 def test_identical_prompts_and_identical_gates(tmp_path, moe_donors):
     base, experts = moe_donors
-    r = recipe(base, experts[:2])
+    r = recipe(base, experts)
     r["experts"][1]["positive_prompts"] = r["experts"][0]["positive_prompts"]
     _fails(tmp_path, r, "experts[0] and experts[1]", "identical")
+    _fails(tmp_path, recipe(base, experts[:2], experts_per_token=1) | {"experts": r["experts"][:2]}, "all 2 experts have the same prompts")
     # different strings, same tokens after the tokenizer's unknown-token mapping: identical gates
     r["experts"][0]["positive_prompts"] = ["zzz"]
     r["experts"][1]["positive_prompts"] = ["qqq"]
@@ -100,7 +101,9 @@ def test_recipe_errors_name_file_line_and_choices(tmp_path, moe_donors):
     p.write_text(yaml.safe_dump(r, sort_keys=False))
     with pytest.raises(SpliceError) as e:
         load_moe_recipe(p)
-    assert str(e.value).startswith(f"{p}:2: gate_mode: unknown gate_mode 'hiden' (valid: hidden, cheap_embed, random, uniform_random)")
+    assert str(e.value).startswith(
+        f"{p}:2: gate_mode: unknown gate_mode 'hiden' (valid: hidden, cheap_embed, random, uniform_random, hidden_avg, hidden_last)"
+    )
     r["gate_mode"] = "hidden"
     r["experts"][1]["noise"] = 0.1
     p.write_text(yaml.safe_dump(r, sort_keys=False))

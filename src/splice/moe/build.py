@@ -293,11 +293,23 @@ class _Features:
             self._current = slot
         return run.router_inputs(sequences, skip_first=self.tokenizer().bos_token_id is not None)
 
-    def mean_features(self, expert, slot: str, prompts: list[str]) -> torch.Tensor:
+    def mean_features(self, expert, slot: str, prompts: list[str], last: bool = False) -> torch.Tensor:
+        """Per layer, the mean router input over the prompts' tokens (``last``: over each prompt's last token).
+
+        The BOS token is never a feature, so a prompt with no other token adds
+        nothing, and prompts that are all empty give zeros.
+        """
         from .dense import encode
 
         tok = self.tokenizer()
-        seqs = [encode(tok, p, min(self.runner().max_len, 1024)) for p in prompts]
+        skip = 1 if tok.bos_token_id is not None else 0
+        seqs = [s for s in (encode(tok, p, min(self.runner().max_len, 1024)) for p in prompts) if len(s) > skip]
+        if not seqs:
+            run = self.runner()
+            return torch.zeros(len(run.mlps), run.hidden)
+        if last:
+            per_prompt = [torch.stack([f[-1] for f in self.router_inputs(expert, slot, [s])]) for s in seqs]
+            return torch.stack(per_prompt).mean(0)
         feats = self.router_inputs(expert, slot, seqs)
         return torch.stack([f.mean(0) for f in feats])
 
@@ -318,7 +330,7 @@ def compute_gates(
             base_src=base,
             embed_name=embed,
             tokenizer=feats.tokenizer,
-            features=lambda i, prompts: feats.mean_features(experts[i], f"{slot}{i}", prompts),
+            features=lambda i, prompts, last=False: feats.mean_features(experts[i], f"{slot}{i}", prompts, last=last),
         )
 
     gates = init(ctx_for(r.experts, "expert"), r.experts, "routed")

@@ -5,7 +5,10 @@ Each returns router weights ``[layers, experts, hidden]`` for the routed experts
 
 - ``hidden``: per layer, the mean router input (after the post-attention norm,
   with the expert's own MLPs in the layers below) over the tokens of the
-  expert's positive prompts, minus that of its negative prompts.
+  expert's positive prompts, minus that of its negative prompts (``hidden_avg``
+  is the same; ``hidden_last`` takes each prompt's last token instead of the
+  mean over its tokens). The BOS token is never a feature, so an empty prompt
+  adds nothing, and an expert whose prompts are all empty starts from zero.
 - ``cheap_embed``: the same from the mean token embedding of the prompts, one
   vector repeated for every layer.
 - ``random``: standard normal entries (mergekit's ``random``).
@@ -42,7 +45,7 @@ class GateContext:
     base_src: object
     embed_name: str | None
     tokenizer: Callable[[], object]
-    features: Callable[[int, list[str]], torch.Tensor]  # -> [layers, hidden]
+    features: Callable[..., torch.Tensor]  # (slot_index, prompts, last=False) -> [layers, hidden]
     warnings: list[str] = field(default_factory=list)
 
 
@@ -79,15 +82,29 @@ def _center_normalize(vecs: torch.Tensor, center: bool) -> torch.Tensor:
     return vecs / vecs.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-@GATE_INITIALISERS.register("hidden")
-def hidden_gates(ctx: GateContext, experts: list, what: str = "routed") -> torch.Tensor:
+def _hidden(ctx: GateContext, experts: list, what: str, last: bool) -> torch.Tensor:
     out = []
     for i, e in enumerate(experts):
-        v = ctx.features(i, e.positive_prompts)
+        v = ctx.features(i, e.positive_prompts, last=last)
         if e.negative_prompts:
-            v = v - ctx.features(i, e.negative_prompts)
+            v = v - ctx.features(i, e.negative_prompts, last=last)
         out.append(v)
     return _center_normalize(torch.stack(out, dim=1), center=(what == "routed"))
+
+
+@GATE_INITIALISERS.register("hidden")
+def hidden_gates(ctx: GateContext, experts: list, what: str = "routed") -> torch.Tensor:
+    return _hidden(ctx, experts, what, last=False)
+
+
+@GATE_INITIALISERS.register("hidden_avg")
+def hidden_avg_gates(ctx: GateContext, experts: list, what: str = "routed") -> torch.Tensor:
+    return _hidden(ctx, experts, what, last=False)
+
+
+@GATE_INITIALISERS.register("hidden_last")
+def hidden_last_gates(ctx: GateContext, experts: list, what: str = "routed") -> torch.Tensor:
+    return _hidden(ctx, experts, what, last=True)
 
 
 @GATE_INITIALISERS.register("cheap_embed")

@@ -1,7 +1,7 @@
 """The MoE recipe: mergekit-moe's YAML keys and meanings, validated with one-line errors.
 
     base_model: path/or/id            # attention, norms, embeddings come from here
-    gate_mode: hidden                 # hidden | cheap_embed | random | uniform_random
+    gate_mode: hidden                 # hidden | cheap_embed | random | uniform_random (| hidden_avg | hidden_last)
     dtype: bfloat16                   # output dtype (default: the base's)
     experts_per_token: 2
     architecture: mixtral             # optional: mixtral | qwen2_moe | qwen3_moe (default: inferred)
@@ -16,6 +16,17 @@
     shared_experts: [ {source_model: ..., positive_prompts: [...]} ]   # at most one (Qwen2-MoE)
 
 Relative file paths are resolved against the recipe's folder.
+
+What mergekit-moe 0.1.5 accepts, splice accepts, with two exceptions that
+fail with a one-line reason: unknown keys (a misspelt key would be silently
+ignored), and prompts that leave two experts' gates identical (the router
+could never tell them apart). Empty prompts (``positive_prompts: [""]``) are
+kept: under ``cheap_embed`` an empty prompt is the BOS token's embedding, as
+in mergekit; under ``hidden`` it carries no content (splice's features never
+include the BOS token), so an expert whose prompts are all empty gets what the
+other experts' prompts are not (its gate is centred against theirs).
+``hidden_avg`` is ``hidden``; ``hidden_last`` uses each prompt's last token
+instead of the mean over its tokens.
 """
 
 from __future__ import annotations
@@ -32,8 +43,8 @@ from ..errors import RecipeError
 from ..recipe import _check_keys, _Ctx, _dtype, _model_ref, unknown_choice
 from ..yamlfile import read_yaml
 
-GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
-PROMPT_MODES = ("hidden", "cheap_embed")  # gate modes that need prompts
+GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_avg", "hidden_last")
+PROMPT_MODES = ("hidden", "cheap_embed", "hidden_avg", "hidden_last")  # gate modes that need prompts
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # mergekit's spellings of `architecture` (it matches by prefix of "Mixtral", "Qwen MoE", "Qwen3 MoE")
 ARCH_ALIASES = {
@@ -48,6 +59,17 @@ ARCH_ALIASES = {
     "qwen3_moe": "qwen3_moe",
     "qwen3moe": "qwen3_moe",
 }
+# mergekit also takes any prefix of its architecture names ("Mixtral", "Qwen MoE", "Qwen3 MoE")
+ARCH_NAMES = {"mixtral": "mixtral", "qwen moe": "qwen2_moe", "qwen3 moe": "qwen3_moe"}
+
+
+def _architecture(key: str) -> str | None:
+    if key in ARCH_ALIASES:
+        return ARCH_ALIASES[key]
+    hits = {v for name, v in ARCH_NAMES.items() if name.startswith(key)} if key else set()
+    return hits.pop() if len(hits) == 1 else None
+
+
 TOP_KEYS = ("base_model", "gate_mode", "dtype", "experts_per_token", "experts", "shared_experts", "architecture", "name")
 EXPERT_KEYS = (
     "source_model",
@@ -128,7 +150,7 @@ def _prompts(ctx: _Ctx, v: Any, path: tuple) -> list[str]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
         raise ctx.fail(path, f"must be a list of strings, got {v!r}")
-    return [s for s in v if s.strip()]
+    return list(v)  # empty prompts included: under cheap_embed "" is the BOS token, as in mergekit
 
 
 def _number(ctx: _Ctx, v: Any, path: tuple, *, positive: bool = False) -> float | None:
@@ -191,15 +213,17 @@ def parse_moe_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = 
         raise ctx.fail(("gate_mode",), unknown_choice(f"gate_mode {mode!r}", mode, GATE_MODES))
 
     k = data.get("experts_per_token", 2)
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)  # mergekit (pydantic) takes 2.0 for 2
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ctx.fail(("experts_per_token",), f"must be a positive integer, got {k!r}")
 
     arch = data.get("architecture")
     if arch is not None:
-        key = str(arch).strip().lower()
-        if key not in ARCH_ALIASES:
+        found = _architecture(str(arch).strip().lower())
+        if found is None:
             raise ctx.fail(("architecture",), f"unsupported output architecture {arch!r} (valid: {', '.join(ARCHITECTURES)})")
-        arch = ARCH_ALIASES[key]
+        arch = found
 
     experts_raw = data.get("experts")
     if not isinstance(experts_raw, list) or not experts_raw:
@@ -227,13 +251,22 @@ def parse_moe_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = 
                     ("shared_experts", i),
                     f"shared expert {e.source_model!r} has no positive_prompts; gate_mode {mode!r} needs them for its gate",
                 )
+        if len(experts) > 1 and len({e.prompt_key() for e in experts}) == 1:
+            raise ctx.fail(
+                ("experts",),
+                f"all {len(experts)} experts have the same prompts {experts[0].positive_prompts!r}, so every gate would be the same and "
+                "the router could not tell the experts apart (mergekit-moe refuses this too); give each expert prompts of its own, "
+                "or use gate_mode 'random' to train the router afterwards",
+            )
         seen: dict[tuple, int] = {}
         for i, e in enumerate(experts):
             j = seen.setdefault(e.prompt_key(), i)
             if j != i:
                 raise ctx.fail(
                     ("experts", i),
-                    f"experts[{j}] and experts[{i}] have identical prompts, so their gates would be identical; give each expert prompts of its own",
+                    f"experts[{j}] and experts[{i}] have identical prompts, so their gates would be identical: the router would "
+                    f"always score them alike and pick them together (with experts_per_token 1, experts[{i}] never), so mergekit-moe's "
+                    "output for this recipe has the two act as one averaged expert; give each expert prompts of its own",
                 )
 
     name = data.get("name")
