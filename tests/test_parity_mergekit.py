@@ -50,6 +50,10 @@ CASES = {
     "nuslerp": (True, {"weight": [0.4, 0.6]}, {}),
     "multislerp": (False, {"weight": [0.3, 0.5, 0.2]}, {}),
     "karcher": (False, {}, {}),
+    "arcee_fusion": (True, {}, {}),
+    # the fine-tunes change every element by noise 0.05 * N(0, 1): epsilon makes the changes sparse
+    "ram": (True, {}, {"epsilon": 0.05}),
+    "ramplus_tl": (True, {}, {"epsilon": 0.08, "r": 0.5, "alpha": 1.0}),
 }
 
 
@@ -65,7 +69,7 @@ def models(tmp_path_factory):
 def test_matches_mergekit(tmp_path, models, method):
     uses_base, per, glob = CASES[method]
     base, fts = models
-    n = {"slerp": 1, "nearswap": 1, "nuslerp": 2}.get(method, 3)
+    n = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1, "nuslerp": 2}.get(method, 3)
     entries = []
     for i, f in enumerate(fts[:n]):
         params = {k: (v[i] if isinstance(v, list) else v) for k, v in per.items()}
