@@ -390,9 +390,11 @@ def _external_inputs(plan: StagePlan) -> list[str]:
     for st in plan.order:
         base_dir = st.recipe.path.parent if st.recipe.path is not None else Path.cwd()
         for ref in st.recipe.referenced_models():
-            path = ref.partition("+")[0]
+            path, _, adapter = ref.partition("+")
             if path not in stage_folders and (base_dir / path).exists():
                 found.append(str(base_dir / path))
+            if adapter and (base_dir / adapter).exists():  # a LoRA adapter folder is an input too
+                found.append(str(base_dir / adapter))
     return found
 
 
