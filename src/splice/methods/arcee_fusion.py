@@ -11,8 +11,8 @@ fence), each quantile taken as mergekit does: the element at position
 ``floor(q * (n - 1))`` of the sorted scores (no interpolation). The output is
 ``a + (b - a) * [s >= threshold]``: only the outlying changes are fused in.
 
-Above ``QUANTILE_SAMPLE`` elements mergekit estimates the quantiles on that
-many elements drawn without replacement by an unseeded ``torch.randperm``;
+Above ``QUANTILE_SAMPLE`` elements mergekit 0.1.5 estimates the quantiles on
+that many scores drawn with replacement by an unseeded ``torch.randint``;
 splice draws the same kind of sample from the engine's seeded generator, so a
 recipe and seed give the same bytes every run (mergekit's result changes from
 run to run there). Smaller tensors (all of them in a tiny model) are exact and
@@ -33,22 +33,16 @@ from .registry import merge_method
 
 SOFTMAX_EPS = 1e-8  # added to both softmaxes before the log ratio (mergekit's value)
 FENCE = 1.5  # threshold = median + FENCE * IQR
-# Quantiles of larger tensors are estimated on a sample of this many scores (mergekit's size).
+# Quantiles of larger tensors are estimated on this many scores drawn with replacement (mergekit's size).
 QUANTILE_SAMPLE = 1_000_000
-# Up to this many elements the sample is a prefix of a full random permutation (mergekit's draw);
-# above it, drawing with replacement avoids an int64 permutation of the whole tensor (8 bytes per
-# element) for a sample whose quantiles differ only by its few repeated draws.
-PERMUTE_LIMIT = 1 << 24
 
 
 def _quantile_sample(flat: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     n = flat.numel()
     if n <= QUANTILE_SAMPLE:
         return flat
-    if n <= PERMUTE_LIMIT:
-        idx = torch.randperm(n, generator=generator, device="cpu")[:QUANTILE_SAMPLE]
-    else:
-        idx = torch.randint(n, (QUANTILE_SAMPLE,), generator=generator, device="cpu")
+    device = generator.device if generator is not None else flat.device
+    idx = torch.randint(n, (QUANTILE_SAMPLE,), generator=generator, device=device)
     return flat[idx.to(flat.device)]
 
 
