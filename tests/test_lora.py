@@ -449,3 +449,49 @@ def test_bad_reference_syntax_fails_at_parse_with_its_line(tmp_path, pair):
     p.write_text(f"merge_method: linear\nmodels:\n  - model: '{base}+'\n    parameters: {{weight: 1.0}}\n")
     with pytest.raises(RecipeError, match="both sides named"):
         splice.merge(p, tmp_path / "out", quiet=True)
+
+
+def test_hub_ids_resolve_through_the_local_cache_only(tmp_path, monkeypatch, pair):
+    """``org/model+org/adapter``, as published recipes write it: both from the local Hugging Face cache, never fetched."""
+    import shutil
+
+    import huggingface_hub.constants as c
+
+    base, _, adapter, t = pair
+    cache = tmp_path / "hub"
+    for repo, folder in (("acme--tiny", base), ("acme--tiny-lora", adapter)):
+        snap = cache / f"models--{repo}" / "snapshots" / "abc123"
+        snap.parent.mkdir(parents=True)
+        shutil.copytree(folder, snap)
+        (cache / f"models--{repo}" / "refs").mkdir()
+        (cache / f"models--{repo}" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    src = open_model("acme/tiny+acme/tiny-lora")
+    a = adapted_sd(base, t)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(src.get(name).double(), a[name], rtol=1e-6, atol=1e-6)
+    src.close()
+    with pytest.raises(CheckpointError, match="LoRA adapter 'acme/absent' not found"):
+        open_model("acme/tiny+acme/absent")
+
+
+def test_an_adapter_on_a_stage_of_a_multi_stage_recipe(tmp_path, pair):
+    """A later stage reads ``stage+adapter``: the earlier stage's output with the adapter merged in."""
+    base, ft, adapter, t = pair
+    (tmp_path / "lora").symlink_to(adapter)
+    docs = [
+        {"name": "avg", "merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in (base, ft)]},
+        {"merge_method": "passthrough", "models": [{"model": {"model": "avg", "lora": "lora"}}]},
+    ]
+    p = tmp_path / "multi.yaml"
+    p.write_text(yaml.safe_dump_all(docs))
+    splice.merge(p, tmp_path / "out", quiet=True)
+    avg = {k: 0.5 * v.double() + 0.5 * load_sd(ft)[k].double() for k, v in load_sd(base).items()}
+    got = load_sd(tmp_path / "out")
+    q = "model.layers.0.self_attn.q_proj"
+    want = expected(avg[q + ".weight"], t[f"{P}{q}.lora_A.weight"], t[f"{P}{q}.lora_B.weight"], 16 / 4)
+    torch.testing.assert_close(got[q + ".weight"].double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["lm_head.weight"].double(), t[f"{P}lm_head.weight"].double())
+    torch.testing.assert_close(got["model.norm.weight"].double(), avg["model.norm.weight"], rtol=1e-6, atol=1e-6)

@@ -283,8 +283,9 @@ def _resolve_refs(doc: dict, by_name: dict[str, Stage], folder: Path) -> tuple[d
 
     def resolve(holder: Any, key: Any) -> None:
         ref = holder[key]
-        if isinstance(ref, dict):  # {model: {path: ...}, lora: ...}
-            holder, key, ref = ref["model"], "path", ref["model"]["path"]
+        if isinstance(ref, dict):  # {model: {path: ...} or a string, lora: ...}
+            holder, key = (ref["model"], "path") if isinstance(ref["model"], dict) else (ref, "model")
+            ref = holder[key]
         if not isinstance(ref, str):
             return
         name, plus, adapter = ref.partition("+")
