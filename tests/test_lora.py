@@ -206,6 +206,19 @@ def test_half_precision_base_keeps_its_dtype(tmp_path):
     src.close()
 
 
+def test_half_precision_embedding_rounds_the_change_first(tmp_path):
+    """PEFT's Embedding.merge casts the change to the weight's dtype before adding it (Linear does not)."""
+    folder = tmp_path / "bf16"
+    folder.mkdir()
+    w = rand(12, 6, seed=1).bfloat16()
+    save_file({"model.embed_tokens.weight": w}, str(folder / "model.safetensors"))
+    a, b = rand(4, 12, seed=2, scale=0.3), rand(6, 4, seed=3, scale=0.3)
+    t = {f"{P}model.embed_tokens.lora_embedding_A": a, f"{P}model.embed_tokens.lora_embedding_B": b}
+    src = adapted(folder, write_adapter(tmp_path / "ad", t))
+    assert torch.equal(src.get("model.embed_tokens.weight"), w + ((b @ a).T * 2.0).bfloat16())
+    src.close()
+
+
 # ---------------------------------------------------------------- end to end: merges with a tiny model and adapter
 
 
@@ -495,3 +508,86 @@ def test_an_adapter_on_a_stage_of_a_multi_stage_recipe(tmp_path, pair):
     torch.testing.assert_close(got[q + ".weight"].double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["lm_head.weight"].double(), t[f"{P}lm_head.weight"].double())
     torch.testing.assert_close(got["model.norm.weight"].double(), avg["model.norm.weight"], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- real PEFT adapters (where the mergekit side venv has peft)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _side_python() -> str | None:
+    """The mergekit 0.1.5 side venv's python (it has peft), from $SPLICE_MERGEKIT_YAML or benchmarks/.venv-mergekit."""
+    import os
+
+    env = os.environ.get("SPLICE_MERGEKIT_YAML")
+    for cand in ([Path(env).with_name("python")] if env else []) + [ROOT / "benchmarks" / ".venv-mergekit" / "bin" / "python"]:
+        if cand.exists():
+            return str(cand)
+    return None
+
+
+# Run in the side venv: a tiny model, a PEFT adapter on it (every LoRA parameter randomized, since PEFT
+# starts B at zero), saved with PEFT, and PEFT's merge_and_unload of the two.
+PEFT_SCRIPT = r"""
+import sys
+from pathlib import Path
+
+import peft
+import torch
+import transformers as tf
+
+out, kind, dtype = Path(sys.argv[1]), sys.argv[2], getattr(torch, sys.argv[3])
+torch.manual_seed(0)
+common = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
+if kind == "qwen2":
+    cfg = tf.Qwen2Config(**common)
+    lcfg = dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], lora_bias=True, rank_pattern={"v_proj": 2})
+elif kind == "llama":
+    cfg = tf.LlamaConfig(**common)
+    lcfg = dict(target_modules=["q_proj", "o_proj", "embed_tokens"], use_rslora=True, rank_pattern={r"model\.layers\.1\.self_attn\.q_proj": 2},
+                alpha_pattern={"o_proj": 3})
+else:
+    cfg = tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    lcfg = dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
+model.save_pretrained(out / "base")
+pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **lcfg))
+g = torch.Generator().manual_seed(1)
+with torch.no_grad():
+    for n, p in pm.named_parameters():
+        if "lora_" in n or "modules_to_save" in n:
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+pm.save_pretrained(out / "adapter")
+merged = pm.merge_and_unload()
+merged.save_pretrained(out / "merged")
+print("ok", sorted(p.name for p in (out / "adapter").iterdir()))
+"""
+
+
+@pytest.mark.mergekit
+@pytest.mark.skipif(_side_python() is None, reason="the mergekit side venv (with peft) is not built")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "qwen2",  # lora_bias, modules_to_save, rank_pattern
+        "llama",  # embedding LoRA (PEFT saves the embedding's base layer too), rsLoRA, rank and alpha patterns
+        "gpt2",  # Conv1D layers: fan_in_fan_out
+    ],
+)
+def test_real_peft_adapters_give_merge_and_unload_bit_for_bit(tmp_path, kind, dtype):
+    import subprocess
+
+    (tmp_path / "make.py").write_text(PEFT_SCRIPT)
+    subprocess.run([_side_python(), str(tmp_path / "make.py"), str(tmp_path), kind, dtype], check=True, capture_output=True)
+    merged = load_sd(tmp_path / "merged")
+    src = open_model(f"{tmp_path / 'base'}+{tmp_path / 'adapter'}")
+    try:
+        assert set(merged) == set(src.keys())
+        changed = [k for k in merged if not torch.equal(load_sd(tmp_path / "base")[k], merged[k])]
+        assert len(changed) >= 5
+        for k in merged:
+            assert torch.equal(src.get(k), merged[k]), k
+    finally:
+        src.close()

@@ -16,13 +16,15 @@ For a module with factors A (r x in) and B (out x r), as PEFT merges it:
 ``rank_pattern`` / ``alpha_pattern`` matches the module's name the way PEFT
 matches it (the first key ``k`` in file order for which ``(.*\\.)?(k)$`` matches
 the whole name). Any other tensor in the adapter (``modules_to_save``, biases
-trained with ``bias: all``, embeddings PEFT saved after a resize) replaces the
-model's tensor of the same name. ``lora_B.bias`` (``lora_bias: true``) adds
+trained with ``bias: all``, the embedding layer PEFT saves beside its LoRA as
+``<module>.base_layer.weight``) replaces the model's tensor of the same name
+before the change is added. ``lora_B.bias`` (``lora_bias: true``) adds
 ``scale * bias`` to the module's bias.
 
 **Dtype, as mergekit 0.1.5 gives it.** PEFT upcasts half-precision adapter
 weights to float32, computes ``scale * (B @ A)`` in float32 and adds it in place
-to the base weight in the base's dtype: ``W' = dtype(float32(W) + delta)``. So
+to the base weight in the base's dtype: ``W' = dtype(float32(W) + delta)``
+(for an embedding it rounds the change to the weight's dtype first, then adds). So
 the adapted model has the base's dtypes, tensor for tensor (checked against the
 model mergekit caches, bit for bit, in ``tests/test_parity_mergekit.py``); a
 tensor taken whole from the adapter (``modules_to_save``) is cast to the dtype
@@ -41,7 +43,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -120,11 +122,13 @@ def pattern_key(patterns: dict, module: str) -> str | None:
 class Change:
     """How the adapter changes one model tensor."""
 
-    kind: str  # "lora" (scale * B @ A), "bias" (scale * lora_B.bias) or "replace" (the adapter's tensor)
-    a: str | None = None  # adapter keys
+    kind: str  # "lora" (adds scale * B @ A), "bias" (adds scale * lora_B.bias) or "none" (adds nothing)
+    a: str | None = None  # adapter keys of the factors
     b: str | None = None
     scale: float = 1.0
     transpose: bool = False
+    embedding: bool = False  # PEFT rounds an embedding's change to the weight's dtype before adding it
+    whole: str | None = None  # adapter key of a tensor that replaces the model's first (modules_to_save, a saved base layer)
 
 
 class Adapter:
@@ -220,6 +224,7 @@ class Adapter:
         """Model tensor name -> how this adapter changes it, every shape checked against ``model``."""
         factors: dict[str, dict[str, str]] = {}  # module -> factor -> key
         layout: dict[str, bool] = {}
+        wholes: dict[str, str] = {}  # model tensor -> adapter key of its replacement
         out: dict[str, Change] = {}
         for key in self.infos:
             if not key.startswith(KEY_PREFIX):
@@ -236,7 +241,7 @@ class Adapter:
                 raise self._fail(f"tensor {key!r} is a DoRA magnitude; DoRA adapters cannot be merged as W + scale * B @ A")
             if ".lora_" in rest or "trainable_tokens" in rest:
                 raise self._fail(f"tensor {key!r} is not a LoRA factor splice knows (lora_A/lora_B/lora_embedding_A/B)")
-            out[rest] = Change("replace", a=key)
+            wholes[rest.replace(".base_layer.", ".")] = key  # PEFT saves a wrapped layer's own weight as <module>.base_layer.weight
         for module, fs in factors.items():
             a, b, bias = fs.get("A"), fs.get("B"), fs.get("bias")
             if (a is None) != (b is None) or (bias is not None and a is None):
@@ -251,24 +256,31 @@ class Adapter:
             if sa[0] != r:
                 raise self._fail(f"module {module}: its factors have rank {sa[0]}, {CONFIG_FILE} gives it r = {r:g}")
             transpose = layout[module] or bool(self.config.get("fan_in_fan_out", False))
-            out[module + ".weight"] = Change("lora", a=a, b=b, scale=scale, transpose=transpose)
+            out[module + ".weight"] = Change("lora", a=a, b=b, scale=scale, transpose=transpose, embedding=layout[module])
             if bias is not None:
                 out[module + ".bias"] = Change("bias", b=bias, scale=scale)
+        for name, key in wholes.items():
+            out[name] = replace(out.get(name, Change("none")), whole=key)
         for name, ch in list(out.items()):
             if name not in model:
                 raise self._fail(f"changes tensor {name!r}, which model {model.name} does not have")
             want = tuple(model.info(name).shape)
+            shapes = [tuple(self.infos[ch.whole].shape)] if ch.whole is not None else []
             if ch.kind == "lora":
                 rows, cols = self.infos[ch.b].shape[0], self.infos[ch.a].shape[1]
                 shape = (cols, rows) if ch.transpose else (rows, cols)
                 if shape != want and shape[::-1] == want and not layout[name[: -len(".weight")]]:
                     # PEFT orients a layer's change by its type (Linear, or GPT-2's Conv1D), whatever fan_in_fan_out says
-                    out[name] = Change("lora", a=ch.a, b=ch.b, scale=ch.scale, transpose=not ch.transpose)
+                    out[name] = replace(ch, transpose=not ch.transpose)
                     shape = want
-            else:
-                shape = tuple(self.infos[ch.b if ch.kind == "bias" else ch.a].shape)
-            if shape != want:
-                raise self._fail(f"shape mismatch for tensor {name}: the adapter's is {list(shape)}, model {model.name}'s is {list(want)}")
+                shapes.append(shape)
+            elif ch.kind == "bias":
+                shapes.append(tuple(self.infos[ch.b].shape))
+            for shape in shapes:
+                if shape != want:
+                    raise self._fail(
+                        f"shape mismatch for tensor {name}: the adapter's is {list(shape)}, model {model.name}'s is {list(want)}"
+                    )
         return out
 
     def close(self) -> None:
@@ -307,15 +319,19 @@ class LoraSource(ModelSource):
         ch = self.changes.get(name)
         if ch is None:
             return w
-        if ch.kind == "replace":
-            return self.adapter.tensor(ch.a).to(w.dtype)
+        if ch.whole is not None:
+            w = self.adapter.tensor(ch.whole).to(w.dtype)
+        if ch.kind == "none":
+            return w
         if ch.kind == "bias":
             delta = self.adapter.tensor(ch.b).float() * ch.scale
         else:
             delta = lora_delta(self.adapter.tensor(ch.a), self.adapter.tensor(ch.b), ch.scale, ch.transpose)
         if w.dtype in (torch.float32, torch.float64):
             return w + delta  # not in place: a pickle source hands out the tensors it keeps
-        return w.float().add_(delta).to(w.dtype)  # float32(W) + delta, rounded once to the base's dtype
+        if ch.embedding:
+            return w + delta.to(w.dtype)  # PEFT's Embedding.merge: the change rounded first, then added
+        return w.float().add_(delta).to(w.dtype)  # Linear: float32(W) + delta, rounded once to the base's dtype
 
     def input_paths(self) -> list[Path]:
         return [*self.model.input_paths(), self.adapter.path]
