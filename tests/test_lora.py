@@ -319,6 +319,29 @@ def test_output_inside_the_adapter_is_refused(tmp_path, pair):
     assert not (adapter / "out").exists()
 
 
+def test_moe_expert_from_an_adapted_model(tmp_path, pair):
+    """mergekit-moe's base_model and source_model take the '+' too: adapted base, one adapted expert, top-1: the adapted model."""
+    from helpers import logits
+
+    from splice.moe import build_moe
+
+    base, _, adapter, _ = pair
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [{"model": f"{base}+{adapter}"}]}))
+    splice.merge(p, tmp_path / "dense", quiet=True)
+    r = {
+        "base_model": f"{base}+{adapter}",
+        "gate_mode": "random",
+        "experts_per_token": 1,
+        "experts": [{"source_model": f"{base}+{adapter}"}],
+    }
+    build_moe(r, tmp_path / "moe", quiet=True)
+    ids = (2, 5, 17, 33, 60)
+    torch.testing.assert_close(logits(tmp_path / "moe", ids), logits(tmp_path / "dense", ids), rtol=0, atol=1e-5)
+    with pytest.raises(CheckpointError, match="lies inside the input"):
+        build_moe(r, adapter / "moe", quiet=True)
+
+
 # ---------------------------------------------------------------- one-line errors
 
 
