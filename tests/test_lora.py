@@ -317,6 +317,14 @@ def test_output_inside_the_adapter_is_refused(tmp_path, pair):
     with pytest.raises(CheckpointError, match=r"is the input .*adapter"):
         splice.merge(recipe, adapter, quiet=True, force=True)
     assert not (adapter / "out").exists()
+    # a command given the reference as text (skip, compress) checks both folders too
+    from splice.checkpoint.writer import check_output
+
+    with pytest.raises(CheckpointError, match="lies inside the input"):
+        check_output(adapter / "x", inputs=[f"{base}+{adapter}"])
+    with pytest.raises(CheckpointError, match="lies inside the input"):
+        check_output(base / "x", inputs=[f"{base}+{adapter}"])
+    assert check_output(tmp_path / "fine", inputs=[f"{base}+{adapter}", None]) == (tmp_path / "fine").resolve()
 
 
 def test_moe_expert_from_an_adapted_model(tmp_path, pair):
