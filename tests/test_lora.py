@@ -420,6 +420,13 @@ def test_bad_config(tmp_path, pair, capsys, mutate, needle):
     assert needle in line and "adapter" in line, line
 
 
+def test_adapter_without_weights(tmp_path, pair, capsys):
+    empty = _broken(tmp_path, pair, "empty", mutate_tensors=lambda t: t.clear())
+    assert "adapter_model.safetensors holds no tensors" in _merge_error(tmp_path, f"{pair[0]}+{empty}", capsys)
+    none = _broken(tmp_path, pair, "none", weights=False)
+    assert "no adapter_model.safetensors in" in _merge_error(tmp_path, f"{pair[0]}+{none}", capsys)
+
+
 def test_unreadable_config(tmp_path, pair, capsys):
     folder = tmp_path / "junk"
     folder.mkdir()

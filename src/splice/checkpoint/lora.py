@@ -143,7 +143,8 @@ class Adapter:
         weights = folder / WEIGHTS_FILE
         if weights.is_file():
             self.infos, _ = read_header(weights)
-            self._file = TensorFile(weights)
+            if self.infos:
+                self._file = TensorFile(weights)
         elif (folder / PICKLE_FILE).is_file():
             if not allow_pickle:
                 raise CheckpointError(
