@@ -18,7 +18,6 @@ architecture, so task vectors are small and real), then:
 - MoE recipes run with ``splice moe``; mergekit-moe's own acceptance checks must
   agree on whether they build (their gates differ by design, see the README).
 
-``PENDING`` recipes need features another branch adds; they are skipped here only.
 Run ``pytest tests/test_recipe_corpus.py -s`` for the per-recipe table and totals.
 """
 
@@ -38,13 +37,6 @@ from splice.errors import SpliceError
 
 RECIPES = Path(__file__).parent / "recipes"
 FILES = sorted(p.name for p in RECIPES.glob("*.yml"))
-
-# The lead removes these after merging the branch that adds what they need
-# (LoRA references "model+adapter", methods arcee_fusion / ram / ramplus_tl).
-PENDING = {
-    "mergekit-arcee_fusion.yml": "merge_method arcee_fusion",
-    "absa-acree_fusion.yml": "merge_method arcee_fusion",
-}
 
 # Hub id (or the author's local path) -> (architecture, layers) of the model it names.
 _LLAMA2_13B = ("llama", 40)
@@ -221,8 +213,6 @@ def _in_float32(docs: list, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", FILES)
 def test_recipe(tmp_path, stand_ins, mergekit, name):
-    if name in PENDING:
-        pytest.skip(f"pending: needs {PENDING[name]} (another branch)")
     path, docs = _localised(RECIPES / name, stand_ins, tmp_path)
     ours = tmp_path / "ours"
     if "merge_method" not in docs[-1]:  # a mergekit-moe recipe
@@ -264,9 +254,8 @@ def test_recipe(tmp_path, stand_ins, mergekit, name):
 def test_corpus_size_and_summary():
     """At least 30 recipes; prints the table (pytest -s) after the per-recipe tests have run."""
     assert len(FILES) >= 30
-    runnable = [f for f in FILES if f not in PENDING]
     if RESULTS:
         for f in FILES:
-            print(f"{f:48} {RESULTS.get(f, 'pending' if f in PENDING else 'not run')}")
+            print(f"{f:48} {RESULTS.get(f, 'not run')}")
         agree = sum("agrees" in r for r in RESULTS.values())
-        print(f"{len(RESULTS)} of {len(runnable)} runnable recipes ran ({len(PENDING)} pending); {agree} compared tensor by tensor agree")
+        print(f"{len(RESULTS)} of {len(FILES)} recipes ran; {agree} compared tensor by tensor agree")

@@ -283,8 +283,9 @@ def _resolve_refs(doc: dict, by_name: dict[str, Stage], folder: Path) -> tuple[d
 
     def resolve(holder: Any, key: Any) -> None:
         ref = holder[key]
-        if isinstance(ref, dict):  # {model: {path: ...}, lora: ...}
-            holder, key, ref = ref["model"], "path", ref["model"]["path"]
+        if isinstance(ref, dict):  # {model: {path: ...} or a string, lora: ...}
+            holder, key = (ref["model"], "path") if isinstance(ref["model"], dict) else (ref, "model")
+            ref = holder[key]
         if not isinstance(ref, str):
             return
         name, plus, adapter = ref.partition("+")
@@ -390,9 +391,11 @@ def _external_inputs(plan: StagePlan) -> list[str]:
     for st in plan.order:
         base_dir = st.recipe.path.parent if st.recipe.path is not None else Path.cwd()
         for ref in st.recipe.referenced_models():
-            path = ref.partition("+")[0]
+            path, _, adapter = ref.partition("+")
             if path not in stage_folders and (base_dir / path).exists():
                 found.append(str(base_dir / path))
+            if adapter and (base_dir / adapter).exists():  # a LoRA adapter folder is an input too
+                found.append(str(base_dir / adapter))
     return found
 
 

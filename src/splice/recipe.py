@@ -177,15 +177,24 @@ def unknown_choice(what: str, name: object, choices: tuple[str, ...] | list[str]
     return registry_unknown_choice(what, name, choices)[0]
 
 
+def _ref_path(v: Any) -> Any:
+    """The path of a ModelPath as mergekit serializes it (``{path: ..., revision: ...}``) or as a string."""
+    return v["path"] if isinstance(v, dict) and "path" in v else v
+
+
 def _model_ref(ctx: _Ctx, v: Any, path: tuple) -> str:
-    if isinstance(v, dict) and "model" in v and isinstance(v["model"], dict) and "path" in v["model"]:
-        if v.get("lora"):
-            raise ctx.fail(path, "LoRA model references are not supported; merge the adapter into its model first")
-        v = v["model"]["path"]
+    """A model reference as a string; mergekit's ``model+adapter`` LoRA form (or ``{model: ..., lora: ...}``) kept as ``X+Y``."""
+    if isinstance(v, dict) and "model" in v:
+        model, lora = _ref_path(v["model"]), _ref_path(v.get("lora"))
+        if not isinstance(model, str) or (lora is not None and not isinstance(lora, str)):
+            raise ctx.fail(path, f"a model reference must be a path or a Hugging Face id, got {v!r}")
+        v = model if not lora else f"{model}+{lora}"
     if not isinstance(v, str) or not v.strip():
         raise ctx.fail(path, f"a model reference must be a path or a Hugging Face id, got {v!r}")
     if "+" in v and not Path(v).exists():
-        raise ctx.fail(path, f"LoRA references ('model+lora') are not supported: {v!r}; merge the adapter first")
+        parts = v.split("+")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise ctx.fail(path, f"a LoRA reference is 'model+adapter' (one '+', both sides named), got {v!r}")
     return v
 
 

@@ -57,6 +57,10 @@ class ModelSource:
         """A folder holding this model's tokenizer files, if any."""
         return None
 
+    def input_paths(self) -> list[Path]:
+        """Every path this source reads (an output may be none of them, nor lie inside one)."""
+        return [self.path]
+
     def generation_config(self) -> dict | None:
         return None
 
@@ -223,8 +227,13 @@ def _hf_cache_lookup(ref: str) -> Path | None:
 
 
 def open_model(ref: str | os.PathLike, *, allow_pickle: bool = False, base_dir: Path | None = None) -> ModelSource:
-    """Open ``ref``: a model folder, a ``.gguf`` file (or folder holding one), or a cached HF id."""
+    """Open ``ref``: a model folder, a ``.gguf`` file (or folder holding one), a cached HF id, or ``model+adapter``."""
     name = str(ref)
+    from .lora import open_lora, split_reference  # "model+adapter": mergekit's LoRA reference
+
+    lora = split_reference(name, base_dir)
+    if lora is not None:
+        return open_lora(name, *lora, allow_pickle=allow_pickle, base_dir=base_dir)
     path = Path(os.path.expanduser(name))
     if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
         path = base_dir / path

@@ -93,6 +93,20 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def _with_lora_parts(inputs: Iterable[str | os.PathLike | None]) -> list[str | os.PathLike]:
+    """``inputs`` without None, a ``model+adapter`` reference (not itself a path) as its two folders."""
+    out: list[str | os.PathLike] = []
+    for given in inputs:
+        if given is None:
+            continue
+        text = os.fspath(given)
+        if "+" in text and not os.path.lexists(os.path.expanduser(text)):
+            out.extend(part for part in text.split("+") if part)
+        else:
+            out.append(given)
+    return out
+
+
 def check_output(out: str | os.PathLike, force: bool = False, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """The resolved output folder, or a one-line error if ``out`` may not receive a model.
 
@@ -117,9 +131,7 @@ def check_output(out: str | os.PathLike, force: bool = False, *, inputs: Iterabl
     for what, place in (("the current folder", _cwd()), ("your home folder", _home())):
         if place is not None and _within(place, target):
             raise CheckpointError(f"output {out}: refusing to write a model over {what} ({place})")
-    for given in inputs:
-        if given is None:
-            continue
+    for given in _with_lora_parts(inputs):
         inp = _resolved(given)
         if _within(inp, target) or _within(target, inp):
             relation = "is" if inp == target else ("contains" if _within(inp, target) else "lies inside")

@@ -168,8 +168,8 @@ def _threads(opts: MergeOptions) -> int | None:
 
 
 def _inputs(recipe: Recipe, sources: dict[str, ModelSource]) -> list[Path]:
-    """Every path a merge reads: the recipe file and each model's folder (or file)."""
-    return [p for p in [recipe.path, *(s.path for s in sources.values())] if p is not None]
+    """Every path a merge reads: the recipe file and each model's folder (or file), LoRA adapters included."""
+    return [p for p in [recipe.path, *(p for s in sources.values() for p in s.input_paths())] if p is not None]
 
 
 def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: MergeOptions | None = None, **kw: Any) -> dict:

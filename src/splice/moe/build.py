@@ -427,7 +427,7 @@ def build_moe(recipe: Any, out: str | Path, options: MoEOptions | None = None, *
 def _inputs(r: MoERecipe, sources: dict) -> list:
     """Every path a MoE build reads: the recipe, the models, the calibration files."""
     files = [e.calibration_file for e in r.experts + r.shared_experts]
-    return [p for p in [r.path, *(s.path for s in sources.values()), *files] if p is not None]
+    return [p for p in [r.path, *(p for s in sources.values() for p in s.input_paths()), *files] if p is not None]
 
 
 # float32 copies alive while one expert tensor is made: the donor's, the noise and the result
