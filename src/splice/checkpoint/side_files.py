@@ -1,6 +1,6 @@
 """Everything a model folder holds beside its weights, written by one helper for every operation:
 ``config.json``, the tokenizer files, ``chat_template.jinja``, ``generation_config.json`` and the
-model card (``README.md``).
+model card (``README.md``) with the recipe beside it (``mergekit_config.yml``).
 
 ``check_side_files`` runs before any tensor is computed, so a missing config or a tokenizer
 file that is a symlink out of its model folder fails before work; ``write_side_files`` writes
@@ -33,6 +33,8 @@ class SideFiles:
             ``tokenizer_config.json``, so there is one template).
         generation_config: the ``generation_config.json`` to write, if any.
         card: ``(weight-file SHA-256 by name, tokenizer files written) -> README.md text``.
+        recipe_file: ``(file name, text)`` of the recipe written beside the card (a merge's
+            ``mergekit_config.yml``, a MoE's ``mergekit_moe_config.yml``, as mergekit names them).
     """
 
     config: dict
@@ -42,6 +44,7 @@ class SideFiles:
     chat_template: str | None = None
     generation_config: dict | None = None
     card: Callable[[dict[str, str], list[str]], str] | None = None
+    recipe_file: tuple[str, str] | None = None
 
 
 def _model_root(folder: Path) -> Path:
@@ -96,6 +99,8 @@ def write_side_files(folder: StagedFolder, side: SideFiles) -> list[str]:
         folder.write_json("generation_config.json", side.generation_config)
     if side.card is not None:
         folder.write_text("README.md", side.card(folder.file_hashes(), names))
+    if side.recipe_file is not None:
+        folder.write_text(*side.recipe_file)
     return names
 
 
