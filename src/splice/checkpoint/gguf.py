@@ -272,6 +272,7 @@ def gguf_to_folder(
         The output folder. Peak memory is a few dequantized tensors, never the model.
     """
     from ..engine.write import Entry, write_checkpoint
+    from .compat import config_for_both
     from .side_files import SideFiles
 
     s = src if isinstance(src, GGUFSource) else GGUFSource(str(src), Path(src))
@@ -280,7 +281,8 @@ def gguf_to_folder(
         entries = [Entry(k, dtype, s.info(k).shape, partial(s.get, k), _DEQUANT_COPIES * 4 * s.info(k).numel) for k in sorted(s.keys())]
         cfg = dict(s.config, torch_dtype=str(dtype).replace("torch.", ""))
         side = SideFiles(
-            config=json.loads(json.dumps(cfg, sort_keys=True)),  # keys sorted at every level, as the file always had them
+            # keys sorted at every level, as the file always had them (4.x's rope keys included)
+            config=json.loads(json.dumps(config_for_both(cfg), sort_keys=True)),
             model=str(s.file),
             tokenizer_dir=s.tokenizer_dir(),
             generation_config=s.generation_config(),

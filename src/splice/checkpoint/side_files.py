@@ -5,6 +5,8 @@ model card (``README.md``) with the recipe beside it (``mergekit_config.yml``).
 ``check_side_files`` runs before any tensor is computed, so a missing config or a tokenizer
 file that is a symlink out of its model folder fails before work; ``write_side_files`` writes
 them into the staging folder after the weights (the card lists the weights' SHA-256).
+``config.json`` and ``tokenizer_config.json`` are written in the form transformers 4.x and 5.x
+both read (``splice.checkpoint.compat``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .compat import config_for_both, tokenizer_config_for_both
 from .reader import TOKENIZER_FILES
 from .writer import StagedFolder
 
@@ -87,7 +90,7 @@ def write_side_files(folder: StagedFolder, side: SideFiles) -> list[str]:
     from ..tokenizer import add_tokens
 
     check_side_files(side)
-    folder.write_json("config.json", side.config)
+    folder.write_json("config.json", config_for_both(side.config))
     names = tokenizer_files(side)
     for name in names:
         folder.copy_file(Path(side.tokenizer_dir) / name, name)
@@ -95,6 +98,7 @@ def write_side_files(folder: StagedFolder, side: SideFiles) -> list[str]:
         add_tokens(folder.tmp / "tokenizer.json", side.added_tokens)
     if side.chat_template:
         _set_chat_template(folder, side.chat_template)
+    _tokenizer_config_for_both(folder)
     if side.generation_config:
         folder.write_json("generation_config.json", side.generation_config)
     if side.card is not None:
@@ -102,6 +106,27 @@ def write_side_files(folder: StagedFolder, side: SideFiles) -> list[str]:
     if side.recipe_file is not None:
         folder.write_text(*side.recipe_file)
     return names
+
+
+def _read_tokenizer_config(folder: StagedFolder) -> dict | None:
+    tc = folder.tmp / "tokenizer_config.json"
+    if not tc.exists():
+        return None
+    try:
+        data = json.loads(tc.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _tokenizer_config_for_both(folder: StagedFolder) -> None:
+    """Rewrite the copied ``tokenizer_config.json`` for transformers 4.x and 5.x, if it needs it."""
+    data = _read_tokenizer_config(folder)
+    if data is None:
+        return
+    new = tokenizer_config_for_both(data, (folder.tmp / "tokenizer.json").exists())
+    if new != data:
+        folder.write_text("tokenizer_config.json", json.dumps(new, indent=2) + "\n")
 
 
 def _set_chat_template(folder: StagedFolder, template: str) -> None:
