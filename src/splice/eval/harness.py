@@ -76,15 +76,27 @@ def _absolute_data_files(value, folder: Path):
     return value
 
 
+def _harness_yaml_loader():
+    """The harness's own task-YAML reader (``include:``, ``!function``): ``lm_eval.utils.load_yaml_config``
+    up to 0.4.9, ``lm_eval.tasks._yaml_loader.load_yaml`` from 0.4.10 on."""
+    from lm_eval import utils
+
+    if hasattr(utils, "load_yaml_config"):
+        return utils.load_yaml_config
+    from functools import partial
+
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return partial(load_yaml, resolve_func=True)
+
+
 def load_task_file(path: str) -> dict:
     """A local task YAML as the harness takes it (a config dict), its data files found beside it."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise HarnessError(f"{option('lm_eval', path)}: task file not found")
-    from lm_eval import utils
-
     try:
-        cfg = utils.load_yaml_config(str(p))
+        cfg = _harness_yaml_loader()(str(p))
     except Exception as e:  # noqa: BLE001 - a YAML or include error is the file's fault
         raise HarnessError(f"{p}: not a readable lm-eval task file ({type(e).__name__}: {e})") from None
     if not isinstance(cfg, dict) or "task" not in cfg:
