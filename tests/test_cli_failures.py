@@ -365,7 +365,7 @@ def test_help_of_every_command_imports_neither_torch_nor_transformers_nor_numba(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     last = out.strip().splitlines()
     assert last[-1] == "[]", out
-    assert last[-2] == "10 {0}", out
+    assert last[-2] == "11 {0}", out
 
 
 def test_no_test_uses_the_home_caches():

@@ -200,3 +200,38 @@ def test_unsupported_architecture_and_tokenizer(tmp_path, capsys):
     assert "tokenizer model 'WordLevel' is not BPE: the GGUF has no tokenizer" in capsys.readouterr().err
     assert set(open_model(f).keys()) == set(open_model(word_level).keys())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "wl", "wl.gguf"]
+
+
+def test_a_sentencepiece_style_bpe_is_written_as_a_llama_vocabulary(tmp_path):
+    """Byte fallback and ``▁`` (Llama 2, Mistral style): tokenizer.ggml.model llama, <0xNN> tokens as bytes;
+    transformers' GGUF tokenizer then encodes like the source, bytes included."""
+    import transformers as tf
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)]]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator([Path(__file__).read_text()], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    d = tmp_path / "m"
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(d)
+    cfg = tf.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    f = write_gguf(d, tmp_path / "m.gguf", gguf_type="f32")
+    fields = GGUFReader(f).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[tok.token_to_id("<0x41>")] == 6 and types[tok.token_to_id("<s>")] == 3
+    ours, theirs = tf.AutoTokenizer.from_pretrained(d), tf.AutoTokenizer.from_pretrained(tmp_path, gguf_file=f.name)
+    for text in ["splice merges models", "Hello w\u00f6rld \u2713 123", " two  spaces"]:
+        assert theirs(text).input_ids == ours(text).input_ids, text

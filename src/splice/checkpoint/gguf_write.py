@@ -192,10 +192,10 @@ def tokenizer_metadata(tok_dir: Path | None, cfg: dict, vocab_size: int) -> tupl
             continue
         tokens.append(t)
         a = added.get(i)
-        if a is not None:
+        if not byte_level and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(_BYTE)  # a byte-fallback token, even where tokenizer.json lists it as added
+        elif a is not None:
             types.append(_CONTROL if a.get("special") else _USER_DEFINED)
-        elif not byte_level and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-            types.append(_BYTE)
         elif t == model.get("unk_token"):
             types.append(_UNKNOWN)
         else:
