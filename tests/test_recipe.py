@@ -124,7 +124,7 @@ def test_hostile_yaml_is_refused_quickly_in_one_line(tmp_path, text, expected):
     t0 = time.perf_counter()
     with pytest.raises(RecipeError, match=expected) as e:
         load_recipe(p)
-    assert time.perf_counter() - t0 < 1.0  # minutes and 850 MB before, or a 2,996-line RecursionError
+    assert time.perf_counter() - t0 < 15.0  # bounded: minutes and 850 MB before (a loaded 2-core machine takes ~2 s)
     assert "\n" not in str(e.value)
 
 

@@ -384,6 +384,14 @@ def _check_before_work(plan: StagePlan, out: Path, keys: dict, opts: Any) -> set
     return todo
 
 
+def recipe_inputs(
+    recipe: Any, out: str | os.PathLike, *, stage: str | None = None, intermediate_dir: str | os.PathLike | None = None
+) -> list[str]:
+    """Every path a merge of ``recipe`` into ``out`` reads (the recipe file and the models), one
+    document or several, without opening a model: what another output of the run must not be."""
+    return _external_inputs(plan_stages(recipe, out, stage=stage, intermediate_dir=intermediate_dir))
+
+
 def _external_inputs(plan: StagePlan) -> list[str]:
     """Every path the stages read that no stage writes: the recipe file and the models (as written)."""
     stage_folders = {str(plan.folder(s)) for s in plan.stages if s.name is not None}

@@ -24,6 +24,7 @@ from .errors import SpliceError, option
 
 T = TypeVar("T")
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what a written GGUF stores its (2-D) tensors as
 SEED_MAX = 2**64 - 1  # torch's generators take seeds in [0, 2**64)
 TEXT_CHECK_CHUNK = 1 << 20  # bytes decoded at a time when checking that a file is UTF-8 text
 

@@ -4,80 +4,19 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
 
-
-def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """The row order llama.cpp's converter gives Llama q/k projections (interleaved rotary halves)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _write_gguf(path: Path, model, tok_json: dict | None, quantize: set[str] = frozenset()) -> None:
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_vocab_size(cfg.vocab_size)
-    if tok_json is not None:
-        vocab = tok_json["model"]["vocab"]
-        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-        merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
-        w.add_tokenizer_model("gpt2")
-        w.add_token_list(tokens)
-        w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
-        w.add_token_merges(merges)
-        w.add_bos_token_id(vocab["<|endoftext|>"])
-        w.add_eos_token_id(vocab["<|endoftext|>"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-    for hf_name, t in model.state_dict().items():
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        stem, suffix = hf_name.rsplit(".", 1)
-        g = names.get_name(stem) + "." + suffix
-        a = t.detach().float().numpy()
-        if ".attn_q." in g:
-            a = _llama_cpp_permute(a, cfg.num_attention_heads)
-        elif ".attn_k." in g:
-            a = _llama_cpp_permute(a, cfg.num_key_value_heads)
-        if g in quantize:
-            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(g, np.ascontiguousarray(a, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+from gguf_helpers import bpe_tokenizer, write_llama_gguf  # noqa: E402  (after the importorskip)
 
 
 @pytest.fixture(scope="module")
 def tiny_tok(tmp_path_factory):
     """A byte-level BPE tokenizer trained here on this file's own text: (folder, tokenizer.json as a dict)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator([Path(__file__).read_text()] * 3, trainer=trainer)
     d = tmp_path_factory.mktemp("tok")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(d)
-    return d, json.loads((d / "tokenizer.json").read_text())
+    return d, bpe_tokenizer(d, Path(__file__).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +43,7 @@ def test_tiny_gguf_reads_back_under_hf_names(tmp_path, tiny_llama, tiny_tok, mon
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
     tok_dir, tok_json = tiny_tok
     f = tmp_path / "tiny.gguf"
-    _write_gguf(f, tiny_llama, tok_json, quantize={"blk.1.ffn_up.weight"})
+    write_llama_gguf(f, tiny_llama, tok_json, quantize={"blk.1.ffn_up.weight"})
     src = open_model(f)
     sd = tiny_llama.state_dict()
     assert set(src.keys()) == set(sd) - {"lm_head.weight"}
@@ -133,7 +72,7 @@ def test_tiny_gguf_loads_for_eval_with_same_logits(tmp_path, tiny_llama, tiny_to
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
     tok_json = tiny_tok[1]
     f = tmp_path / "m.gguf"
-    _write_gguf(f, tiny_llama, tok_json)
+    write_llama_gguf(f, tiny_llama, tok_json)
     model, tok = load_causal_lm(f, with_tokenizer=True)
     ids = torch.tensor([[5, 17, 300, 42, 7, 199]])
     with torch.no_grad():
@@ -147,7 +86,7 @@ def test_gguf_to_folder_round_trip(tmp_path, tiny_llama, monkeypatch):
 
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
-    _write_gguf(f, tiny_llama, None)
+    write_llama_gguf(f, tiny_llama, None)
     out = gguf_to_folder(f, tmp_path / "hf")
     m = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -224,11 +163,12 @@ def test_gguf_to_folder_bytes_are_fixed_and_memory_follows_the_largest_tensor(tm
     import hashlib
     import weakref
 
+    from splice.checkpoint.compat import config_for_both
     from splice.checkpoint.gguf import GGUFSource, gguf_to_folder
 
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
-    _write_gguf(f, _seeded_llama_module(tie=False), None, quantize={"blk.0.ffn_up.weight"})
+    write_llama_gguf(f, _seeded_llama_module(tie=False), None, quantize={"blk.0.ffn_up.weight"})
     alive = weakref.WeakSet()
     most, calls = [0], [0]
     get = GGUFSource.get
@@ -244,6 +184,8 @@ def test_gguf_to_folder_bytes_are_fixed_and_memory_follows_the_largest_tensor(tm
     out = gguf_to_folder(f, tmp_path / "hf")
     assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == GGUF_WEIGHTS_SHA256
     src = GGUFSource(str(f), f)
-    assert (out / "config.json").read_text() == json.dumps({**src.config, "torch_dtype": "float32"}, indent=2, sort_keys=True) + "\n"
+    assert (out / "config.json").read_text() == json.dumps(
+        config_for_both({**src.config, "torch_dtype": "float32"}), indent=2, sort_keys=True
+    ) + "\n"
     assert calls[0] == len(src.keys())
     assert most[0] <= 3, most[0]  # tensors alive when the next one is read: the in-flight few (the old code: all 20)

@@ -151,23 +151,10 @@ class GGUFSource(ModelSource):
 
     def _map_tensors(self):
         """GGUF tensor name -> HF name, using gguf's name tables on an empty (meta) model."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-        cfg = dict(self.config)
-        model_type = cfg.pop("model_type")
-        hf_cfg = AutoConfig.for_model(model_type, **cfg)
-        try:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(hf_cfg)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{self.file}: cannot build a {model_type} model from its GGUF metadata ({e})") from None
         self._processor = TENSOR_PROCESSORS.get(self._arch, TensorProcessor)(config=self._meta.get("config", {}))
-        try:
-            name_map = get_gguf_hf_weights_map(model, self._processor)
-        except NotImplementedError as e:
-            raise CheckpointError(f"{self.file}: {e}") from None
-        hf_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        name_map, hf_shapes = gguf_names(self.config, self._processor, str(self.file), "its GGUF metadata")
         by_hf: dict[str, object] = {}
         infos: dict[str, TensorInfo] = {}
         for t in self._reader.tensors:
@@ -182,7 +169,7 @@ class GGUFSource(ModelSource):
             by_hf[hf] = t
             infos[hf] = TensorInfo(hf, torch.float32, shape, self.file, int(t.data_offset), int(t.data_offset) + int(t.n_bytes))
         if not infos:
-            raise CheckpointError(f"{self.file}: no GGUF tensor maps to a {model_type} parameter")
+            raise CheckpointError(f"{self.file}: no GGUF tensor maps to a {self.config['model_type']} parameter")
         return by_hf, infos
 
     # -- ModelSource (keys, info and membership come from self._infos) -----
@@ -238,6 +225,34 @@ class GGUFSource(ModelSource):
         return {k: self._field(k) for k in self._reader.fields if k not in skip and not k.startswith("GGUF.")}
 
 
+def gguf_names(config: dict, processor, where: str, what: str) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The one HF <-> GGUF tensor-name table, for reading and writing: ``(GGUF name -> HF name,
+    HF name -> shape)`` of the model ``config`` describes, from the ``gguf`` package's name tables
+    (through transformers' GGUF loader) on an empty "meta" model, so no memory is spent.
+
+    Args:
+        config: a ``config.json`` dict (with ``model_type``).
+        processor: transformers' GGUF tensor processor for the architecture (it may rename).
+        where, what: the file and what its config came from, for errors.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    try:
+        hf_cfg = AutoConfig.for_model(model_type, **cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_cfg)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{where}: cannot build a {model_type} model from {what} ({e})") from None
+    try:
+        name_map = get_gguf_hf_weights_map(model, processor)
+    except NotImplementedError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return name_map, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def gguf_to_folder(
     src: str | os.PathLike | GGUFSource,
     out_dir: str | os.PathLike,
@@ -260,6 +275,7 @@ def gguf_to_folder(
         The output folder. Peak memory is a few dequantized tensors, never the model.
     """
     from ..engine.write import Entry, write_checkpoint
+    from .compat import config_for_both
     from .side_files import SideFiles
 
     s = src if isinstance(src, GGUFSource) else GGUFSource(str(src), Path(src))
@@ -268,7 +284,8 @@ def gguf_to_folder(
         entries = [Entry(k, dtype, s.info(k).shape, partial(s.get, k), _DEQUANT_COPIES * 4 * s.info(k).numel) for k in sorted(s.keys())]
         cfg = dict(s.config, torch_dtype=str(dtype).replace("torch.", ""))
         side = SideFiles(
-            config=json.loads(json.dumps(cfg, sort_keys=True)),  # keys sorted at every level, as the file always had them
+            # keys sorted at every level, as the file always had them (4.x's rope keys included)
+            config=json.loads(json.dumps(config_for_both(cfg), sort_keys=True)),
             model=str(s.file),
             tokenizer_dir=s.tokenizer_dir(),
             generation_config=s.generation_config(),

@@ -125,6 +125,30 @@ def check_output(out: str | os.PathLike, force: bool = False, *, inputs: Iterabl
     """
     if not os.fspath(out).strip():
         raise CheckpointError("the output path is empty; name the folder to write the model to")
+    target = _check_place(out, inputs)
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise CheckpointError(f"output {out} exists and is not a folder")
+        if any(target.iterdir()) and not force:
+            raise CheckpointError(f"output {out} exists and is not empty; pass {option('force')} to overwrite it")
+    return target
+
+
+def check_output_file(out: str | os.PathLike, force: bool = False, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """``check_output`` for an output that is one file (a ``.gguf``): the same refusals, except that
+    an existing folder is refused and an existing file is replaced only with ``force``."""
+    if not os.fspath(out).strip():
+        raise CheckpointError("the output path is empty; name the file to write the model to")
+    target = _check_place(out, inputs, "file")
+    if target.is_dir():
+        raise CheckpointError(f"output {out} is a folder; name the file to write")
+    if (target.exists() or target.is_symlink()) and not force:
+        raise CheckpointError(f"output {out} exists; pass {option('force')} to overwrite it")
+    return target
+
+
+def _check_place(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], noun: str = "folder") -> Path:
+    """``out`` resolved, refused if it is a root, over the current or home folder, or an input (either way round)."""
     target = _resolved(out)
     if target.parent == target:
         raise CheckpointError(f"output {out}: refusing to write a model over the filesystem root {target}")
@@ -135,12 +159,7 @@ def check_output(out: str | os.PathLike, force: bool = False, *, inputs: Iterabl
         inp = _resolved(given)
         if _within(inp, target) or _within(target, inp):
             relation = "is" if inp == target else ("contains" if _within(inp, target) else "lies inside")
-            raise CheckpointError(f"output {out} {relation} the input {given}; choose a folder outside the inputs")
-    if target.exists() or target.is_symlink():
-        if not target.is_dir():
-            raise CheckpointError(f"output {out} exists and is not a folder")
-        if any(target.iterdir()) and not force:
-            raise CheckpointError(f"output {out} exists and is not empty; pass {option('force')} to overwrite it")
+            raise CheckpointError(f"output {out} {relation} the input {given}; choose a {noun} outside the inputs")
     return target
 
 

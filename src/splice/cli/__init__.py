@@ -12,13 +12,14 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import merge, moe, search, skip, zoo
+from . import convert, merge, moe, search, skip, zoo
 from .common import Parser, command_flags
 
 COMMANDS = (
     merge.add_merge,
     merge.add_plan,
     merge.add_methods,
+    convert.add_convert,
     moe.add_moe,
     moe.add_moe_compress,
     skip.add_skip,

@@ -97,6 +97,17 @@ def add_output(p: argparse.ArgumentParser, *, required: bool = True, what: str =
     add_force(p)
 
 
+def add_gguf(p: argparse.ArgumentParser, *, required: bool = False, what: str = "also write the model as this GGUF file") -> None:
+    """``--gguf FILE`` and ``--gguf-type``: a GGUF (llama.cpp) file of the model (``--force`` replaces one)."""
+    p.add_argument("--gguf", required=required, default=None, metavar="FILE.gguf", type=checked(options.output_file), help=what)
+    p.add_argument(
+        "--gguf-type",
+        choices=options.GGUF_TYPES,
+        default="f16",
+        help="what the GGUF stores 2-D tensors as (1-D ones stay f32, as llama.cpp keeps them; default f16)",
+    )
+
+
 def add_force(p: argparse.ArgumentParser) -> None:
     """``--force``: the one way to let a command replace what is already there."""
     p.add_argument("--force", action="store_true", help="replace existing output (refused otherwise)")

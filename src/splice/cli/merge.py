@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_allow_pickle, add_common, add_device, add_output, add_seed, add_shard_size, add_threads, add_workers
+from .common import add_allow_pickle, add_common, add_device, add_gguf, add_output, add_seed, add_shard_size, add_threads, add_workers
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -21,13 +21,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
         threads=args.threads,
         tune_malloc=True,  # the CLI owns its process; a library call leaves the allocator alone
     )
-    from ..multi import is_multi_stage, run_stages
+    from ..multi import is_multi_stage, recipe_inputs, run_stages
 
+    if args.gguf is not None:  # refused before any work, like the folder
+        from ..checkpoint.gguf_write import check_gguf_output
+
+        inputs = recipe_inputs(args.recipe, args.out, stage=args.stage, intermediate_dir=args.intermediate_dir)
+        check_gguf_output(args.gguf, args.force, inputs=[*inputs, args.out])
     if is_multi_stage(args.recipe) or args.stage is not None or args.intermediate_dir is not None:
         s = run_stages(args.recipe, args.out, opts, stage=args.stage, intermediate_dir=args.intermediate_dir)
     else:
         s = run_merge(args.recipe, args.out, opts)
     print(f"wrote {s['out']}: {s['method']}, {s['layers']} layers, {s['tensors']} tensors, {_size(s['bytes'])} in {s['seconds']:.1f}s")
+    if args.gguf is not None:
+        from ..checkpoint.gguf_write import write_gguf
+
+        f = write_gguf(s["out"], args.gguf, gguf_type=args.gguf_type, force=args.force, inputs=[args.recipe], quiet=args.quiet)
+        print(f"wrote {f}: GGUF {args.gguf_type}, {_size(f.stat().st_size)}")
     return 0
 
 
@@ -89,6 +99,7 @@ def add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge (or stack) models from a mergekit-style YAML recipe")
     p.add_argument("recipe", help="recipe YAML file (several '---' documents: a multi-stage recipe)")
     add_output(p)
+    add_gguf(p)
     add_seed(p)
     add_device(p)
     add_shard_size(p)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .. import options
-from ..checkpoint.card import model_card, resolve_chat_template
+from ..checkpoint.card import MERGE_RECIPE_FILE, model_card, recipe_text, resolve_chat_template
 from ..checkpoint.reader import ModelSource
 from ..checkpoint.side_files import SideFiles
 from ..checkpoint.writer import DEFAULT_SHARD_SIZE, check_output
@@ -156,6 +156,7 @@ def merge_side_files(plan: Plan, sources: dict[str, ModelSource], opts: MergeOpt
         chat_template=resolve_chat_template(recipe.chat_template, sources),
         generation_config=sources[plan.reference].generation_config(),
         card=card,
+        recipe_file=(MERGE_RECIPE_FILE, recipe_text(recipe)) if opts.write_card else None,
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import options
 from ..errors import SpliceError
 from .choice import multiple_choice, read_task
+from .harness import run_lm_eval
 from .perplexity import DomainResult, domain_loss, read_text
 from .results import check_results_file, write_json
 from .scores import normalized_scores
@@ -226,44 +227,6 @@ def evaluate(
         res["experts"] = ex
         res["general_domain"] = run["general"]
     return res
-
-
-def run_lm_eval(ref, tasks: list[str], *, batch_size: int = 8, limit: int | None = None) -> dict:
-    """Run EleutherAI lm-evaluation-harness tasks on a checkpoint (needs ``lm_eval`` importable).
-
-    Non-folder sources (e.g. GGUF) are converted to a temporary HF folder first.
-    """
-    try:
-        import lm_eval  # noqa: F401
-        from lm_eval import simple_evaluate
-    except ImportError:
-        raise SpliceError("lm-evaluation-harness tasks need the lm-eval package (pip install lm-eval); it is not importable") from None
-    import tempfile
-
-    from ..checkpoint.reader import FolderSource, open_model
-
-    src = open_model(ref)
-    tmp = None
-    path = Path(src.path)
-    if type(src) is not FolderSource:
-        from ..checkpoint.gguf import gguf_to_folder
-
-        tmp = tempfile.TemporaryDirectory(prefix="splice-lmeval-")
-        path = gguf_to_folder(src, tmp.name)
-    src.close()
-    try:
-        r = simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={path},dtype=float32,trust_remote_code=False",
-            tasks=tasks,
-            batch_size=batch_size,
-            limit=limit,
-            device="cpu",
-        )
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return {"results": r.get("results", {}), "versions": r.get("versions", {})} if r else {}
 
 
 def format_table(res: dict) -> str:

@@ -21,6 +21,7 @@ import torch
 from .. import architecture as arch
 from .. import options as checks  # build_moe's parameter is called options
 from ..checkpoint import SideFiles, open_model
+from ..checkpoint.card import MOE_RECIPE_FILE, recipe_text
 from ..checkpoint.writer import check_output
 from ..engine.plan import TORCH_DTYPES
 from ..engine.write import Entry, torch_threads, write_checkpoint
@@ -451,6 +452,7 @@ def _write(plan: MoEPlan, sources: dict, out, opts: MoEOptions, calib) -> Path:
         tokenizer_dir=base.tokenizer_dir(),
         generation_config=base.generation_config(),
         card=card,
+        recipe_file=(MOE_RECIPE_FILE, recipe_text(r)) if opts.write_card else None,
     )
     return write_checkpoint(
         out,

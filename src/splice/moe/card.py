@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
-def _front(models: list[str], tags: list[str]) -> list[str]:
-    return ["---", "library_name: transformers", "tags:", *[f"- {t}" for t in tags], "base_model:", *[f"- {m}" for m in models], "---"]
+
+def _front(models: list[str], tags: list[str], base_dir: Path | None = None) -> list[str]:
+    from ..checkpoint.card import front_matter
+
+    return front_matter(models, base_dir, tags)
 
 
 def _files(hashes: dict[str, str]) -> list[str]:
@@ -15,7 +19,7 @@ def moe_card(plan, hashes: dict[str, str], opts, calib) -> str:
     from .. import __version__
 
     r = plan.recipe
-    lines = _front(r.models(), ["splice", "moe", plan.family.name])
+    lines = _front(r.models(), ["moe", plan.family.name], Path(r.path).parent if r.path is not None else None)
     lines += [
         f"# {r.name or 'Mixture of experts'}",
         "",
@@ -48,7 +52,7 @@ def moe_card(plan, hashes: dict[str, str], opts, calib) -> str:
 def compress_card(src_name: str, summary: dict, hashes: dict[str, str]) -> str:
     from .. import __version__
 
-    lines = _front([src_name], ["splice", "moe", "moe-compress"])
+    lines = _front([src_name], ["moe", "moe-compress"])
     lines += [
         "# Compressed mixture of experts",
         "",
