@@ -12,13 +12,14 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import merge, moe, skip, zoo
+from . import calibrate, merge, moe, skip, zoo
 from .common import Parser, command_flags
 
 COMMANDS = (
     merge.add_merge,
     merge.add_plan,
     merge.add_methods,
+    calibrate.add_calibrate,
     moe.add_moe,
     moe.add_moe_compress,
     skip.add_skip,
