@@ -97,7 +97,8 @@ def logits(folder: Path, ids=(1, 5, 7, 9)) -> torch.Tensor:
 
 def random_statistics(model: Path, path: Path, seed: int = 0) -> Path:
     """A calibration statistics file for ``model`` (its fingerprint) with random positive definite Grams
-    for every Linear weight and random token counts for the embedding: for data-aware methods without text."""
+    for every Linear weight, random token counts for the embedding and a random Fisher for every float
+    tensor: for data-aware methods without text."""
     from splice.calibration import model_fingerprint, save_statistics
     from splice.checkpoint.reader import open_model
 
@@ -111,8 +112,9 @@ def random_statistics(model: Path, path: Path, seed: int = 0) -> Path:
             grams[f"gram.{k}"] = x.T @ x
         rows = src.info("model.embed_tokens.weight").shape[0]
         counts = {"model.embed_tokens.weight": torch.randint(0, 5, (rows,), generator=g).to(torch.float64)}
+        fisher = {k: torch.rand(src.info(k).shape, generator=g) for k in src.keys() if src.info(k).dtype.is_floating_point}
         fingerprint = model_fingerprint(src)
     finally:
         src.close()
     inputs = {k: f"gram.{k}" for k in linears}
-    return save_statistics(path, grams, inputs, counts, {"tokens": "100", "model": str(model), "model_fingerprint": fingerprint})
+    return save_statistics(path, grams, inputs, counts, {"tokens": "100", "model": str(model), "model_fingerprint": fingerprint}, fisher)

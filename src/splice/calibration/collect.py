@@ -3,7 +3,9 @@
 Forward pre-hooks on every ``nn.Linear`` add each batch's inputs to a float64 Gram
 ``X^T X``; Linears called on the very same input tensor in one forward (q/k/v, gate/up)
 share one Gram. Token ids are counted per embedding row. Padding never enters: windows
-are batched by length.
+are batched by length. With ``fisher``, each window also runs backward on its own (the
+empirical Fisher is a mean of per-example squared gradients, so windows are not batched):
+the gradient of the window's mean next-token loss, squared, is added per parameter.
 
 This first version loads the whole model (``splice.hf.load_causal_lm``) and runs it as
 transformers does; running it layer by layer from the shards, holding one layer and the
@@ -103,6 +105,7 @@ def calibrate(
     seed: int = 0,
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    fisher: bool = False,
     force: bool = False,
     quiet: bool = False,
 ) -> dict:
@@ -114,6 +117,7 @@ def calibrate(
         out: the statistics file (safetensors; see ``splice.calibration.stats``).
         tokens: positions to measure, drawn as windows across the documents with ``seed``.
         seq_len: window length (BOS included when the tokenizer adds one); batch_size: windows per forward.
+        fisher: also measure the diagonal empirical Fisher (one forward and backward per window), for ``fisher``.
         force: replace an existing ``out``.
         quiet: no progress bar.
 
@@ -146,7 +150,11 @@ def calibrate(
     by_len: dict[int, list[list[int]]] = {}
     for w in wins:
         by_len.setdefault(len(w), []).append(w)
+    if fisher:
+        batch_size = 1
     batches = [ws[i : i + batch_size] for _, ws in sorted(by_len.items(), reverse=True) for i in range(0, len(ws), batch_size)]
+    params = [(n, p) for n, p in lm.named_parameters() if p.is_floating_point()]
+    squares = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params} if fisher else {}
     hooks = _GramHooks(lm)
     bar = None
     if not quiet:
@@ -154,10 +162,17 @@ def calibrate(
 
         bar = tqdm(total=sum(len(w) for w in wins), desc=f"calibrate {model}", unit="tok", leave=False, file=sys.stderr)
     try:
-        with torch.inference_mode():
+        with torch.enable_grad() if fisher else torch.inference_mode():
             for b in batches:
                 ids = torch.tensor(b, dtype=torch.long)
-                lm(input_ids=ids, use_cache=False)
+                if fisher:
+                    lm.zero_grad(set_to_none=True)
+                    lm(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                    for n, p in params:
+                        if p.grad is not None:
+                            squares[n].add_(p.grad.detach().float().square())
+                else:
+                    lm(input_ids=ids, use_cache=False)
                 hooks.end_forward()
                 counts += torch.bincount(ids.reshape(-1), minlength=counts.shape[0]).to(torch.float64)
                 if bar is not None:
@@ -181,12 +196,16 @@ def calibrate(
         "text_sha256": file_sha256(text),
         "splice_version": __version__,
     }
-    path = save_statistics(out_path, grams, inputs, {emb_name: counts}, meta)
+    if fisher:
+        meta["fisher_windows"] = str(len(wins))
+    means = {n: s / len(wins) for n, s in squares.items()}
+    path = save_statistics(out_path, grams, inputs, {emb_name: counts}, meta, fisher=means)
     return {
         "out": str(path),
         "tokens": measured,
         "windows": len(wins),
         "grams": len(grams),
         "embeddings": 1,
+        "fisher": len(means),
         "seconds": time.perf_counter() - t0,
     }

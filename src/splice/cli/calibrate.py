@@ -19,6 +19,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         seed=args.seed,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
+        fisher=args.fisher,
         force=args.force,
         quiet=args.quiet,
     )
@@ -41,6 +42,7 @@ def add_calibrate(sub) -> None:
         metavar="N",
         help=f"windows per forward (default {DEFAULT_BATCH_SIZE})",
     )
+    p.add_argument("--fisher", action="store_true", help="also measure the diagonal Fisher (a backward per window), for the fisher method")
     add_seed(p)
     p.add_argument(
         "-o", "--out", required=True, type=checked(options.output_file), metavar="FILE", help="statistics file to write (.safetensors)"

@@ -145,7 +145,8 @@ class RecipePlanner:
 
     def _statistics_of(self, out_name: str, inputs: list[Input], shapes: dict[str, tuple]) -> list[tuple[Statistics, str]] | None:
         """Each input's (statistics, key) for one output tensor, shapes checked; None when no model measured it."""
-        found = [(self.statistics[i.model], self.statistics[i.model].key_for(i.tensor)) for i in inputs]
+        kind = self.method.statistics
+        found = [(self.statistics[i.model], self.statistics[i.model].key_for(i.tensor, kind)) for i in inputs]
         have = [i.model for i, (_, key) in zip(inputs, found) if key is not None]
         if not have:
             return None
@@ -157,7 +158,10 @@ class RecipePlanner:
             )
         for inp, (st, key) in zip(inputs, found):
             shape, got = shapes[inp.model], st.shapes[key]
-            want = (shape[1], shape[1]) if len(got) == 2 and len(shape) == 2 else (shape[0],)
+            if kind == "fisher":
+                want = tuple(shape)
+            else:  # a Linear's input Gram, or an embedding's token counts
+                want = (shape[1], shape[1]) if len(got) == 2 and len(shape) == 2 else (shape[0],)
             if tuple(got) != want:
                 raise MergeError(
                     f"tensor {out_name}: statistics {st.path} [{key}] have shape {list(got)}, which does not fit "
@@ -344,6 +348,10 @@ def open_calibration(recipe: Recipe, sources: dict[str, ModelSource]) -> dict[st
                 f"add it under 'calibration:' (splice calibrate {model} --text FILE -o FILE writes them)"
             )
         st = open_statistics(paths[model])
+        if recipe.merge_method and get_method(recipe.merge_method).statistics == "fisher" and not st.fisher:
+            raise CheckpointError(
+                f"statistics file {paths[model]} holds no Fisher; {recipe.merge_method!r} needs one (splice calibrate --fisher)"
+            )
         if st.meta.get("model_fingerprint") != model_fingerprint(src):
             raise CheckpointError(
                 f"statistics file {paths[model]} was measured on model {st.meta.get('model', '?')}, not on {model} "

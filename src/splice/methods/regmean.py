@@ -122,7 +122,7 @@ def rows_by_counts(tensors: Sequence[torch.Tensor], counts: Sequence[torch.Tenso
         ),
     ),
     base="optional",
-    statistics=True,
+    statistics="inputs",
     summary="per Linear, the weights that best reproduce each model's outputs on its calibration inputs (needs `calibration:`)",
     paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (arXiv:2212.09849)",
 )
