@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = {}
     for name, recipe in merges.items():
         folders[name] = work / name.replace(" ", "_").replace("=", "")
-        p = folders[name].with_suffix(".yaml")
+        p = work / f"{folders[name].name}.yaml"
         p.write_text(yaml.safe_dump(recipe, sort_keys=False))
         splice.merge(p, folders[name], quiet=True, force=True)
     res = evaluate(
