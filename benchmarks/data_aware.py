@@ -65,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         p = work / f"{folders[name].name}.yaml"
         p.write_text(yaml.safe_dump(recipe, sort_keys=False))
         splice.merge(p, folders[name], quiet=True, force=True)
+    # held-out domains only (the zoo's multiple-choice task is slow and not what merging is scored on here)
     res = evaluate(
         [str(f) for f in folders.values()],
-        zoo=args.zoo,
+        domains={d: str(p) for d, p in zp["heldout"].items()},
         max_tokens=args.eval_tokens,
         quiet=True,
-        names={str(f): n for n, f in folders.items()},
+        base=str(zp["models"]["base"]),
+        experts={d: str(m) for d, m in experts.items()},
+        general=man["general_domain"],
+        names={**{str(p): k for k, p in zp["models"].items()}, **{str(f): n for n, f in folders.items()}},
     )
     rows = []
     for name in merges:
