@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         splice.merge(p, folders[name], quiet=True, force=True)
     # held-out domains only (the zoo's multiple-choice task is slow and not what merging is scored on here)
     res = evaluate(
-        [str(f) for f in folders.values()],
+        [*(str(m) for m in experts.values()), *(str(f) for f in folders.values())],  # experts scored too: the gains are theirs
         domains={d: str(p) for d, p in zp["heldout"].items()},
         max_tokens=args.eval_tokens,
         quiet=True,
