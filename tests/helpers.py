@@ -93,3 +93,28 @@ def logits(folder: Path, ids=(1, 5, 7, 9)) -> torch.Tensor:
     m.eval()
     with torch.no_grad():
         return m(torch.tensor([list(ids)])).logits
+
+
+def random_statistics(model: Path, path: Path, seed: int = 0) -> Path:
+    """A calibration statistics file for ``model`` (its fingerprint) with random positive definite Grams
+    for every Linear weight, random token counts for the embedding and a random Fisher for every float
+    tensor: for data-aware methods without text."""
+    from splice.calibration import model_fingerprint, save_statistics
+    from splice.checkpoint.reader import open_model
+
+    g = torch.Generator().manual_seed(seed)
+    src = open_model(model)
+    try:
+        linears = [k for k in src.keys() if k.endswith("proj.weight") or k == "lm_head.weight"]
+        grams = {}
+        for k in linears:
+            x = torch.randn(2 * src.info(k).shape[1], src.info(k).shape[1], generator=g, dtype=torch.float64)
+            grams[f"gram.{k}"] = x.T @ x
+        rows = src.info("model.embed_tokens.weight").shape[0]
+        counts = {"model.embed_tokens.weight": torch.randint(0, 5, (rows,), generator=g).to(torch.float64)}
+        fisher = {k: torch.rand(src.info(k).shape, generator=g) for k in src.keys() if src.info(k).dtype.is_floating_point}
+        fingerprint = model_fingerprint(src)
+    finally:
+        src.close()
+    inputs = {k: f"gram.{k}" for k in linears}
+    return save_statistics(path, grams, inputs, counts, {"tokens": "100", "model": str(model), "model_fingerprint": fingerprint}, fisher)

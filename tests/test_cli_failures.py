@@ -96,6 +96,12 @@ BAD_NUMBERS = [
     ("moe-compress {model} -o {out} --experts 2 --calibration {root}/text.txt --tokens 0", "--tokens 0: must be a whole number at least 1"),
     ("moe-compress {model} -o {out} --experts 0 --calibration {root}/text.txt", "--experts 0: must be a whole number at least 1"),
     ("moe-compress {model} -o {out} --experts 2 --calibration {root}/binary.txt", "binary.txt: is not UTF-8 text"),
+    ("calibrate {model} --text {root}/text.txt -o {out} --tokens 0", "--tokens 0: must be a whole number at least 1"),
+    ("calibrate {model} --text {root}/text.txt -o {out} --seq-len 1", "--seq-len 1: must be a whole number at least 2"),
+    ("calibrate {model} --text {root}/binary.txt -o {out}", "--text", "binary.txt: is not UTF-8 text"),
+    ("calibrate {model} --text {root}/nope.txt -o {out}", "--text", "nope.txt: file not found"),
+    ("calibrate {model} --text {root}/text.txt -o {root}/DIR", "--out", "DIR: is a folder; give a file name"),
+    ("calibrate {model} --text {root}/text.txt -o {out} --tokens 100000", "fewer than the 100000 asked for"),
     ("demo --out {out} --tokens 0", "--tokens 0: must be a whole number at least 1"),
     ("zoo build --out {out} --threads 0", "--threads 0: must be a whole number at least 1"),
 ]

@@ -5,6 +5,7 @@ The Python API mirrors the CLI:
     splice.merge("recipe.yaml", "merged/", seed=7)
     splice.merge_state_dicts("ties", [sd_a, sd_b], base=sd_base, parameters=[{"weight": 1, "density": 0.5}] * 2)
     splice.merge_tensors("slerp", [b], a, t=0.5)
+    splice.calibrate("models/code", "code.jsonl", "code.stats.safetensors", tokens=16384)  # for regmean
 
 Heavy imports (torch, transformers) happen on first use, so ``splice --help`` is fast.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["merge", "merge_state_dicts", "merge_tensors", "plan", "__version__"]
+__all__ = ["calibrate", "merge", "merge_state_dicts", "merge_tensors", "plan", "__version__"]
 
 
 def merge(recipe: Any, out: Any, **options: Any) -> dict:
@@ -33,6 +34,17 @@ def merge(recipe: Any, out: Any, **options: Any) -> dict:
     from .engine import run_merge
 
     return run_merge(recipe, out, **options)
+
+
+def calibrate(model: Any, text: Any, out: Any, **options: Any) -> dict:
+    """Measure ``model`` on calibration ``text`` into the statistics file ``out`` (see ``splice.calibration.calibrate``).
+
+    Options: tokens, seed, seq_len, batch_size, force, quiet.
+    Returns a summary: out, tokens, windows, grams, embeddings, seconds.
+    """
+    from .calibration import calibrate as f
+
+    return f(model, text, out, **options)
 
 
 def plan(recipe: Any, **options: Any):

@@ -34,6 +34,7 @@ TOP_KEYS = (
     "tokenizer",
     "chat_template",
     "name",
+    "calibration",
 )
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
@@ -80,6 +81,7 @@ class Recipe:
     pad_to_multiple_of: int | None = None
     chat_template: str | None = None
     name: str | None = None
+    calibration: dict[str, str] = field(default_factory=dict)  # model reference -> statistics file (data-aware methods)
     raw: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     warnings: list[str] = field(default_factory=list)  # one line each, e.g. a parameter the method does not use
@@ -426,8 +428,34 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
                 raise ctx.fail(("slices", missing[0]), f"merge method {method.name!r} needs a base_model")
         elif not r.base_model:
             raise ctx.fail((), f"merge method {method.name!r} needs a base_model")
+    r.calibration = _calibration(ctx, data.get("calibration"), method, r)
     r.warnings = list(ctx.warnings.values())
     return r
+
+
+def _calibration(ctx: _Ctx, data: Any, method: MergeMethod, r: Recipe) -> dict[str, str]:
+    """``calibration:``: each model's statistics file (``splice calibrate`` writes them), for methods that take them."""
+    if data is None:
+        if method.statistics:
+            raise ctx.fail(
+                (),
+                f"merge method {method.name!r} needs calibration statistics: add 'calibration:' mapping each model to "
+                "its statistics file (splice calibrate MODEL --text FILE -o FILE writes one)",
+            )
+        return {}
+    if not method.statistics:
+        raise ctx.fail(("calibration",), f"merge method {method.name!r} uses no calibration statistics; remove 'calibration'")
+    if not isinstance(data, dict) or not data:
+        raise ctx.fail(("calibration",), "calibration must map each model to its statistics file")
+    models = r.referenced_models()
+    out = {}
+    for k, v in data.items():
+        if k not in models:
+            raise ctx.fail(("calibration", k), unknown_choice(f"model {k!r} in calibration", k, models))
+        if not isinstance(v, str) or not v.strip():
+            raise ctx.fail(("calibration", k), f"a statistics file is a path, got {v!r}")
+        out[k] = v
+    return out
 
 
 def _any_base(r: Recipe) -> bool:

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import yaml
-from helpers import make_model
+from helpers import make_model, random_statistics
 
 import splice
 from splice.methods import _reduce, all_methods
@@ -50,6 +50,11 @@ def recipe(method, base, fts) -> dict:
         data["parameters"] = {"t": 0.3 if m.name == "slerp" else 0.001}
     if m.name == "passthrough":
         models[0]["parameters"] = {"scale": 0.5}
+    if m.statistics:  # data-aware methods: random statistics of each model
+        stats = {ft: ft.parent / f"{ft.name}.stats.safetensors" for ft in fts[:n]}
+        data["calibration"] = {
+            str(ft): str(p if p.exists() else random_statistics(ft, p, seed=i)) for i, (ft, p) in enumerate(stats.items())
+        }
     return data
 
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import convert, merge, moe, search, skip, zoo
+from . import calibrate, convert, merge, moe, search, skip, zoo
 from .common import Parser, command_flags
 
 COMMANDS = (
@@ -20,6 +20,7 @@ COMMANDS = (
     merge.add_plan,
     merge.add_methods,
     convert.add_convert,
+    calibrate.add_calibrate,
     moe.add_moe,
     moe.add_moe_compress,
     skip.add_skip,

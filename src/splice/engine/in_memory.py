@@ -16,10 +16,15 @@ def merge_tensors(
 ) -> torch.Tensor:
     """Merge one parameter's tensors with a registered method (parameters as in recipes).
 
-    Per-model parameters may be given as scalars (applied to every model) or lists.
+    Per-model parameters may be given as scalars (applied to every model) or lists. A
+    data-aware method (``regmean``) also takes ``statistics=``: per model, this tensor's
+    calibration statistics (``splice.calibration.Statistics.load``), or None.
     """
     m = get_method(method)
     kw: dict[str, Any] = {}
+    if m.statistics and "statistics" in params:
+        params = dict(params)
+        kw["statistics"] = params.pop("statistics")
     given = {k.rstrip("_"): v for k, v in params.items()}
     for p in m.params:
         if p.name in given:

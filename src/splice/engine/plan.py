@@ -7,9 +7,10 @@ checks shapes before anything is computed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +19,9 @@ from ..checkpoint.reader import ModelSource, open_model
 from ..errors import CheckpointError, MergeError, RecipeError
 from ..methods import MergeMethod, get_method
 from ..recipe import Recipe, Slice, Source, evaluate, load_recipe
+
+if TYPE_CHECKING:
+    from ..calibration import Statistics
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -40,6 +44,8 @@ class Job:
     nbytes: int
     copy: bool = False  # plain copy of inputs[0] (passthrough, or non-float tensors)
     scale: float = 1.0
+    # data-aware methods: per input, (its model's statistics, the key of this tensor's); None: none measured
+    statistics: list[tuple[Statistics, str]] | None = None
 
 
 @dataclass
@@ -64,6 +70,7 @@ class RecipePlanner:
         self.sources = sources
         self.method = get_method(recipe.merge_method)
         self.warnings: list[str] = list(recipe.warnings)  # e.g. parameters the method does not use
+        self.statistics: dict[str, Statistics] = {}  # model -> its calibration statistics (data-aware methods)
 
     def _src(self, ref: str) -> ModelSource:
         return self.sources[ref]
@@ -136,6 +143,32 @@ class RecipePlanner:
             return next((cand for cand in arch.TIED_EMBEDDING_NAMES if cand in src), None)
         return None
 
+    def _statistics_of(self, out_name: str, inputs: list[Input], shapes: dict[str, tuple]) -> list[tuple[Statistics, str]] | None:
+        """Each input's (statistics, key) for one output tensor, shapes checked; None when no model measured it."""
+        kind = self.method.statistics
+        found = [(self.statistics[i.model], self.statistics[i.model].key_for(i.tensor, kind)) for i in inputs]
+        have = [i.model for i, (_, key) in zip(inputs, found) if key is not None]
+        if not have:
+            return None
+        if len(have) < len(inputs):
+            lacking = next(i.model for i, (_, key) in zip(inputs, found) if key is None)
+            raise MergeError(
+                f"tensor {out_name}: the statistics of {have[0]} measure it but those of {lacking} "
+                f"({self.statistics[lacking].path}) do not; calibrate the models the same way"
+            )
+        for inp, (st, key) in zip(inputs, found):
+            shape, got = shapes[inp.model], st.shapes[key]
+            if kind == "fisher":
+                want = tuple(shape)
+            else:  # a Linear's input Gram, or an embedding's token counts
+                want = (shape[1], shape[1]) if len(got) == 2 and len(shape) == 2 else (shape[0],)
+            if tuple(got) != want:
+                raise MergeError(
+                    f"tensor {out_name}: statistics {st.path} [{key}] have shape {list(got)}, which does not fit "
+                    f"{inp.model}'s tensor {list(shape)}; they come from another model"
+                )
+        return found
+
     def build(self, out_dtype_override: str | None = None) -> Plan:
         r = self.recipe
         method = self.method
@@ -159,6 +192,11 @@ class RecipePlanner:
                 n = arch.num_layers(self._src(s.model).config, self._src(s.model).keys())
                 if s.layer_range[1] > n:
                     raise RecipeError(f"slice {i}: layer_range {list(s.layer_range)} is out of range for {s.model} ({n} layers)")
+
+        if method.statistics:
+            uses_base = method.base != "none"
+            contributors = [s.model for sl in slices for s in sl.sources if not (uses_base and s.model == (sl.base_model or r.base_model))]
+            self.statistics = open_calibration(r, {m: self._src(m) for m in dict.fromkeys(contributors)})
 
         # the reference model: the base (or first model) of the first slice
         ref = r.base_model or slices[0].sources[0].model
@@ -224,6 +262,8 @@ class RecipePlanner:
                 scale = scale[0] if isinstance(scale, list) else scale
                 job.scale = 1.0 if scale is None else float(scale)
                 job.copy = job.scale == 1.0 and odt == in_dt
+            if method.statistics and not job.copy:
+                job.statistics = self._statistics_of(out_name, inputs, {m: shapes[m] for m in contributors})
             jobs.append(job)
 
         def non_layer_job(name: str, sl: Slice, t: float) -> None:
@@ -281,6 +321,44 @@ class RecipePlanner:
         if tok is not None:
             tcfg["vocab_size"] = tok.size
         return Plan(r, method, jobs, new_cfg, ref, layer_sources, tok, self.warnings)
+
+
+def calibration_paths(recipe: Recipe) -> dict[str, Path]:
+    """Each model's statistics file, relative paths taken from the recipe's folder when they exist there."""
+    base_dir = recipe.path.parent if recipe.path is not None else None
+    out = {}
+    for model, file in recipe.calibration.items():
+        p = Path(os.path.expanduser(file))
+        if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+            p = base_dir / p
+        out[model] = p
+    return out
+
+
+def open_calibration(recipe: Recipe, sources: dict[str, ModelSource]) -> dict[str, Statistics]:
+    """The statistics of each model in ``sources``, checked to come from that model (its fingerprint)."""
+    from ..calibration import model_fingerprint, open_statistics
+
+    paths = calibration_paths(recipe)
+    out = {}
+    for model, src in sources.items():
+        if model not in paths:
+            raise RecipeError(
+                f"merge method {recipe.merge_method!r} needs calibration statistics for model {model}: "
+                f"add it under 'calibration:' (splice calibrate {model} --text FILE -o FILE writes them)"
+            )
+        st = open_statistics(paths[model])
+        if recipe.merge_method and get_method(recipe.merge_method).statistics == "fisher" and not st.fisher:
+            raise CheckpointError(
+                f"statistics file {paths[model]} holds no Fisher; {recipe.merge_method!r} needs one (splice calibrate --fisher)"
+            )
+        if st.meta.get("model_fingerprint") != model_fingerprint(src):
+            raise CheckpointError(
+                f"statistics file {paths[model]} was measured on model {st.meta.get('model', '?')}, not on {model} "
+                f"(their fingerprints differ); calibrate {model} itself"
+            )
+        out[model] = st
+    return out
 
 
 def open_sources(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelSource]:

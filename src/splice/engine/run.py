@@ -24,7 +24,7 @@ from ..checkpoint.side_files import SideFiles
 from ..checkpoint.writer import DEFAULT_SHARD_SIZE, check_output
 from ..errors import MergeError, option
 from ..recipe import Recipe, load_recipe
-from .plan import Input, Job, Plan, RecipePlanner, open_sources
+from .plan import Input, Job, Plan, RecipePlanner, calibration_paths, open_sources
 from .write import DEFAULT_MEMORY_BUDGET, Entry, write_checkpoint
 
 
@@ -109,6 +109,8 @@ class JobContext:
         if self.plan.tokenizer is not None and job.inputs[0].rows is not None:
             tensors, base = self.plan.tokenizer.fill_missing(tensors, base, job.inputs, job.base)
         kw = dict(job.kwargs)
+        if job.statistics is not None:
+            kw["statistics"] = [st.load(key, inp.rows).to(self.device) for (st, key), inp in zip(job.statistics, job.inputs)]
         if method.randomized:
             g = torch.Generator(device=self.device)
             g.manual_seed(tensor_seed(self.seed, job.out_name))
@@ -123,7 +125,10 @@ def job_memory(job: Job) -> int:
     """Bytes a job holds while computing: its inputs in float32, the output and ~2 scratch tensors."""
     if job.copy:
         return job.nbytes
-    return math.prod(job.shape) * 4 * (len(job.inputs) + (job.base is not None) + 3)
+    n = math.prod(job.shape) * 4 * (len(job.inputs) + (job.base is not None) + 3)
+    if job.statistics is not None:  # the statistics (float64), and a float64 solve: inputs, system and right-hand side
+        n += sum(math.prod(st.shapes[key]) * 8 * 2 for st, key in job.statistics) + math.prod(job.shape) * 8 * (len(job.inputs) + 3)
+    return n
 
 
 def merge_entries(plan: Plan, sources: dict[str, ModelSource], opts: MergeOptions) -> list[Entry]:
@@ -169,8 +174,9 @@ def _threads(opts: MergeOptions) -> int | None:
 
 
 def _inputs(recipe: Recipe, sources: dict[str, ModelSource]) -> list[Path]:
-    """Every path a merge reads: the recipe file and each model's folder (or file), LoRA adapters included."""
-    return [p for p in [recipe.path, *(p for s in sources.values() for p in s.input_paths())] if p is not None]
+    """Every path a merge reads: the recipe file, each model's folder (or file), LoRA adapters and statistics files."""
+    calibration = calibration_paths(recipe).values()
+    return [p for p in [recipe.path, *(p for s in sources.values() for p in s.input_paths()), *calibration] if p is not None]
 
 
 def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: MergeOptions | None = None, **kw: Any) -> dict:

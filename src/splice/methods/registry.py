@@ -11,6 +11,8 @@ A merge method is a pure function on the tensors of one parameter:
   parameters as scalars. Parameter names that are Python keywords get a
   trailing underscore (``lambda`` -> ``lambda_``).
 - random methods receive a ``torch.Generator``; same generator state, same output.
+- data-aware methods (``statistics="inputs"`` or ``"fisher"``) receive ``statistics=``: per
+  model, the calibration statistics of this parameter, or None (see ``methods/regmean.py``).
 
 Call a method through its ``MergeMethod`` (``get_method("ties")(tensors, base,
 **params)``): that checks the inputs once for every method (a base where one is
@@ -132,6 +134,11 @@ class MergeMethod:
     # True: fn takes inputs in their stored float dtype (bf16/f16 included), computes in
     # float32 itself and returns float32; the engine then skips the float32 copies of the inputs.
     native_dtype: bool = False
+    # Which calibration statistics fn takes as ``statistics=`` (per model, or None where none were
+    # measured; see splice.calibration): "inputs" (a Linear's input Gram, an embedding's token
+    # counts) or "fisher" (the diagonal Fisher); "" none. The engine loads them from the files
+    # a recipe's ``calibration:`` names, and refuses a recipe without them.
+    statistics: str = ""
     summary: str = ""
     paper: str = ""
     min_models: int = 1
