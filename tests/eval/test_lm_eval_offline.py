@@ -115,15 +115,3 @@ def test_needs_network_reads_the_cause_chain():
     except ValueError as e:
         assert needs_network(e)
     assert not needs_network(ValueError("doc_to_target: 'label' is undefined"))
-
-
-def test_the_real_harness_runs_the_example_offline(model, monkeypatch, tmp_path):
-    """Runs whenever lm-evaluation-harness is importable (it is not in splice's test extra)."""
-    pytest.importorskip("lm_eval")
-    from splice.eval import run_lm_eval
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
-    res = run_lm_eval(model, [str(EXAMPLE)], batch_size=2, limit=4)
-    acc = res["results"]["splice_tiny_choice"]["acc,none"]
-    assert 0.0 <= acc <= 1.0

@@ -6,10 +6,6 @@ import pytest
 
 
 def test_demo_json_has_every_method(tiny_zoo, tmp_path):
-    import splice
-
-    if not hasattr(splice, "merge"):
-        pytest.skip("splice.merge (the engine) is not available")
     from splice.errors import SpliceError
     from splice.zoo.demo import applicable_methods, run_demo
 
