@@ -60,12 +60,15 @@ def _hash(obj) -> str:
 
 
 def applicable_methods(k: int) -> list:
-    """Registered methods that merge ``k`` experts (with or without their base)."""
+    """Registered data-free methods that merge ``k`` experts (with or without their base).
+
+    Data-aware methods (regmean, fisher) need a calibration pass first; the demo does not run one yet.
+    """
     from ..methods import all_methods
 
     out = []
     for m in all_methods():
-        if m.min_models > k or (m.max_models is not None and m.max_models < k):
+        if m.min_models > k or (m.max_models is not None and m.max_models < k) or m.statistics:
             continue
         out.append(m)
     return out
