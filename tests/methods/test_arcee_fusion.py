@@ -105,14 +105,9 @@ def test_errors():
 
 
 @pytest.mark.mergekit
-def test_parity_with_mergekit():
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    mod = pytest.importorskip("mergekit.merge_methods.arcee_fusion")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
+def test_parity_with_mergekit(mergekit):
     for shape, seed in (((6, 7), 1), ((12,), 2), ((5, 3, 4), 3), ((64, 33), 4)):
         base = rand(*shape, seed=seed)
         other = base + 0.3 * rand(*shape, seed=seed + 10)
-        group = base_mod.TensorGroup.from_tensors([base, other], base_index=0)
-        (expected,) = mod.arcee_fusion_merge_method((group,), parameters={})
+        expected = mergekit.merge("mergekit.merge_methods.arcee_fusion:arcee_fusion_merge_method", [base, other], base_index=0)
         torch.testing.assert_close(run(base, other), expected, rtol=1e-6, atol=1e-7)

@@ -128,27 +128,19 @@ def test_errors():
 @pytest.mark.parametrize(
     "name,params", [("ram", {}), ("ram", {"epsilon": 0.05}), ("ramplus_tl", {}), ("ramplus_tl", {"r": 1.0, "alpha": 3.0, "epsilon": 0.0})]
 )
-def test_parity_with_mergekit(name, params):
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    mod = pytest.importorskip("mergekit.merge_methods.ram")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
-    fn = {"ram": mod.ram_merge, "ramplus_tl": mod.ramplus_tl_merge}[name]
+def test_parity_with_mergekit(mergekit, name, params):
+    fn = {"ram": "mergekit.merge_methods.ram:ram_merge", "ramplus_tl": "mergekit.merge_methods.ram:ramplus_tl_merge"}[name]
     base = rand(6, 7, seed=8)
     ts = sparse_fts(base, (30, 31, 32))
-    (expected,) = fn((base_mod.TensorGroup.from_tensors([base, *ts], base_index=0),), parameters=params)
+    expected = mergekit.merge(fn, [base, *ts], base_index=0, parameters=params)
     torch.testing.assert_close(get_method(name)(ts, base, **params), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.mergekit
-def test_mergekit_writes_nan_where_splice_takes_rho_as_zero():
+def test_mergekit_writes_nan_where_splice_takes_rho_as_zero(mergekit):
     """ramplus_tl with epsilon 0 and a model that changes nothing: mergekit's 0/0 ratio is NaN everywhere."""
-    base_mod = pytest.importorskip("mergekit.merge_methods.base")
-    mod = pytest.importorskip("mergekit.merge_methods.ram")
-    if not hasattr(base_mod, "TensorGroup"):
-        pytest.skip("needs mergekit >= 0.1.5")
     base = rand(3, 4, seed=9)
     ts = [base.clone(), base + 1.0]
-    (theirs,) = mod.ramplus_tl_merge((base_mod.TensorGroup.from_tensors([base, *ts], base_index=0),), parameters={"epsilon": 0.0})
+    theirs = mergekit.merge("mergekit.merge_methods.ram:ramplus_tl_merge", [base, *ts], base_index=0, parameters={"epsilon": 0.0})
     assert torch.isnan(theirs).all()
     close(get_method("ramplus_tl")(ts, base, epsilon=0.0), reference(ts, base, 0.0, 0.1, 0.2))
