@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._statistics import data_free_fallback
 from .linear import linear
 from .registry import FRACTION, NON_NEGATIVE, Param, merge_method
 
@@ -148,13 +149,9 @@ def regmean(
         The merged tensor (float32 unless the inputs are float64).
     """
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    if sum(float(w) for w in weight) <= 0:
-        raise ValueError(f"the weights {[float(w) for w in weight]} sum to 0; give at least one model a positive weight")
-    have = [s is not None for s in statistics or ()]
-    if not any(have):
-        return linear(tensors, weight=weight).to(dtype)
-    if not all(have) or len(have) != len(tensors):
-        raise ValueError("statistics are given for some models but not others")
+    fallback = data_free_fallback(tensors, weight, statistics)
+    if fallback is not None:
+        return fallback
     deltas = [t.to(torch.float64) - base.to(torch.float64) for t in tensors] if base is not None else tensors
     first = statistics[0]
     shape = tuple(tensors[0].shape)
