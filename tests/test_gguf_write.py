@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_helpers import bpe_tokenizer
+from gguf_helpers import bpe_tokenizer, tiny_config
 
 from splice.checkpoint.gguf_write import write_gguf
 from splice.checkpoint.reader import open_model
@@ -29,18 +29,7 @@ def _model(folder: Path, family: str, *, tie: bool, template: bool = False):
     import transformers as tf
 
     tok = bpe_tokenizer(folder, TEXT * 3 + Path(__file__).read_text())
-    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family]
-    cfg = cls(
-        vocab_size=len(tok["model"]["vocab"]),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-    )
-    cfg.rope_parameters = {"rope_theta": 50000.0, "rope_type": "default"}
+    cfg = tiny_config(len(tok["model"]["vocab"]), family=family, tie=tie, rope_theta=50000.0)
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(folder)

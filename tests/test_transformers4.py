@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_helpers import bpe_tokenizer, write_llama_gguf
+from gguf_helpers import bpe_tokenizer, tiny_config, write_llama_gguf
 
 import splice
 from splice.checkpoint.compat import config_for_both, tokenizer_config_for_both
@@ -153,17 +153,7 @@ def test_outputs_load_in_transformers4_with_the_logits_and_tokens_of_transformer
     tok_dir = tmp_path / "tok"
     tok_json = bpe_tokenizer(tok_dir, TEXT + Path(__file__).read_text())
     vocab = len(tok_json["model"]["vocab"])
-    cfg = tf.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    cfg.rope_parameters = {"rope_theta": 100000.0, "rope_type": "default"}
+    cfg = tiny_config(vocab, rope_theta=100000.0)
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # weights large enough that the rope base moves the logits visibly

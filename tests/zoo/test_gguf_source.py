@@ -9,7 +9,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from gguf_helpers import bpe_tokenizer, write_llama_gguf  # noqa: E402  (after the importorskip)
+from gguf_helpers import bpe_tokenizer, tiny_config, write_llama_gguf  # noqa: E402  (after the importorskip)
 
 
 @pytest.fixture(scope="module")
@@ -21,19 +21,10 @@ def tiny_tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tiny_tok[1]["model"]["vocab"]),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_config(len(tiny_tok[1]["model"]["vocab"]))
     return LlamaForCausalLM(cfg).eval()
 
 
