@@ -25,14 +25,15 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # mergekit 0.1.5 in its own venv, the reference the parity tests compare against.
-# Built once (the stamp), again only when the setup script changes; torch is pinned
-# there to the same CPU build, so nothing pulls CUDA.
+# Built once (the stamp), again only when the setup script changes. It reuses the main
+# venv's packages (torch, transformers: the same builds) through a .pth file and adds
+# mergekit and its remaining deps; torch stays pinned to the CPU build, so nothing pulls CUDA.
 MERGEKIT_VENV ?= benchmarks/.venv-mergekit
 MERGEKIT_DIR := $(abspath $(MERGEKIT_VENV))
 MERGEKIT_STAMP := $(MERGEKIT_VENV)/.splice-mergekit-installed
 
-$(MERGEKIT_STAMP): benchmarks/setup_mergekit.sh
-	MERGEKIT_VENV=$(MERGEKIT_DIR) PYTHON=$(PYTHON) bash benchmarks/setup_mergekit.sh
+$(MERGEKIT_STAMP): benchmarks/setup_mergekit.sh $(STAMP)
+	MERGEKIT_VENV=$(MERGEKIT_DIR) PYTHON=$(PYTHON) REUSE_VENV=$(abspath $(VENV)) bash benchmarks/setup_mergekit.sh
 	touch $(MERGEKIT_STAMP)
 
 # transformers 4.x for the tests that check outputs also load there (SPLICE_TF4_PYTHON); mergekit

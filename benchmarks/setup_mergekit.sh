@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Build benchmarks/.venv-mergekit: mergekit 0.1.5 on the CPU build of torch 2.13.0,
-# kept apart from splice's own .venv so the two never share packages.
+# in its own venv so splice's .venv never sees mergekit.
 #
 #   bash benchmarks/setup_mergekit.sh            # idempotent; re-run to repair
+#   REUSE_VENV=.venv bash benchmarks/setup_mergekit.sh
+#
+# REUSE_VENV (what `make test` passes): the side venv reads that venv's packages
+# through a .pth file and installs only mergekit and what it needs beyond them.
+# torch, transformers and safetensors are then the very same builds as splice's
+# (the parity tests compare like with like) and the set-up skips a second torch
+# install (~40 s of CI). The side venv's own packages come first on sys.path.
 #
 # torch is installed FIRST and pinned, so mergekit's "torch>=2.0.0" is already
 # satisfied and pip never pulls a CUDA build (checked at the end).
@@ -15,6 +22,11 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
 pip="$venv/bin/python -m pip"
+if [ -n "${REUSE_VENV:-}" ]; then
+    reuse_site="$("$REUSE_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
+    venv_site="$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
+    echo "$reuse_site" >"$venv_site/zz-splice-reuse.pth"
+fi
 $pip install -q torch==2.13.0
 # The constraint keeps torch where it is even if a dependency asks for another build.
 constraints="$(mktemp)"
