@@ -90,6 +90,29 @@ def test_passthrough_slices_match_mergekit(tmp_path, models, mergekit):
         assert torch.equal(ours[k], theirs[k]), k
 
 
+@pytest.mark.parametrize("method", ["linear", "ties", "slerp"])
+def test_mixed_input_dtypes_without_a_dtype_give_mergekits_output(tmp_path, mergekit, method):
+    """A bf16 base and an f32 fine-tune, no dtype in the recipe: mergekit's output is f32 (torch's promotion), so is ours."""
+    base = make_model(tmp_path / "base", "llama", seed=0, layers=1, dtype=torch.bfloat16)
+    ft = make_model(tmp_path / "ft", "llama", seed=1, layers=1, from_model=base)
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(ft), "parameters": {"weight": 0.7, "density": 0.5}}, {"model": str(base), "parameters": {"weight": 0.3}}],
+    }
+    if method == "slerp":
+        recipe["parameters"] = {"t": 0.3}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    splice.merge(p, tmp_path / "ours", quiet=True)
+    mergekit.run_yaml(p, tmp_path / "theirs")
+    ours, theirs = load_sd(tmp_path / "ours"), load_sd(tmp_path / "theirs")
+    assert {str(t.dtype) for t in theirs.values()} == {"torch.float32"}
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype, k
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{method} {k}: {m}")
+
+
 def _write_lora(folder: Path, base: Path, dtype=torch.float32) -> Path:
     """A PEFT LoRA adapter for the tiny llama ``base``: q/v projections (a rank and an alpha pattern, rsLoRA)
     and a full lm_head (modules_to_save), written with safetensors."""

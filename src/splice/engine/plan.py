@@ -7,6 +7,7 @@ checks shapes before anything is computed.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +247,13 @@ class RecipePlanner:
                 shape = (tok.size,) + shape[1:]
                 rows = {m: tok.rows(m) for m in names}
             in_dt = dtypes[ref_model]
+            if in_dt.is_floating_point:
+                # no dtype in the recipe: torch's promotion over the inputs this tensor reads, as mergekit 0.1.5
+                # (a bf16 base and an f32 fine-tune give f32, not the base's bf16)
+                used = [dtypes[m] for m in contributors if m in dtypes]
+                if base_in is not None:
+                    used.append(self._src(base).info(base_in).dtype)
+                in_dt = functools.reduce(torch.promote_types, [d for d in used if d.is_floating_point], in_dt)
             odt = out_dt if (out_dt is not None and in_dt.is_floating_point) else in_dt
             nbytes = odt.itemsize if hasattr(odt, "itemsize") else torch.empty((), dtype=odt).element_size()
             for s in shape:
