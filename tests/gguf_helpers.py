@@ -14,27 +14,6 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tiny_config(vocab_size: int, *, family: str = "llama", tie: bool = True, rope_theta: float | None = None):
-    """The 2-layer, 64-wide transformers config (4 heads, 2 KV heads) the GGUF and transformers-4 tests share;
-    ``rope_theta`` set explicitly where a test checks that the rope base survives a round trip."""
-    import transformers as tf
-
-    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family]
-    cfg = cls(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-    )
-    if rope_theta is not None:
-        cfg.rope_parameters = {"rope_theta": rope_theta, "rope_type": "default"}
-    return cfg
-
-
 def bpe_tokenizer(folder: Path, text: str, vocab_size: int = 400) -> dict:
     """A byte-level BPE tokenizer trained on ``text``, saved to ``folder``; returns its tokenizer.json as a dict."""
     import json

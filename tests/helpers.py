@@ -9,23 +9,37 @@ import torch
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 
 
-def tiny_config(family: str = "llama", layers: int = 4, vocab: int = 96, hidden: int = 32):
+def tiny_config(
+    family: str = "llama",
+    layers: int = 4,
+    vocab: int = 96,
+    hidden: int = 32,
+    *,
+    intermediate: int | None = None,
+    tie: bool = False,
+    positions: int = 64,
+    rope_theta: float | None = None,
+):
+    """A small transformers config (4 heads, 2 KV heads); ``rope_theta`` set explicitly where a test checks that the
+    rope base survives a round trip."""
     import transformers as tf
 
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=hidden, n_layer=layers, n_head=4)
-    common = dict(
+        return tf.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=hidden, n_layer=layers, n_head=4)
+    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family]
+    cfg = cls(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
+        max_position_embeddings=positions,
+        tie_word_embeddings=tie,
     )
-    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
-    return cls(**common)
+    if rope_theta is not None:
+        cfg.rope_parameters = {"rope_theta": rope_theta, "rope_type": "default"}
+    return cfg
 
 
 def write_tokenizer(folder: Path, vocab: int, extra: list[str] = ()) -> None:

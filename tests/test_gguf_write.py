@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_helpers import bpe_tokenizer, tiny_config
+from gguf_helpers import bpe_tokenizer
+from helpers import tiny_config
 
 from splice.checkpoint.gguf_write import write_gguf
 from splice.checkpoint.reader import open_model
@@ -29,7 +30,7 @@ def _model(folder: Path, family: str, *, tie: bool, template: bool = False):
     import transformers as tf
 
     tok = bpe_tokenizer(folder, TEXT * 3 + Path(__file__).read_text())
-    cfg = tiny_config(len(tok["model"]["vocab"]), family=family, tie=tie, rope_theta=50000.0)
+    cfg = tiny_config(family, 2, len(tok["model"]["vocab"]), 64, intermediate=96, tie=tie, positions=128, rope_theta=50000.0)
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(folder)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_helpers import bpe_tokenizer, tiny_config, write_llama_gguf
+from gguf_helpers import bpe_tokenizer, write_llama_gguf
+from helpers import tiny_config
 
 import splice
 from splice.checkpoint.compat import config_for_both, tokenizer_config_for_both
@@ -153,7 +154,7 @@ def test_outputs_load_in_transformers4_with_the_logits_and_tokens_of_transformer
     tok_dir = tmp_path / "tok"
     tok_json = bpe_tokenizer(tok_dir, TEXT + Path(__file__).read_text())
     vocab = len(tok_json["model"]["vocab"])
-    cfg = tiny_config(vocab, rope_theta=100000.0)
+    cfg = tiny_config("llama", 2, vocab, 64, intermediate=96, tie=True, positions=128, rope_theta=100000.0)
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # weights large enough that the rope base moves the logits visibly

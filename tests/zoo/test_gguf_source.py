@@ -9,7 +9,8 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from gguf_helpers import bpe_tokenizer, tiny_config, write_llama_gguf  # noqa: E402  (after the importorskip)
+from gguf_helpers import bpe_tokenizer, write_llama_gguf  # noqa: E402  (after the importorskip)
+from helpers import tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def tiny_llama(tiny_tok):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = tiny_config(len(tiny_tok[1]["model"]["vocab"]))
+    cfg = tiny_config("llama", 2, len(tiny_tok[1]["model"]["vocab"]), 64, intermediate=96, tie=True, positions=128)
     return LlamaForCausalLM(cfg).eval()
 
 
