@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeError, SpliceError
-from ..recipe import _check_keys, _Ctx, unknown_choice
+from ..recipe import SchemaContext, check_keys, unknown_choice
 from ..registry import UnknownName
 from ..yamlfile import read_yaml
 
@@ -163,9 +163,9 @@ def load_spec(source: str | os.PathLike) -> SearchSpec:
 
 def parse_spec(data: Any, *, file: str = "<spec>", lines: dict | None = None, folder: Path | None = None) -> SearchSpec:
     """Validate a spec given as parsed YAML (see :func:`load_spec`)."""
-    ctx = _Ctx(file, lines or {})
+    ctx = SchemaContext(file, lines or {})
     folder = folder or Path.cwd()
-    data = _check_keys(ctx, data, (), TOP_KEYS, "the search spec")
+    data = check_keys(ctx, data, (), TOP_KEYS, "the search spec")
 
     def path_of(v: Any, path: tuple, what: str) -> str:
         if not isinstance(v, str) or not v.strip():
@@ -192,7 +192,7 @@ def parse_spec(data: Any, *, file: str = "<spec>", lines: dict | None = None, fo
     models = data.get("models")
     if models is None and not zoo_models:
         raise ctx.fail((), "missing required key 'models' (base and experts), or 'zoo'")
-    models = _check_keys(ctx, models if models is not None else {}, ("models",), MODELS_KEYS, "'models'")
+    models = check_keys(ctx, models if models is not None else {}, ("models",), MODELS_KEYS, "'models'")
     if models.get("base") is not None:
         base = path_of(models["base"], ("models", "base"), "the base model")
     elif zoo_models:
@@ -208,7 +208,7 @@ def parse_spec(data: Any, *, file: str = "<spec>", lines: dict | None = None, fo
         experts = {str(d): path_of(m, ("models", "experts", d), f"expert {d!r}") for d, m in experts_raw.items()}
 
     # evaluation
-    ev = _check_keys(ctx, data.get("evaluation") or {}, ("evaluation",), EVALUATION_KEYS, "'evaluation'")
+    ev = check_keys(ctx, data.get("evaluation") or {}, ("evaluation",), EVALUATION_KEYS, "'evaluation'")
     dom_raw = ev.get("domains")
     if dom_raw is None:
         if not zoo_domains:
@@ -316,22 +316,22 @@ def registry_range(p) -> tuple[float, float] | None:
     return (r.low + margin if r.low_open else r.low, r.high - margin if r.high_open else r.high)
 
 
-def _number(ctx: _Ctx, v: Any, path: tuple) -> float:
+def _number(ctx: SchemaContext, v: Any, path: tuple) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ctx.fail(path, f"must be a number, got {v!r}")
     return float(v)
 
 
-def _int(ctx: _Ctx, v: Any, path: tuple, minimum: int) -> int:
+def _int(ctx: SchemaContext, v: Any, path: tuple, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ctx.fail(path, f"must be an integer >= {minimum}, got {v!r}")
     return v
 
 
-def _space(ctx: _Ctx, data: Any, n_experts: int) -> SpaceSpec:
+def _space(ctx: SchemaContext, data: Any, n_experts: int) -> SpaceSpec:
     from ..methods import get_method, known_param_names
 
-    data = _check_keys(ctx, data, ("space",), SPACE_KEYS, "'space'")
+    data = check_keys(ctx, data, ("space",), SPACE_KEYS, "'space'")
     methods = data.get("methods", list(DEFAULT_METHODS))
     if isinstance(methods, str):
         methods = [methods]
