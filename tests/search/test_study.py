@@ -171,3 +171,51 @@ def test_a_failed_set_up_writes_nothing(llama_trio, tmp_path):
     with pytest.raises(SpliceError, match=r"expert '(a|b)' is no better than the base on its own domain's search split"):
         run_search(spec, tmp_path / "st", optimizer="random", quiet=True)
     assert not (tmp_path / "st").exists()
+
+
+def test_two_workers_share_one_study_asynchronously_and_a_dead_worker_fails_only_its_trial(spec, study, tmp_path, monkeypatch):
+    from splice.search import workers
+
+    real = workers.ProcessPool.submit
+
+    def submit(self, task):  # the worker handed trial 2 is killed while it evaluates it
+        real(self, task)
+        if task.number == 2:
+            next(w for w in self.workers if w["task"] is task)["proc"].kill()
+
+    monkeypatch.setattr(workers.ProcessPool, "submit", submit)
+    out = tmp_path / "st"
+    s = run_search(spec, out, budget=3, optimizer="random", workers=2, quiet=True, leaderboard=False)
+    records = {r["trial"]: r for r in read_trials(out / "trials.jsonl")}
+    asks = read_trials(out / "asks.jsonl")
+    assert s["trials"] == 3 and sorted(records) == [1, 2, 3]
+    # both workers were handed a candidate before either result was told: asynchronous, no generation
+    assert [a["told"] for a in asks[:2]] == [0, 0]
+    assert records[2]["status"] == "failed" and "worker process died" in records[2]["error"]
+    # random search proposes the same candidates whatever the worker count, each scored as one worker scores it
+    one = {r["trial"]: r for r in read_trials(study[0] / "trials.jsonl")}
+    for n in (1, 3):
+        assert records[n]["status"] == "ok" and records[n]["params"] == one[n]["params"]
+        assert records[n]["values"] == pytest.approx(one[n]["values"], abs=1e-5)
+
+
+def test_resume_runs_a_candidate_asked_and_never_finished_again(spec, study, tmp_path):
+    import shutil
+
+    from splice.search import OPTIMIZERS
+    from splice.search.space import MergeSpace
+
+    out = tmp_path / "st"
+    shutil.copytree(study[0], out)
+    opt = OPTIMIZERS.get("random").make(MergeSpace(load_spec(spec), 4), [True], 0)
+    fourth = [opt.ask() for _ in range(4)][-1]
+    with open(out / "asks.jsonl", "a") as f:  # killed while trial 4 was out
+        f.write(json.dumps({"trial": 4, "told": 3, "params": fourth}) + "\n")
+    run_search(spec, out, budget=4, optimizer="random", resume=True, quiet=True, leaderboard=False)
+    records = read_trials(out / "trials.jsonl")
+    assert [r["trial"] for r in records] == [1, 2, 3, 4] and records[3]["params"] == fourth and records[3]["status"] == "ok"
+    assert len(read_trials(out / "asks.jsonl")) == 4
+    with open(out / "asks.jsonl", "a") as f:  # an ask the optimizer would not make
+        f.write(json.dumps({"trial": 5, "told": 4, "params": fourth}) + "\n")
+    with pytest.raises(SpliceError, match=r"asks.jsonl:5: the optimizer proposes another candidate than the recorded trial 5"):
+        run_search(spec, out, budget=5, optimizer="random", resume=True, quiet=True, leaderboard=False)

@@ -20,6 +20,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         seed=args.seed,
         objectives=args.objectives,
         threads=args.threads,
+        workers=args.workers,
         resume=args.resume,
         force=args.force,
         quiet=args.quiet,
@@ -88,5 +89,12 @@ def add_search(sub) -> None:
         help="seed of the optimizer; the same seed gives the same trace (default: the spec's, else 0)",
     )
     add_threads(p)
+    p.add_argument(
+        "--workers",
+        type=POSITIVE_INT,
+        default=1,
+        metavar="N",
+        help="local worker processes evaluating candidates at once, asynchronously; each gets its share of --threads (default: 1)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_search)

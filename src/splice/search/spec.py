@@ -54,7 +54,7 @@ GRANULARITIES = ("global", "groups", "per-layer")
 
 # Objectives: name -> True when larger is better. A domain's name is also an objective
 # (that domain's normalized score, maximized).
-OBJECTIVES = {"mean": True, "worst": True, "forgetting": False}
+OBJECTIVES = {"mean": True, "worst": True, "forgetting": False, "loss": False}  # loss: mean held-out loss over the domains
 
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")  # the families that mattered most on the tiny zoo
 DEFAULT_SEARCHED = ("weight", "density")  # per-model parameters searched when the method takes them

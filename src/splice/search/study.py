@@ -2,17 +2,21 @@
 
     study/
       study.json        what the study was made from: the spec's fingerprint, optimizer, seed, objectives
-      trials.jsonl      one line per trial (params, decoded recipe, per-domain losses and scores,
-                        objective values, seconds, seed), written and synced before the next is asked
+      asks.jsonl        one line per candidate the optimizer proposed (trial number, params, how many
+                        results it had been told then), synced before the candidate is evaluated
+      trials.jsonl      one line per finished trial, in the order they finish (params, decoded recipe,
+                        per-domain losses and scores, objective values, seconds, seed), synced before
+                        the optimizer is told
       best.yaml         the best recipe so far (first objective), an ordinary recipe `splice merge` runs;
                         replaced atomically on each improvement
       best.json         its trial, for readers that want numbers
       pareto.json       with several objectives: the non-dominated trials
       leaderboard.json  at the end: the best against the base and the experts on the test split
 
-A resume replays the recorded trials through a fresh optimizer (which must propose the
-same candidates: the same seed gives the same trace) and goes on; a half-written last line
-(a kill mid-write) is dropped and that trial is run again. A study folder is not reused
+A resume replays the recorded asks and tells, in their order, through a fresh optimizer
+(which must propose the same candidates: the same seed gives the same trace) and goes on;
+a candidate asked but never finished (a kill mid-trial, or a half-written last line) is
+run again first. A study folder is not reused
 unless ``resume`` (continue it) or ``force`` (start over) says so, and a study made from
 another spec, optimizer, seed or objectives is never resumed.
 """
@@ -32,13 +36,14 @@ import yaml
 from .. import options
 from ..errors import SpliceError, option
 from ..eval.results import write_text_atomic
-from .objectives import better, objective_values, pareto_front, scores_of
+from .evaluate import MERGE_SEED
+from .objectives import better, pareto_front, scores_of
 from .optimizers import OPTIMIZERS, SearchError
 from .spec import SearchSpec, load_spec, objectives_list, parse_time
+from .workers import Task
 
 STUDY_FORMAT = 1
-STUDY_FILES = ("study.json", "trials.jsonl", "best.yaml", "best.json", "pareto.json", "leaderboard.json")
-MERGE_SEED = 0  # the seed random methods (DARE, DELLA) merge with: splice merge's default, so best.yaml gives the same weights
+STUDY_FILES = ("study.json", "asks.jsonl", "trials.jsonl", "best.yaml", "best.json", "pareto.json", "leaderboard.json")
 
 
 @dataclass
@@ -48,7 +53,8 @@ class SearchOptions:
     optimizer: str | None = None  # default: the spec's
     seed: int | None = None  # default: the spec's
     objectives: list[str] | str | None = None  # default: the spec's
-    threads: int | None = None  # torch threads; default: the spec's, else every core this process may use
+    threads: int | None = None  # torch threads in all; default: the spec's, else every core this process may use
+    workers: int = 1  # processes evaluating candidates; each gets threads // workers torch threads
     resume: bool = False
     force: bool = False
     quiet: bool = False
@@ -60,6 +66,7 @@ class SearchOptions:
             self.time = parse_time(self.time)
         options.optional(options.seed, self.seed, "seed")
         options.optional(options.positive_int, self.threads, "threads")
+        options.positive_int(self.workers, "workers")
         if self.resume and self.force:
             raise SearchError(f"{option('resume')} continues a study and {option('force')} starts it over; give one")
 
@@ -76,6 +83,8 @@ class Trial:
     seconds: float = 0.0
     seed: int = 0
     error: str | None = None
+    level: str | None = None  # with a fidelity: "screen" (few tokens) or "full" (every search window)
+    screen: dict | None = None  # a re-scored trial's screen result ({"values", "losses"})
 
     def to_json(self) -> dict:
         d = {
@@ -92,6 +101,10 @@ class Trial:
         }
         if self.error is not None:
             d["error"] = self.error
+        if self.level is not None:
+            d["level"] = self.level
+        if self.screen is not None:
+            d["screen"] = {"values": self.screen["values"], "losses": {k: round(v, 6) for k, v in self.screen["losses"].items()}}
         return d
 
 
@@ -100,8 +113,11 @@ def trace(records: list[dict]) -> list[tuple]:
     return [(r["trial"], json.dumps(r["params"], sort_keys=True), r["status"], r["values"]) for r in records]
 
 
-def read_trials(path: str | os.PathLike) -> list[dict]:
-    """The trials of a study's ``trials.jsonl``; a half-written last line is cut off the file."""
+def read_trials(path: str | os.PathLike, check: bool = True) -> list[dict]:
+    """The records of a study's ``trials.jsonl`` (or ``asks.jsonl``); a half-written last line is cut off the file.
+
+    Trials are in the order they finished (with several workers not the order they were asked).
+    """
     path = Path(path)
     if not path.exists():
         return []
@@ -118,9 +134,12 @@ def read_trials(path: str | os.PathLike) -> list[dict]:
     if good < len(raw):
         with open(path, "r+b") as f:
             f.truncate(good)
+    seen = set()
     for i, r in enumerate(records):
-        if r.get("trial") != i + 1:
-            raise SearchError(f"{path}:{i + 1}: trial {r.get('trial')!r} where trial {i + 1} was expected; the file was edited?")
+        n = r.get("trial")
+        if not isinstance(n, int) or n < 1 or n in seen:
+            raise SearchError(f"{path}:{i + 1}: trial {n!r} again or not a trial number; the file was edited?")
+        seen.add(n)
     return records
 
 
@@ -156,6 +175,7 @@ class Study:
         self.seed = seed
         self.objectives = objectives
         self.trials_path = folder / "trials.jsonl"
+        self.asks_path = folder / "asks.jsonl"
 
     def meta(self) -> dict:
         from .. import __version__
@@ -268,9 +288,11 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
     from ..architecture import num_layers
     from ..checkpoint.reader import open_model
     from ..eval.perplexity import read_text
+    from .evaluate import Evaluator, references
     from .resident import ResidentModel
     from .space import MergeSpace
     from .splits import make_splits
+    from .workers import InlinePool, ProcessPool
 
     spec, opts = study.spec, study.opts
     quiet = opts.quiet
@@ -285,62 +307,93 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
     opt = OPTIMIZERS.get(study.optimizer).make(space, directions, study.seed)
 
     t_setup = time.perf_counter()
-    resident = ResidentModel(spec.base, list(spec.experts.values()), threads=threads, batch_size=spec.batch_size)
+    workers = opts.workers
+    pool = None
+    if workers > 1:  # the workers load their models while this process sets up; each pins its torch threads to its share of the cores
+        models = {
+            "base": spec.base,
+            "models": list(spec.experts.values()),
+            "threads": max(1, threads // workers),
+            "batch_size": spec.batch_size,
+        }
+        pool = ProcessPool(workers, models)
+    try:
+        resident = ResidentModel(spec.base, list(spec.experts.values()), threads=threads, batch_size=spec.batch_size)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     try:
         texts = {d: read_text(p) for d, p in spec.domains.items()}
         splits = make_splits(resident.tokenizer, texts, spec.seq_len, spec.search_share, spec.tokens)
-        refs = _reference_losses(resident, spec, splits.search)
+        refs = references(resident, spec.base, spec.experts, splits.search)
         for d in spec.experts:
             if refs[d][d] >= refs["base"][d]:
                 raise SearchError(
                     f"expert {d!r} is no better than the base on its own domain's search split (loss {refs[d][d]:.4f}, base "
                     f"{refs['base'][d]:.4f}): a normalized score measures an expert's gain, and this one has none"
                 )
+        evaluator = Evaluator(
+            resident, {"full": splits.search, "screen": None}, refs, None, spec.objectives, list(spec.experts), spec.general, directions
+        )
         _progress(
             f"search: {len(space.methods)} method(s), {len(space.all_genes())} genes, {study.optimizer} optimizer, "
-            f"tokens per domain {splits.tokens('search')} (search) / {splits.tokens('test')} (test); set up in "
+            f"{workers} worker(s), tokens per domain {splits.tokens('search')} (search) / {splits.tokens('test')} (test); set up in "
             f"{time.perf_counter() - t_setup:.1f}s",
             quiet,
         )
 
         if not opts.resume:
             study.create()
-        best: Trial | None = None
-        # replay: the optimizer must propose the recorded candidates again
-        for r in records:
-            params = opt.ask()
-            if json.dumps(params, sort_keys=True) != json.dumps(r["params"], sort_keys=True):
-                raise SearchError(
-                    f"{study.trials_path}:{r['trial']}: the optimizer proposes another candidate than the recorded trial "
-                    f"{r['trial']} on replay; this study cannot be resumed (was it made by another splice version?)"
-                )
-            opt.tell(params, r["values"] if r["status"] == "ok" else None)
-            t = _trial_from(r)
-            if t.values is not None and (best is None or better(t.values, best.values, spec.objectives)):
-                best = t
-        if records:
-            _progress(f"resumed {study.folder}: {len(records)} trial(s) replayed", quiet)
+        asks = read_trials(study.asks_path, check=False) if opts.resume else []
+        best, pending = _replay(study, opt, space, asks, records)
+        if records or pending:
+            _progress(f"resumed {study.folder}: {len(records)} trial(s) replayed, {len(pending)} asked and unfinished run again", quiet)
 
+        if pool is None:
+            pool = InlinePool(evaluator)
+        else:
+            pool.configure(evaluator.setup_of())
+        asked = max([len(records), *(a["trial"] for a in asks)])
+        told = len(records)
         t0 = time.perf_counter()
-        n = len(records)
         evals: list[float] = []
-        while budget is None or n < budget:
-            if limit is not None and time.perf_counter() - t0 >= limit:
-                _progress(f"time limit reached after {n} trial(s)", quiet)
+        out_of_time = False
+        while True:
+            while pool.free() > 0:  # hand out candidates until every worker has one
+                if pending:
+                    task = pending.popleft()
+                else:
+                    if budget is not None and asked >= budget:
+                        break
+                    if limit is not None and time.perf_counter() - t0 >= limit:
+                        if not out_of_time:
+                            _progress(f"time limit reached after {asked} trial(s)", quiet)
+                        out_of_time = True
+                        break
+                    params = opt.ask()
+                    if params is None:  # the optimizer waits for a result first
+                        break
+                    asked += 1
+                    _append(study.asks_path, {"trial": asked, "told": told, "params": params})  # persisted before it is evaluated
+                    task = Task(asked, params, space.decode(params))
+                pool.submit(task)
+            if pool.busy() == 0:
                 break
-            params = opt.ask()
-            trial = _evaluate(resident, space, params, refs, splits.search, spec, n + 1, study.seed)
+            task, res = pool.result()
+            trial = _trial(task, res, study.seed)
             _append(study.trials_path, trial.to_json())  # persisted before the next is asked
-            opt.tell(params, trial.values)
+            opt.tell(task.params, trial.values)
+            told += 1
             evals.append(trial.seconds)
-            improved = trial.values is not None and (best is None or better(trial.values, best.values, spec.objectives))
-            if improved:
+            if _improves(trial, best, spec.objectives):
                 best = trial
                 write_text_atomic(study.folder / "best.yaml", best_yaml(trial, spec, study.folder))
                 write_text_atomic(study.folder / "best.json", json.dumps(trial.to_json(), indent=2) + "\n")
             left = f", {_duration(limit - (time.perf_counter() - t0))} left" if limit is not None else ""
             _progress(_line(trial, best, budget, spec.objectives, space) + left, quiet)
-            n += 1
+        pool.close()
+        pool = None
         all_records = read_trials(study.trials_path)
         if len(spec.objectives) > 1:
             _write_pareto(study, all_records)
@@ -357,7 +410,57 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
             summary["leaderboard"] = board
         return summary
     finally:
+        if pool is not None:
+            pool.close()
         resident.close()
+
+
+def _improves(trial: Trial, best: Trial | None, objectives: list[str]) -> bool:
+    """Whether ``trial`` becomes the best: it succeeded, was scored on every search window (not a screen only), and beats ``best``."""
+    if trial.values is None or trial.level == "screen":
+        return False
+    return best is None or better(trial.values, best.values, objectives)
+
+
+def _replay(study: Study, opt, space, asks: list[dict], records: list[dict]):
+    """Replay the recorded asks and tells through the fresh optimizer ``opt``, checking it proposes the same candidates.
+
+    Returns (the best trial so far, the asked candidates with no result, as tasks to run again).
+    """
+    from collections import deque
+
+    from .optimizers import params_key
+    from .workers import Task
+
+    if not asks and records:  # a study without asks.jsonl: one worker, each trial asked after the one before was told
+        asks = [{"trial": r["trial"], "told": i, "params": r["params"]} for i, r in enumerate(records)]
+    out: dict[int, dict] = {}
+    k = 0
+
+    def ask_up_to(told: int) -> None:
+        nonlocal k
+        while k < len(asks) and asks[k]["told"] <= told:
+            a = asks[k]
+            params = opt.ask()
+            if params is None or params_key(params) != params_key(a["params"]):
+                raise SearchError(
+                    f"{study.asks_path}:{k + 1}: the optimizer proposes another candidate than the recorded trial "
+                    f"{a['trial']} on replay; this study cannot be resumed (was it made by another splice version?)"
+                )
+            out[a["trial"]] = a
+            k += 1
+
+    best = None
+    for i, r in enumerate(records):
+        ask_up_to(i)
+        if out.pop(r["trial"], None) is None:
+            raise SearchError(f"{study.trials_path}:{i + 1}: trial {r['trial']} has a result but was never asked; the file was edited?")
+        opt.tell(r["params"], r["values"] if r["status"] == "ok" else None)
+        t = _trial_from(r)
+        if _improves(t, best, study.spec.objectives):
+            best = t
+    ask_up_to(len(records))
+    return best, deque(Task(a["trial"], a["params"], space.decode(a["params"])) for a in out.values())
 
 
 def _trial_from(r: dict) -> Trial:
@@ -372,34 +475,28 @@ def _trial_from(r: dict) -> Trial:
         r.get("seconds", 0.0),
         r.get("seed", 0),
         r.get("error"),
+        r.get("level"),
+        r.get("screen"),
     )
 
 
-def _reference_losses(resident, spec: SearchSpec, windows: dict) -> dict[str, dict[str, float]]:
-    """Loss per domain of the base (``"base"``) and of each expert (by its domain)."""
-    out = {}
-    for name, ref in [("base", spec.base), *spec.experts.items()]:
-        resident.load_reference(ref)
-        out[name] = resident.losses(windows)
-    return out
-
-
-def _evaluate(resident, space, params: dict, refs: dict, windows: dict, spec: SearchSpec, number: int, seed: int) -> Trial:
-    recipe = space.decode(params)
-    trial = Trial(number, params, recipe, seed=seed)
-    t0 = time.perf_counter()
-    try:
-        resident.apply(recipe, seed=MERGE_SEED)
-        trial.losses = resident.losses(windows)
-        trial.scores = scores_of(trial.losses, refs, list(spec.experts), spec.general)
-        trial.values = objective_values(trial.scores, spec.objectives)
-        if trial.values is None:
-            trial.status, trial.error = "failed", "an objective is undefined (a non-finite loss, or an expert no better than the base)"
-    except SpliceError as e:  # a candidate the methods refuse (e.g. weights that normalize to 0): a failed trial, the study goes on
-        trial.status, trial.error = "failed", str(e)
-        trial.values = None
-    trial.seconds = time.perf_counter() - t0
-    return trial
+def _trial(task, res: dict, seed: int) -> Trial:
+    """A finished task's trial record."""
+    failed = res.get("failed")
+    return Trial(
+        task.number,
+        task.params,
+        task.recipe,
+        "failed" if failed else "ok",
+        res.get("losses", {}),
+        res.get("scores", {}),
+        None if failed else res.get("values"),
+        res.get("seconds", 0.0),
+        seed,
+        failed,
+        res.get("level"),
+        res.get("screen"),
+    )
 
 
 def _line(trial: Trial, best: Trial | None, budget: int | None, objectives: list[str], space) -> str:
@@ -428,7 +525,9 @@ def _write_pareto(study: Study, records: list[dict]) -> None:
 
 def _leaderboard(resident, spec: SearchSpec, space, splits, best: Trial) -> dict:
     """The best trial, the base, each expert and each method's hand-tuned point, scored on the test split (never shown to the search)."""
-    test_refs = _reference_losses(resident, spec, splits.test)
+    from .evaluate import references
+
+    test_refs = references(resident, spec.base, spec.experts, splits.test)
     resident.apply(best.recipe, seed=MERGE_SEED)
     best_test = resident.losses(splits.test)
     rows = [{"model": f"best (trial {best.number})", "losses": best_test}]
