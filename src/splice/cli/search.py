@@ -39,17 +39,21 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(format_leaderboard(s["leaderboard"], list(spec.domains)))
         on_test = s["leaderboard"]["rows"][0]["scores"]
         seen = s["leaderboard"]["best_search_split"]
-        print(
-            f"best: mean {_num(seen['normalized'])} / worst {_num(seen['min_normalized'])} on the search split, "
-            f"{_num(on_test['normalized'])} / {_num(on_test['min_normalized'])} on the test split"
-        )
+        if seen.get("normalized") is None:  # no experts (a drop space): the mean loss
+            on_test_loss = s["leaderboard"]["rows"][0]["loss"]
+            print(f"best: loss {_num(seen.get('loss'), 4)} on the search split, {_num(on_test_loss, 4)} on the test split")
+        else:
+            print(
+                f"best: mean {_num(seen['normalized'])} / worst {_num(seen['min_normalized'])} on the search split, "
+                f"{_num(on_test['normalized'])} / {_num(on_test['min_normalized'])} on the test split"
+            )
     per = f", {s['seconds_per_eval']:.2f}s per evaluation" if s["seconds_per_eval"] is not None else ""
     print(f"{s['study']}: {s['trials']} trial(s){per}; best is trial {best['trial']}: {s['study']}/best.yaml (splice merge runs it)")
     return 0
 
 
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
+def _num(v, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def _duration(text: str, name: str = "value") -> float:
@@ -71,7 +75,10 @@ def add_search(sub) -> None:
         help="stop asking for trials after this long, e.g. 30m, 2h, 90s",
     )
     p.add_argument(
-        "--optimizer", default=None, metavar="NAME", help="default, random, tpe, cmaes or nsga2 (default: the spec's, else default)"
+        "--optimizer",
+        default=None,
+        metavar="NAME",
+        help="default, random, tpe, cmaes, nsga2 or evopress (default: the spec's, else default)",
     )
     p.add_argument(
         "--objectives",

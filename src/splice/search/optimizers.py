@@ -14,7 +14,8 @@ back" (the default optimizer between its method sweep and CMA-ES); it then chang
 
 - ``random``: uniform over every gene (the baseline; needs nothing but the standard library);
 - ``tpe``, ``cmaes``, ``nsga2``: optuna's samplers (the ``search`` extra: optuna and cmaes);
-- ``default``: a sweep of the space's methods, each at its hand-tuned values (equal weights,
+- ``evopress``: a drop space's evolutionary search (``splice.search.evopress``);
+- ``default``: a drop space: evopress; else a sweep of the space's methods, each at its hand-tuned values (equal weights,
   density 0.5), then CMA-ES (the ``cmaes`` package) over the best method's numbers, started at
   that method's hand-tuned point; with several objectives, optuna's TPE after the sweep.
   On the tiny zoo the method mattered more than per-layer knobs, hence the sweep first.
@@ -50,6 +51,16 @@ class Optimizer:
     summary: str
     make: Callable[..., Any]  # (space, directions, seed) -> an object with ask() and tell(params, values)
     multi_objective: bool = True
+    spaces: tuple[str, ...] = ("merge",)  # the kinds of space it searches: "merge" (space.methods...), "drop" (space.drop)
+
+    def problem(self, space_spec) -> str | None:
+        """Why this optimizer cannot search a spec's space (a ``SpaceSpec``), or None."""
+        kind = "drop" if space_spec.drop is not None else "merge"
+        if kind in self.spaces:
+            return None
+        if kind == "drop":
+            return f"optimizer {self.name!r} searches merge parameters; a drop space is searched by evopress (the default) or random"
+        return f"optimizer {self.name!r} searches a drop space (space.drop); merge parameters are searched by {', '.join(MERGE_OPTIMIZERS)}"
 
 
 OPTIMIZERS: Registry[Optimizer] = Registry("search optimizer")
@@ -255,8 +266,43 @@ class WarmStartSearch:
             self.generation = []
 
 
-OPTIMIZERS.add("default", Optimizer("default", "sweep the methods at hand-tuned values, then CMA-ES on the best one", WarmStartSearch))
-OPTIMIZERS.add("random", Optimizer("random", "uniform random search (the baseline)", RandomSearch))
+def _default(space, directions, seed):
+    if space.kind == "drop":
+        from .evopress import EvoPress
+
+        return EvoPress(space, directions, seed)
+    return WarmStartSearch(space, directions, seed)
+
+
+def _evopress(space, directions, seed):
+    from .evopress import EvoPress
+
+    if len(directions) > 1:
+        raise SearchError("optimizer 'evopress' follows one objective")
+    return EvoPress(space, directions, seed)
+
+
+MERGE_OPTIMIZERS = ("default", "random", "tpe", "cmaes", "nsga2")
+OPTIMIZERS.add(
+    "default",
+    Optimizer(
+        "default",
+        "sweep the methods at hand-tuned values, then CMA-ES on the best one; a drop space: evopress",
+        _default,
+        spaces=("merge", "drop"),
+    ),
+)
+OPTIMIZERS.add("random", Optimizer("random", "uniform random search (the baseline)", RandomSearch, spaces=("merge", "drop")))
 OPTIMIZERS.add("tpe", Optimizer("tpe", "optuna's tree-structured Parzen estimator", _tpe))
 OPTIMIZERS.add("cmaes", Optimizer("cmaes", "optuna's CMA-ES (one objective)", _cmaes, multi_objective=False))
 OPTIMIZERS.add("nsga2", Optimizer("nsga2", "optuna's NSGA-II (Pareto front of several objectives)", _nsga2))
+OPTIMIZERS.add(
+    "evopress",
+    Optimizer(
+        "evopress",
+        "EvoPress: evolve the drop set from splice skip's planners, level-switch mutation, screen then re-score",
+        _evopress,
+        multi_objective=False,
+        spaces=("drop",),
+    ),
+)

@@ -37,6 +37,7 @@ from .. import options
 from ..errors import SpliceError, option
 from ..eval.results import write_text_atomic
 from .evaluate import MERGE_SEED
+from .fidelity import Promotion, fidelity_of, fidelity_windows
 from .objectives import better, pareto_front, scores_of
 from .optimizers import OPTIMIZERS, SearchError
 from .spec import SearchSpec, load_spec, objectives_list, parse_time
@@ -270,6 +271,9 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
             opts.objectives, list(spec.experts), spec.general, where=lambda m: SearchError(f"{option('objectives')}: {m}")
         )
     entry = OPTIMIZERS.get(optimizer)
+    problem = entry.problem(spec.space)
+    if problem:
+        raise SearchError(problem)
     if len(objectives) > 1 and not entry.multi_objective:
         raise SearchError(
             f"optimizer {optimizer!r} follows one objective, and {len(objectives)} are asked ({', '.join(objectives)}); use nsga2 or tpe"
@@ -285,26 +289,18 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
 
 
 def _run(study: Study, records: list[dict], budget: int | None, limit: float | None) -> dict:
-    from ..architecture import num_layers
-    from ..checkpoint.reader import open_model
     from ..eval.perplexity import read_text
     from .evaluate import Evaluator, references
     from .resident import ResidentModel
-    from .space import MergeSpace
     from .splits import make_splits
     from .workers import InlinePool, ProcessPool
 
     spec, opts = study.spec, study.opts
     quiet = opts.quiet
     threads = opts.threads or spec.threads or _default_threads()
-    src = open_model(spec.base)
-    try:
-        n_layers = num_layers(src.config, src.keys())
-    finally:
-        src.close()
-    space = MergeSpace(spec, n_layers)
+    space = make_space(spec)
     directions = spec.directions()
-    opt = OPTIMIZERS.get(study.optimizer).make(space, directions, study.seed)
+    drop = space.kind == "drop"
 
     t_setup = time.perf_counter()
     workers = opts.workers
@@ -326,27 +322,35 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
     try:
         texts = {d: read_text(p) for d, p in spec.domains.items()}
         splits = make_splits(resident.tokenizer, texts, spec.seq_len, spec.search_share, spec.tokens)
-        refs = references(resident, spec.base, spec.experts, splits.search)
+        fid = fidelity_of(spec, study.optimizer, space)
+        windows = fidelity_windows(splits.search, fid)
+        refs = references(resident, spec.base, spec.experts, windows["full"], drop=drop)
+        refs_screen = references(resident, spec.base, spec.experts, windows["screen"], drop=drop) if fid is not None else None
         for d in spec.experts:
             if refs[d][d] >= refs["base"][d]:
                 raise SearchError(
                     f"expert {d!r} is no better than the base on its own domain's search split (loss {refs[d][d]:.4f}, base "
                     f"{refs['base'][d]:.4f}): a normalized score measures an expert's gain, and this one has none"
                 )
-        evaluator = Evaluator(
-            resident, {"full": splits.search, "screen": None}, refs, None, spec.objectives, list(spec.experts), spec.general, directions
-        )
+        if drop:
+            space.seed_from_planners(_planner_stats(resident, windows["full"]))
+        space.keep = fid.keep if fid is not None else None
+        opt = OPTIMIZERS.get(study.optimizer).make(space, directions, study.seed)
+        staged = getattr(opt, "staged", False)
+        evaluator = Evaluator(resident, windows, refs, refs_screen, spec.objectives, list(spec.experts), spec.general, directions, drop)
+        tokens = {k: {d: sum(len(w) - 1 for w in ws) for d, ws in v.items()} for k, v in windows.items() if v is not None}
+        screen = f", screened on {tokens['screen']} (keep {fid.keep:g})" if fid is not None else ""
         _progress(
-            f"search: {len(space.methods)} method(s), {len(space.all_genes())} genes, {study.optimizer} optimizer, "
-            f"{workers} worker(s), tokens per domain {splits.tokens('search')} (search) / {splits.tokens('test')} (test); set up in "
-            f"{time.perf_counter() - t_setup:.1f}s",
+            f"search: {space.describe()}, {study.optimizer} optimizer, {workers} worker(s), tokens per domain "
+            f"{tokens['full']} (search){screen} / {splits.tokens('test')} (test); set up in {time.perf_counter() - t_setup:.1f}s",
             quiet,
         )
 
         if not opts.resume:
             study.create()
-        asks = read_trials(study.asks_path, check=False) if opts.resume else []
-        best, pending = _replay(study, opt, space, asks, records)
+        asks = read_trials(study.asks_path) if opts.resume else []
+        rule = Promotion(fid, directions[0]) if fid is not None and not staged else None
+        best, pending = _replay(study, opt, space, asks, records, rule)
         if records or pending:
             _progress(f"resumed {study.folder}: {len(records)} trial(s) replayed, {len(pending)} asked and unfinished run again", quiet)
 
@@ -363,6 +367,8 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
             while pool.free() > 0:  # hand out candidates until every worker has one
                 if pending:
                     task = pending.popleft()
+                    if rule is not None:
+                        task.promote = rule.threshold()
                 else:
                     if budget is not None and asked >= budget:
                         break
@@ -371,12 +377,16 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
                             _progress(f"time limit reached after {asked} trial(s)", quiet)
                         out_of_time = True
                         break
-                    params = opt.ask()
-                    if params is None:  # the optimizer waits for a result first
+                    got = opt.ask()
+                    if got is None:  # the optimizer waits for a result first
                         break
+                    params, level = got if staged else (got, "screen" if rule is not None else None)
                     asked += 1
-                    _append(study.asks_path, {"trial": asked, "told": told, "params": params})  # persisted before it is evaluated
-                    task = Task(asked, params, space.decode(params))
+                    record = {"trial": asked, "told": told, "params": params}
+                    if level is not None:
+                        record["level"] = level
+                    _append(study.asks_path, record)  # persisted before it is evaluated
+                    task = Task(asked, params, space.decode(params), level, rule.threshold() if rule is not None else None)
                 pool.submit(task)
             if pool.busy() == 0:
                 break
@@ -384,6 +394,8 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
             trial = _trial(task, res, study.seed)
             _append(study.trials_path, trial.to_json())  # persisted before the next is asked
             opt.tell(task.params, trial.values)
+            if rule is not None:
+                rule.add(trial)
             told += 1
             evals.append(trial.seconds)
             if _improves(trial, best, spec.objectives):
@@ -415,6 +427,47 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
         resident.close()
 
 
+PLANNER_TOKENS = 4096  # search tokens (all domains) the skip planners' hidden-state statistics are taken on
+
+
+def make_space(spec: SearchSpec):
+    """The spec's space over its base: a ``DropSpace`` (space.drop) or a ``MergeSpace``."""
+    from ..architecture import num_layers
+    from ..checkpoint.reader import open_model
+
+    src = open_model(spec.base)
+    try:
+        if spec.space.drop is not None:
+            from ..skip.costs import layer_costs
+            from .drop import DropSpace
+
+            return DropSpace(spec, layer_costs(src))
+        from .space import MergeSpace
+
+        return MergeSpace(spec, num_layers(src.config, src.keys()))
+    finally:
+        src.close()
+
+
+def _planner_stats(resident, windows: dict):
+    """splice skip's hidden-state statistics of the base on the search windows (the planners' calibration text)."""
+    import torch
+
+    from ..engine.write import torch_threads
+    from ..skip.calibration import hidden_stats
+
+    seqs, n = [], 0
+    per_domain = [list(ws) for ws in windows.values()]
+    while n < PLANNER_TOKENS and any(per_domain):  # interleave the domains
+        for ws in per_domain:
+            if ws and n < PLANNER_TOKENS:
+                w = ws.pop(0)
+                seqs.append(torch.tensor(w, dtype=torch.long))
+                n += len(w)
+    with torch_threads(resident.threads):
+        return hidden_stats(resident.model, seqs)
+
+
 def _improves(trial: Trial, best: Trial | None, objectives: list[str]) -> bool:
     """Whether ``trial`` becomes the best: it succeeded, was scored on every search window (not a screen only), and beats ``best``."""
     if trial.values is None or trial.level == "screen":
@@ -422,7 +475,7 @@ def _improves(trial: Trial, best: Trial | None, objectives: list[str]) -> bool:
     return best is None or better(trial.values, best.values, objectives)
 
 
-def _replay(study: Study, opt, space, asks: list[dict], records: list[dict]):
+def _replay(study: Study, opt, space, asks: list[dict], records: list[dict], rule: Promotion | None = None):
     """Replay the recorded asks and tells through the fresh optimizer ``opt``, checking it proposes the same candidates.
 
     Returns (the best trial so far, the asked candidates with no result, as tasks to run again).
@@ -430,8 +483,8 @@ def _replay(study: Study, opt, space, asks: list[dict], records: list[dict]):
     from collections import deque
 
     from .optimizers import params_key
-    from .workers import Task
 
+    staged = getattr(opt, "staged", False)
     if not asks and records:  # a study without asks.jsonl: one worker, each trial asked after the one before was told
         asks = [{"trial": r["trial"], "told": i, "params": r["params"]} for i, r in enumerate(records)]
     out: dict[int, dict] = {}
@@ -441,8 +494,9 @@ def _replay(study: Study, opt, space, asks: list[dict], records: list[dict]):
         nonlocal k
         while k < len(asks) and asks[k]["told"] <= told:
             a = asks[k]
-            params = opt.ask()
-            if params is None or params_key(params) != params_key(a["params"]):
+            got = opt.ask()
+            params, level = got if staged and got is not None else (got, a.get("level"))
+            if params is None or params_key(params) != params_key(a["params"]) or level != a.get("level"):
                 raise SearchError(
                     f"{study.asks_path}:{k + 1}: the optimizer proposes another candidate than the recorded trial "
                     f"{a['trial']} on replay; this study cannot be resumed (was it made by another splice version?)"
@@ -457,10 +511,12 @@ def _replay(study: Study, opt, space, asks: list[dict], records: list[dict]):
             raise SearchError(f"{study.trials_path}:{i + 1}: trial {r['trial']} has a result but was never asked; the file was edited?")
         opt.tell(r["params"], r["values"] if r["status"] == "ok" else None)
         t = _trial_from(r)
+        if rule is not None:
+            rule.add(t)
         if _improves(t, best, study.spec.objectives):
             best = t
     ask_up_to(len(records))
-    return best, deque(Task(a["trial"], a["params"], space.decode(a["params"])) for a in out.values())
+    return best, deque(Task(a["trial"], a["params"], space.decode(a["params"]), a.get("level")) for a in out.values())
 
 
 def _trial_from(r: dict) -> Trial:
@@ -501,7 +557,8 @@ def _trial(task, res: dict, seed: int) -> Trial:
 
 def _line(trial: Trial, best: Trial | None, budget: int | None, objectives: list[str], space) -> str:
     total = f"/{budget}" if budget is not None else ""
-    head = f"trial {trial.number}{total} {space.method_of(trial.params)}"
+    level = {"screen": " (screen)", "full": " (re-scored)" if trial.screen else " (full)"}.get(trial.level or "", "")
+    head = f"trial {trial.number}{total} {space.label(trial.params)}{level}"
     score = f"{objectives[0]} {trial.values[0]:.4f}" if trial.values is not None else f"failed ({trial.error})"
     b = f"best {best.values[0]:.4f} (trial {best.number})" if best is not None else "best -"
     return f"{head}: {score}, {b}, {trial.seconds:.2f}s/eval"
@@ -524,36 +581,47 @@ def _write_pareto(study: Study, records: list[dict]) -> None:
 
 
 def _leaderboard(resident, spec: SearchSpec, space, splits, best: Trial) -> dict:
-    """The best trial, the base, each expert and each method's hand-tuned point, scored on the test split (never shown to the search)."""
+    """The best trial, the base, each expert and the space's baselines (each method's hand-tuned point, or splice
+    skip's planners' drop sets), scored on the test split (never shown to the search)."""
     from .evaluate import references
 
-    test_refs = references(resident, spec.base, spec.experts, splits.test)
-    resident.apply(best.recipe, seed=MERGE_SEED)
-    best_test = resident.losses(splits.test)
-    rows = [{"model": f"best (trial {best.number})", "losses": best_test}]
+    drop = space.kind == "drop"
+    test_refs = references(resident, spec.base, spec.experts, splits.test, drop=drop)
+
+    def losses(params: dict, recipe: dict) -> dict:
+        if drop:
+            return resident.losses(splits.test, units={(int(i), "layer") for i in params["drop"]})
+        resident.apply(recipe, seed=MERGE_SEED)
+        return resident.losses(splits.test)
+
+    rows = [{"model": f"best (trial {best.number})", "losses": losses(best.params, best.recipe)}]
     rows += [{"model": "base", "losses": test_refs["base"]}]
     rows += [{"model": f"expert {d}", "losses": test_refs[d]} for d in spec.experts]
-    for method in space.methods:  # the hand-tuned baselines: each method at the point the default optimizer starts from
+    for name, params in space.baselines():
         try:
-            resident.apply(space.decode(space.start(method)), seed=MERGE_SEED)
+            rows.append({"model": name, "losses": losses(params, space.decode(params))})
         except SpliceError:
             continue
-        rows.append({"model": f"hand-tuned {method}", "losses": resident.losses(splits.test)})
     for row in rows:
-        row["scores"] = scores_of(row["losses"], test_refs, list(spec.experts), spec.general)
+        row["scores"] = scores_of(row["losses"], test_refs, list(spec.experts), spec.general) if spec.experts else {}
+        row["loss"] = round(sum(row["losses"].values()) / len(row["losses"]), 6)
         row["losses"] = {k: round(v, 6) for k, v in row["losses"].items()}
     search_scores = best.scores
     return {
         "split": "test",
         "tokens": splits.tokens("test"),
         "rows": rows,
-        "best_search_split": {"normalized": search_scores.get("normalized"), "min_normalized": search_scores.get("min_normalized")},
+        "best_search_split": {
+            "normalized": search_scores.get("normalized"),
+            "min_normalized": search_scores.get("min_normalized"),
+            "loss": round(sum(best.losses.values()) / len(best.losses), 6) if best.losses else None,
+        },
     }
 
 
 def format_leaderboard(board: dict, domains: list[str]) -> str:
-    """The leaderboard as a plain-text table: loss per domain, mean and worst normalized score, forgetting."""
-    head = ["model", *[f"{d} loss" for d in domains], "mean", "worst", "forget%"]
+    """The leaderboard as a plain-text table: loss per domain and their mean, mean and worst normalized score, forgetting."""
+    head = ["model", *[f"{d} loss" for d in domains], "loss", "mean", "worst", "forget%"]
     rows = [head]
     for r in board["rows"]:
         s = r["scores"]
@@ -565,6 +633,7 @@ def format_leaderboard(board: dict, domains: list[str]) -> str:
             [
                 r["model"],
                 *[f"{r['losses'][d]:.4f}" for d in domains],
+                f"{r['loss']:.4f}",
                 num(s.get("normalized")),
                 num(s.get("min_normalized")),
                 num(None if s.get("forgetting") is None else 100 * s["forgetting"], "{:+.2f}"),
