@@ -219,3 +219,37 @@ def test_resume_runs_a_candidate_asked_and_never_finished_again(spec, study, tmp
         f.write(json.dumps({"trial": 5, "told": 4, "params": fourth}) + "\n")
     with pytest.raises(SpliceError, match=r"asks.jsonl:5: the optimizer proposes another candidate than the recorded trial 5"):
         run_search(spec, out, budget=5, optimizer="random", resume=True, quiet=True, leaderboard=False)
+
+
+def test_promotion_rescores_the_best_share_of_screens_so_far():
+    from splice.search.fidelity import Promotion
+    from splice.search.spec import Fidelity
+    from splice.search.study import Trial
+
+    rule = Promotion(Fidelity(keep=0.5), up=True)
+    assert rule.threshold() is True  # the first candidates are always re-scored
+    for v in (0.1, 0.5, 0.3):
+        rule.add(Trial(0, {}, {}, values=[v], level="screen"))
+    assert rule.threshold() == 0.3  # 4 candidates with this one: it must be among the best 2
+    rule.add(Trial(0, {}, {}, values=[0.9], level="full", screen={"values": [0.7], "losses": {}}))  # a re-scored one counts its screen
+    assert rule.seen == [0.1, 0.5, 0.3, 0.7] and rule.threshold() == 0.3
+    low = Promotion(Fidelity(keep=0.25), up=False)
+    for v in (4.0, 3.0, 5.0, 6.0):
+        low.add(Trial(0, {}, {}, values=[v], level="screen"))
+    assert low.threshold() == 4.0  # 5 with this one, ceil(0.25 * 5) = 2 may pass: it must beat all but the best
+
+
+def test_a_fidelity_screens_every_candidate_and_rescores_the_promising_ones(spec, study, tmp_path):
+    fid = tmp_path / "fid.yaml"
+    fid.write_text(spec.read_text() + "fidelity: {screen_tokens: 64, keep: 0.5}\n")
+    out = tmp_path / "st"
+    s = run_search(fid, out, budget=3, optimizer="random", quiet=True, leaderboard=False)
+    records = read_trials(out / "trials.jsonl")
+    assert [a["level"] for a in read_trials(out / "asks.jsonl")] == ["screen"] * 3
+    first = records[0]
+    assert first["level"] == "full" and set(first["screen"]) == {"values", "losses"}  # the first is always re-scored
+    # re-scored on every search token: the value a study without a fidelity gives the same candidate
+    plain = read_trials(study[0] / "trials.jsonl")[0]
+    assert first["params"] == plain["params"] and first["values"] == pytest.approx(plain["values"], abs=1e-6)
+    assert s["best"]["level"] == "full"
+    assert all(r["level"] == "screen" and "screen" not in r or r["level"] == "full" for r in records)
