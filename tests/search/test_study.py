@@ -137,8 +137,12 @@ def test_force_starts_a_study_over(spec, tmp_path):
 
 def test_cli_search_prints_progress_and_the_test_leaderboard(spec, tmp_path, capsys):
     out = tmp_path / "st"
-    assert main(["search", str(spec), "-o", str(out), "--budget", "2", "--optimizer", "random", "--seed", "3"]) == 0
+    best = tmp_path / "best"
+    assert (
+        main(["search", str(spec), "-o", str(out), "--budget", "2", "--optimizer", "random", "--seed", "3", "--write-best", str(best)]) == 0
+    )
     cap = capsys.readouterr()
+    assert f"best model written to {best}" in cap.out and (best / "config.json").exists() and (best / "model.safetensors").exists()
     assert "trial 1/2 " in cap.err and "trial 2/2 " in cap.err and "s/eval" in cap.err and "best " in cap.err
     assert "test split" in cap.out and "base" in cap.out and "expert code" in cap.out and "best (trial" in cap.out
     assert f"{out}/best.yaml" in cap.out
@@ -146,6 +150,8 @@ def test_cli_search_prints_progress_and_the_test_leaderboard(spec, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("splice: error: study folder") and "--resume" in err and "--force" in err and "\n" not in err
     assert main(["search", str(spec), "-o", str(out), "--budget", "0"]) == 2
+    assert main(["search", str(spec), "-o", str(tmp_path / "st2"), "--budget", "1", "--write-best", str(best)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err and not (tmp_path / "st2").exists()  # refused before searching
     assert main(["search", str(spec), "-o", str(out), "--optimizer", "cmaess", "--resume"]) == 2
     assert "did you mean 'cmaes'?" in capsys.readouterr().err
 

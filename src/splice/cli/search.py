@@ -23,6 +23,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         workers=args.workers,
         resume=args.resume,
         force=args.force,
+        write_best=args.write_best,
         quiet=args.quiet,
     )
     try:
@@ -49,6 +50,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             )
     per = f", {s['seconds_per_eval']:.2f}s per evaluation" if s["seconds_per_eval"] is not None else ""
     print(f"{s['study']}: {s['trials']} trial(s){per}; best is trial {best['trial']}: {s['study']}/best.yaml (splice merge runs it)")
+    if s.get("written"):
+        print(f"best model written to {s['written']}")
     return 0
 
 
@@ -85,6 +88,12 @@ def add_search(sub) -> None:
         default=None,
         metavar="LIST",
         help="comma-separated objectives: mean, worst, forgetting or a domain (default: the spec's)",
+    )
+    p.add_argument(
+        "--write-best",
+        default=None,
+        metavar="DIR",
+        help="at the end, write the best model to DIR (splice merge of best.yaml; an existing DIR needs --force)",
     )
     p.add_argument("--resume", action="store_true", help="continue the study in -o (same spec, optimizer and seed: the same trace)")
     add_force(p)

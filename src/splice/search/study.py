@@ -60,6 +60,7 @@ class SearchOptions:
     force: bool = False
     quiet: bool = False
     leaderboard: bool = True  # score the best, the base and the experts on the test split at the end
+    write_best: str | os.PathLike | None = None  # a folder: splice merge best.yaml into it at the end (force replaces it)
 
     def __post_init__(self) -> None:
         options.optional(options.positive_int, self.budget, "budget")
@@ -247,7 +248,8 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
         opts: the options; ``kw`` sets single fields of them (``budget=20``, ``resume=True``).
 
     Returns:
-        ``{"study", "trials", "best" (the best trial's record), "leaderboard" (test split), "seconds_per_eval"}``.
+        ``{"study", "trials", "best" (the best trial's record), "leaderboard" (test split), "seconds_per_eval",
+        "written" (the folder ``write_best`` wrote, or None)}``.
 
     Raises:
         SpliceError: one line for a bad spec, a study folder the rules refuse, a budget below one.
@@ -281,11 +283,21 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
     folder = options.output_folder(out, "out")
     from ..checkpoint.writer import check_output
 
-    check_output(folder, force=True, inputs=[spec.base, *spec.experts.values(), *spec.domains.values()])
+    inputs = [spec.base, *spec.experts.values(), *spec.domains.values()]
+    check_output(folder, force=True, inputs=inputs)
+    if opts.write_best is not None:  # refused now, not after the search
+        check_output(opts.write_best, force=opts.force, inputs=[*inputs, folder])
     spec = replace(spec, objectives=objectives)
     study = Study(folder, spec, opts, optimizer, seed, objectives)
     records = study.open()
-    return _run(study, records, budget, limit)
+    summary = _run(study, records, budget, limit)
+    summary["written"] = None
+    if opts.write_best is not None and summary["best"] is not None:
+        from ..engine import run_merge
+
+        _progress(f"writing the best (trial {summary['best']['trial']}) to {opts.write_best}", opts.quiet)
+        summary["written"] = run_merge(summary["best"]["recipe"], opts.write_best, force=opts.force, quiet=True)["out"]
+    return summary
 
 
 def _run(study: Study, records: list[dict], budget: int | None, limit: float | None) -> dict:
