@@ -21,6 +21,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         objectives=args.objectives,
         threads=args.threads,
         workers=args.workers,
+        ray=args.ray,
         resume=args.resume,
         force=args.force,
         write_best=args.write_best,
@@ -111,6 +112,12 @@ def add_search(sub) -> None:
         default=1,
         metavar="N",
         help="local worker processes evaluating candidates at once, asynchronously; each gets its share of --threads (default: 1)",
+    )
+    p.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="evaluate on Ray: 'auto' (a cluster on this machine, else a local one) or a cluster's address; --workers actors (needs ray installed)",
     )
     add_common(p)
     p.set_defaults(func=cmd_search)

@@ -61,6 +61,7 @@ class SearchOptions:
     quiet: bool = False
     leaderboard: bool = True  # score the best, the base and the experts on the test split at the end
     write_best: str | os.PathLike | None = None  # a folder: splice merge best.yaml into it at the end (force replaces it)
+    ray: str | None = None  # "auto" or a Ray cluster's address: the workers are Ray actors there (``workers`` of them)
 
     def __post_init__(self) -> None:
         options.optional(options.positive_int, self.budget, "budget")
@@ -305,7 +306,7 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
     from .evaluate import Evaluator, references
     from .resident import ResidentModel
     from .splits import make_splits
-    from .workers import InlinePool, ProcessPool
+    from .workers import InlinePool, ProcessPool, RayPool
 
     spec, opts = study.spec, study.opts
     quiet = opts.quiet
@@ -317,13 +318,15 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
     t_setup = time.perf_counter()
     workers = opts.workers
     pool = None
-    if workers > 1:  # the workers load their models while this process sets up; each pins its torch threads to its share of the cores
-        models = {
-            "base": spec.base,
-            "models": list(spec.experts.values()),
-            "threads": max(1, threads // workers),
-            "batch_size": spec.batch_size,
-        }
+    models = {
+        "base": spec.base,
+        "models": list(spec.experts.values()),
+        "threads": max(1, threads // workers),
+        "batch_size": spec.batch_size,
+    }
+    if opts.ray is not None:  # Ray actors, each asking Ray for its torch threads as CPUs
+        pool = RayPool(workers, models, opts.ray)
+    elif workers > 1:  # the workers load their models while this process sets up; each pins its torch threads to its share of the cores
         pool = ProcessPool(workers, models)
     try:
         resident = ResidentModel(spec.base, list(spec.experts.values()), threads=threads, batch_size=spec.batch_size)

@@ -211,3 +211,119 @@ class ProcessPool:
                 w["proc"].join(timeout=5)
             w["conn"].close()
         self.workers = []
+
+
+class RayWorker:
+    """A worker as a Ray actor: the same evaluator a local worker process runs, on whichever node Ray places it."""
+
+    def __init__(self, models: dict):
+        import torch
+
+        from .resident import ResidentModel
+
+        torch.set_num_threads(models["threads"])
+        self.resident = ResidentModel(models["base"], models["models"], threads=models["threads"], batch_size=models["batch_size"])
+        self.ev = None
+
+    def configure(self, setup: dict) -> bool:
+        from .evaluate import Evaluator
+
+        self.ev = Evaluator.from_setup(self.resident, setup)
+        return True
+
+    def run(self, task: Task) -> dict:
+        return self.ev.run(task)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise SearchError("--ray needs the ray package (pip install ray; checked with 2.58.0)") from None
+    return ray
+
+
+class RayPool:
+    """``size`` Ray actors (``RayWorker``), each asking Ray for ``threads`` CPUs, fed one task at a time each.
+
+    ``address``: ``auto`` (a cluster running on this machine, else a new local Ray instance)
+    or a cluster's address (``ray://host:10001``, ``host:6379``). Every node needs splice
+    installed and the models and text at the same paths. An actor that dies mid-task (its
+    node lost, killed) gives a failed trial, and a new actor takes its place.
+    """
+
+    def __init__(self, size: int, models: dict, address: str):
+        ray = _ray()
+        self.ray = ray
+        self.size = size
+        self.models = models
+        self.setup: dict | None = None
+        if not ray.is_initialized():
+            env = {"env_vars": {"OMP_NUM_THREADS": str(models["threads"])}}
+            try:
+                ray.init(address=None if address == "auto" else address, runtime_env=env, log_to_driver=False, include_dashboard=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise SearchError(f"--ray {address}: cannot connect to a Ray cluster ({e})") from None
+            self.started = True
+        else:
+            self.started = False
+        self.actor_cls = ray.remote(num_cpus=models["threads"], max_restarts=0)(RayWorker)
+        self.actors: list[dict] = [self._start() for _ in range(size)]
+        self.done: deque[tuple[Task, dict]] = deque()
+
+    def _start(self) -> dict:
+        a = self.actor_cls.remote(self.models)
+        if self.setup is not None:
+            a.configure.remote(self.setup)
+        return {"actor": a, "task": None, "ref": None}
+
+    def configure(self, setup: dict) -> None:
+        self.setup = setup
+        for w in self.actors:
+            w["actor"].configure.remote(setup)  # actors run their calls in order: configure before any task
+
+    def free(self) -> int:
+        return self.size - sum(w["task"] is not None for w in self.actors)
+
+    def busy(self) -> int:
+        return sum(w["task"] is not None for w in self.actors) + len(self.done)
+
+    def submit(self, task: Task) -> None:
+        idle = [w for w in self.actors if w["task"] is None]
+        if not idle:
+            self.actors.append(self._start())
+            idle = self.actors[-1:]
+        w = idle[0]
+        w["task"], w["ref"] = task, w["actor"].run.remote(task)
+
+    def result(self) -> tuple[Task, dict]:
+        ray = self.ray
+        while not self.done:
+            out = {w["ref"]: w for w in self.actors if w["ref"] is not None}
+            if not out:
+                raise SearchError("internal: a result was asked for with no task out")
+            ready, _ = ray.wait(list(out), num_returns=1)
+            w = out[ready[0]]
+            task = w["task"]
+            try:
+                res = ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                self.actors.remove(w)
+                res = {"failed": f"its Ray actor died while evaluating it ({type(e).__name__})"}
+            except ray.exceptions.RayTaskError as e:
+                raise SearchError(f"a search worker stopped: {str(e).strip().splitlines()[-1]}") from None
+            else:
+                w["task"], w["ref"] = None, None
+            self.done.append((task, res))
+        return self.done.popleft()
+
+    def close(self) -> None:
+        for w in self.actors:
+            try:
+                self.ray.kill(w["actor"])
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors = []
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
+            self.started = False
