@@ -129,3 +129,24 @@ def test_a_drop_search_on_the_tiny_zoo_gives_a_recipe_splice_merge_writes(tiny_z
     finally:
         model.close()
     assert losses == pytest.approx(s["leaderboard"]["rows"][0]["losses"], abs=2e-5)
+
+
+def test_evopress_is_seeded_and_does_not_depend_on_the_order_results_come_back(tmp_path):
+    sp = drop_space(tmp_path, {"count": 3})
+    sp.seeds = [("balanced", [1, 3, 5]), ("angular", [4, 5, 6])]
+    sp.keep = 0.25
+
+    def run(seed, reverse):
+        opt = EvoPress(sp, [False], seed=seed, offspring=6)
+        trace = []
+        for _ in range(6):  # seeds, screen, re-score, ... : each step asked whole, then told
+            asked = []
+            while (got := opt.ask()) is not None:
+                asked.append(got)
+            trace.append(sorted(json.dumps(p) + lv for p, lv in asked))
+            for p, _ in reversed(asked) if reverse else asked:
+                opt.tell(p, [float(sum(p["drop"]) % 7)])
+        return trace
+
+    assert run(0, False) == run(0, True)  # workers may return a step's results in any order
+    assert run(0, False) != run(1, False)
