@@ -139,7 +139,9 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
 # ---------------------------------------------------------------- structure checks with line numbers
 
 
-class _Ctx:
+class SchemaContext:
+    """Where a YAML schema's error is: ``fail(path, msg)`` gives ``file:line: key.path: msg`` (every splice schema uses it)."""
+
     def __init__(self, file: str, lines: dict):
         self.file = file
         self.lines = lines
@@ -160,7 +162,7 @@ class _Ctx:
         return RecipeError(f"{self.where(path)}: {msg}")
 
 
-def _check_keys(ctx: _Ctx, data: Any, path: tuple, allowed: tuple[str, ...], what: str) -> dict:
+def check_keys(ctx: SchemaContext, data: Any, path: tuple, allowed: tuple[str, ...], what: str) -> dict:
     """``data`` as a mapping whose keys are all in ``allowed``; an unknown key is an error with a suggestion.
 
     mergekit ignores unknown keys; splice refuses them, because a misspelt key
@@ -174,6 +176,11 @@ def _check_keys(ctx: _Ctx, data: Any, path: tuple, allowed: tuple[str, ...], wha
     return data
 
 
+# The names moe/recipe.py still imports; new code uses SchemaContext and check_keys.
+_Ctx = SchemaContext
+_check_keys = check_keys
+
+
 def unknown_choice(what: str, name: object, choices: tuple[str, ...] | list[str]) -> str:
     """``unknown <what> (valid: a, b); did you mean 'b'?`` (see :func:`splice.registry.unknown_choice`)."""
     return registry_unknown_choice(what, name, choices)[0]
@@ -184,7 +191,7 @@ def _ref_path(v: Any) -> Any:
     return v["path"] if isinstance(v, dict) and "path" in v else v
 
 
-def _model_ref(ctx: _Ctx, v: Any, path: tuple) -> str:
+def _model_ref(ctx: SchemaContext, v: Any, path: tuple) -> str:
     """A model reference as a string; mergekit's ``model+adapter`` LoRA form (or ``{model: ..., lora: ...}``) kept as ``X+Y``."""
     if isinstance(v, dict) and "model" in v:
         model, lora = _ref_path(v["model"]), _ref_path(v.get("lora"))
@@ -200,7 +207,7 @@ def _model_ref(ctx: _Ctx, v: Any, path: tuple) -> str:
     return v
 
 
-def _check_setting(ctx: _Ctx, v: Any, path: tuple) -> None:
+def _check_setting(ctx: SchemaContext, v: Any, path: tuple) -> None:
     if isinstance(v, (bool, int, float, str)):
         return
     if isinstance(v, dict):
@@ -222,7 +229,7 @@ def _check_setting(ctx: _Ctx, v: Any, path: tuple) -> None:
     raise ctx.fail(path, f"a parameter is a number, a list of numbers (gradient) or [{{filter, value}}], got {v!r}")
 
 
-def _params(ctx: _Ctx, data: Any, path: tuple, method: MergeMethod) -> dict:
+def _params(ctx: SchemaContext, data: Any, path: tuple, method: MergeMethod) -> dict:
     """The parameters ``method`` takes, each value checked against its range where it is known.
 
     A parameter that only other methods take, or a global one set for one
@@ -261,7 +268,7 @@ def _params(ctx: _Ctx, data: Any, path: tuple, method: MergeMethod) -> dict:
     return out
 
 
-def _param_setting(ctx: _Ctx, p: Param, v: Any, path: tuple) -> Any:
+def _param_setting(ctx: SchemaContext, p: Param, v: Any, path: tuple) -> Any:
     """``v`` (a scalar, a gradient list or a list of {filter, value}) with every value checked and numbers converted."""
     if isinstance(v, dict):
         return _param_setting(ctx, p, [v], path)
@@ -272,7 +279,7 @@ def _param_setting(ctx: _Ctx, p: Param, v: Any, path: tuple) -> Any:
     return _param_value(ctx, p, v, path)
 
 
-def _param_value(ctx: _Ctx, p: Param, v: Any, path: tuple) -> Any:
+def _param_value(ctx: SchemaContext, p: Param, v: Any, path: tuple) -> Any:
     """One known value: a numeric string converted to a number, then checked against ``p``'s range."""
     if isinstance(v, str) and p.kind != "bool":
         try:
@@ -287,7 +294,7 @@ def _param_value(ctx: _Ctx, p: Param, v: Any, path: tuple) -> Any:
     return v
 
 
-def _layer_range(ctx: _Ctx, lr: Any, path: tuple) -> tuple[int, int]:
+def _layer_range(ctx: SchemaContext, lr: Any, path: tuple) -> tuple[int, int]:
     """``[start, end)``: integers, 0 <= start < end (a slice of no layers makes no model)."""
     if (
         not isinstance(lr, list)
@@ -302,7 +309,7 @@ def _layer_range(ctx: _Ctx, lr: Any, path: tuple) -> tuple[int, int]:
     return lr[0], lr[1]
 
 
-def _dtype(ctx: _Ctx, v: Any, path: tuple) -> str | None:
+def _dtype(ctx: SchemaContext, v: Any, path: tuple) -> str | None:
     if v is None:
         return None
     if not isinstance(v, str) or v.lower() not in DTYPE_ALIASES:
@@ -314,8 +321,8 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
     """Validate a recipe given as a dict (already parsed YAML)."""
     from .methods import get_method
 
-    ctx = _Ctx(file, lines or {})
-    data = _check_keys(ctx, data, (), TOP_KEYS, "the recipe")
+    ctx = SchemaContext(file, lines or {})
+    data = check_keys(ctx, data, (), TOP_KEYS, "the recipe")
     if "merge_method" not in data:
         raise ctx.fail((), "missing required key 'merge_method'")
     name = data["merge_method"]
@@ -346,7 +353,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
         for i, m in enumerate(models):
             if isinstance(m, str):
                 m = {"model": m}
-            _check_keys(ctx, m, ("models", i), MODEL_KEYS, "a model entry")
+            check_keys(ctx, m, ("models", i), MODEL_KEYS, "a model entry")
             if "model" not in m:
                 raise ctx.fail(("models", i), "missing 'model'")
             r.models.append(
@@ -361,7 +368,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
             raise ctx.fail(("slices",), "'slices' must be a non-empty list")
         r.slices = []
         for i, s in enumerate(slices):
-            _check_keys(ctx, s, ("slices", i), SLICE_KEYS, "a slice")
+            check_keys(ctx, s, ("slices", i), SLICE_KEYS, "a slice")
             if s.get("residual_weight") is not None:
                 raise ctx.fail(("slices", i, "residual_weight"), "residual_weight is not supported")
             srcs = s.get("sources")
@@ -371,7 +378,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
             lengths = set()
             for j, src in enumerate(srcs):
                 p = ("slices", i, "sources", j)
-                _check_keys(ctx, src, p, SOURCE_KEYS, "a slice source")
+                check_keys(ctx, src, p, SOURCE_KEYS, "a slice source")
                 if "model" not in src:
                     raise ctx.fail(p, "missing 'model'")
                 lr = _layer_range(ctx, src.get("layer_range"), p + ("layer_range",))
@@ -399,7 +406,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
     if tok_src is not None and tok is not None:
         raise ctx.fail(("tokenizer",), "give either 'tokenizer_source' or 'tokenizer', not both")
     if tok is not None:
-        _check_keys(ctx, tok, ("tokenizer",), TOKENIZER_KEYS, "'tokenizer'")
+        check_keys(ctx, tok, ("tokenizer",), TOKENIZER_KEYS, "'tokenizer'")
         if tok.get("tokens"):
             raise ctx.fail(("tokenizer", "tokens"), "per-token embedding sources ('tokens') are not supported yet")
         tok_src = tok.get("source")
@@ -433,7 +440,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
     return r
 
 
-def _calibration(ctx: _Ctx, data: Any, method: MergeMethod, r: Recipe) -> dict[str, str]:
+def _calibration(ctx: SchemaContext, data: Any, method: MergeMethod, r: Recipe) -> dict[str, str]:
     """``calibration:``: each model's statistics file (``splice calibrate`` writes them), for methods that take them."""
     if data is None:
         if method.statistics:

@@ -36,9 +36,9 @@ def run(opt, n, objectives=1):
 
 
 def test_registry_names_and_did_you_mean():
-    assert OPTIMIZERS.names() == ["default", "random", "tpe", "cmaes", "nsga2"]
+    assert OPTIMIZERS.names() == ["default", "random", "tpe", "cmaes", "nsga2", "evopress"]
     with pytest.raises(
-        UnknownName, match=r"unknown search optimizer 'tpee' \(valid: default, random, tpe, cmaes, nsga2\); did you mean 'tpe'\?"
+        UnknownName, match=r"unknown search optimizer 'tpee' \(valid: default, random, tpe, cmaes, nsga2, evopress\); did you mean 'tpe'\?"
     ):
         OPTIMIZERS.get("tpee")
 

@@ -54,7 +54,9 @@ def test_a_good_spec_resolves_paths_and_fills_defaults(files):
     assert p["normalize"].fixed is True and not p["normalize"].searched
     assert s.objectives == ["mean"] and s.optimizer == "default"
     assert (s.budget, s.time, s.seed) == (7, 1800.0, 3)
-    assert s.search_share == 0.5
+    assert s.search_share == 0.5 and s.fidelity is None
+    f = load_spec(write(files, GOOD + "fidelity: {screen_tokens: 128, full_tokens: 1024}\n")).fidelity
+    assert (f.screen_tokens, f.full_tokens, f.keep) == (128, 1024, 0.25)
 
 
 def test_fingerprint_ignores_budget_and_seed_but_not_the_space(files):
@@ -105,6 +107,17 @@ def test_fingerprint_ignores_budget_and_seed_but_not_the_space(files):
         ("seed: 3", "seed: 3\nobjective: worstt", r"search.yaml:18: objective: unknown objective 'worstt' .*did you mean 'worst'\?"),
         ("  general: g", "  general: g\n  search_share: 1", r"search.yaml:7: evaluation.search_share: must be between 0 and 1"),
         ("budget: 7", "budget: 7\nbudget: 8", r"search.yaml:16: key 'budget' is given twice"),
+        (
+            "seed: 3",
+            "seed: 3\nfidelity: {screen_tokns: 9}",
+            r"search.yaml:18: fidelity.screen_tokns: unknown key .*did you mean 'screen_tokens'\?",
+        ),
+        (
+            "seed: 3",
+            "seed: 3\nfidelity: {screen_tokens: 512, full_tokens: 256}",
+            r"search.yaml:18: fidelity.screen_tokens: the screen \(512 tokens\) must be shorter than the full score \(256\)",
+        ),
+        ("seed: 3", "seed: 3\nfidelity: {keep: 0}", r"search.yaml:18: fidelity.keep: must be in \(0, 1\]"),
     ],
 )
 def test_bad_specs_are_one_line_errors_with_file_and_line(files, old, new, expected):

@@ -137,8 +137,12 @@ def test_force_starts_a_study_over(spec, tmp_path):
 
 def test_cli_search_prints_progress_and_the_test_leaderboard(spec, tmp_path, capsys):
     out = tmp_path / "st"
-    assert main(["search", str(spec), "-o", str(out), "--budget", "2", "--optimizer", "random", "--seed", "3"]) == 0
+    best = tmp_path / "best"
+    assert (
+        main(["search", str(spec), "-o", str(out), "--budget", "2", "--optimizer", "random", "--seed", "3", "--write-best", str(best)]) == 0
+    )
     cap = capsys.readouterr()
+    assert f"best model written to {best}" in cap.out and (best / "config.json").exists() and (best / "model.safetensors").exists()
     assert "trial 1/2 " in cap.err and "trial 2/2 " in cap.err and "s/eval" in cap.err and "best " in cap.err
     assert "test split" in cap.out and "base" in cap.out and "expert code" in cap.out and "best (trial" in cap.out
     assert f"{out}/best.yaml" in cap.out
@@ -146,6 +150,8 @@ def test_cli_search_prints_progress_and_the_test_leaderboard(spec, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("splice: error: study folder") and "--resume" in err and "--force" in err and "\n" not in err
     assert main(["search", str(spec), "-o", str(out), "--budget", "0"]) == 2
+    assert main(["search", str(spec), "-o", str(tmp_path / "st2"), "--budget", "1", "--write-best", str(best)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err and not (tmp_path / "st2").exists()  # refused before searching
     assert main(["search", str(spec), "-o", str(out), "--optimizer", "cmaess", "--resume"]) == 2
     assert "did you mean 'cmaes'?" in capsys.readouterr().err
 
@@ -171,3 +177,95 @@ def test_a_failed_set_up_writes_nothing(llama_trio, tmp_path):
     with pytest.raises(SpliceError, match=r"expert '(a|b)' is no better than the base on its own domain's search split"):
         run_search(spec, tmp_path / "st", optimizer="random", quiet=True)
     assert not (tmp_path / "st").exists()
+
+
+def test_two_workers_share_one_study_asynchronously_and_a_dead_worker_fails_only_its_trial(tiny_zoo, tmp_path, monkeypatch):
+    from splice.search import workers
+
+    zoo, _ = tiny_zoo
+    small = tmp_path / "small.yaml"  # one expert and one domain: each worker loads two tiny models
+    small.write_text(
+        f"models: {{base: {zoo}/models/base, experts: {{code: {zoo}/models/code}}}}\n"
+        f"evaluation: {{domains: {{code: {zoo}/data/code/heldout.txt}}, tokens: 128, seq_len: 64}}\n"
+        "space: {methods: [linear, ties]}\nseed: 0\nthreads: 2\n"
+    )
+    real = workers.ProcessPool.submit
+
+    def submit(self, task):  # the worker handed trial 2 is killed while it evaluates it
+        real(self, task)
+        if task.number == 2:
+            next(w for w in self.workers if w["task"] is task)["proc"].kill()
+
+    monkeypatch.setattr(workers.ProcessPool, "submit", submit)
+    out = tmp_path / "st"
+    s = run_search(small, out, budget=3, optimizer="random", workers=2, quiet=True, leaderboard=False)
+    records = {r["trial"]: r for r in read_trials(out / "trials.jsonl")}
+    asks = read_trials(out / "asks.jsonl")
+    assert s["trials"] == 3 and sorted(records) == [1, 2, 3]
+    # both workers were handed a candidate before either result was told: asynchronous, no generation
+    assert [a["told"] for a in asks[:2]] == [0, 0]
+    assert records[2]["status"] == "failed" and "worker process died" in records[2]["error"]
+    # random search proposes the same candidates whatever the worker count, each scored as one worker scores it
+    monkeypatch.undo()
+    one = tmp_path / "one"
+    run_search(small, one, budget=3, optimizer="random", quiet=True, leaderboard=False)
+    by_trial = {r["trial"]: r for r in read_trials(one / "trials.jsonl")}
+    for n in (1, 3):
+        assert records[n]["status"] == "ok" and records[n]["params"] == by_trial[n]["params"]
+        assert records[n]["values"] == pytest.approx(by_trial[n]["values"], abs=1e-5)
+
+
+def test_resume_runs_a_candidate_asked_and_never_finished_again(spec, study, tmp_path):
+    import shutil
+
+    from splice.search import OPTIMIZERS
+    from splice.search.space import MergeSpace
+
+    out = tmp_path / "st"
+    shutil.copytree(study[0], out)
+    opt = OPTIMIZERS.get("random").make(MergeSpace(load_spec(spec), 4), [True], 0)
+    fourth = [opt.ask() for _ in range(4)][-1]
+    with open(out / "asks.jsonl", "a") as f:  # killed while trial 4 was out
+        f.write(json.dumps({"trial": 4, "told": 3, "params": fourth}) + "\n")
+    run_search(spec, out, budget=4, optimizer="random", resume=True, quiet=True, leaderboard=False)
+    records = read_trials(out / "trials.jsonl")
+    assert [r["trial"] for r in records] == [1, 2, 3, 4] and records[3]["params"] == fourth and records[3]["status"] == "ok"
+    assert len(read_trials(out / "asks.jsonl")) == 4
+    with open(out / "asks.jsonl", "a") as f:  # an ask the optimizer would not make
+        f.write(json.dumps({"trial": 5, "told": 4, "params": fourth}) + "\n")
+    with pytest.raises(SpliceError, match=r"asks.jsonl:5: the optimizer proposes another candidate than the recorded trial 5"):
+        run_search(spec, out, budget=5, optimizer="random", resume=True, quiet=True, leaderboard=False)
+
+
+def test_promotion_rescores_the_best_share_of_screens_so_far():
+    from splice.search.fidelity import Promotion
+    from splice.search.spec import Fidelity
+    from splice.search.study import Trial
+
+    rule = Promotion(Fidelity(keep=0.5), up=True)
+    assert rule.threshold() is True  # the first candidates are always re-scored
+    for v in (0.1, 0.5, 0.3):
+        rule.add(Trial(0, {}, {}, values=[v], level="screen"))
+    assert rule.threshold() == 0.3  # 4 candidates with this one: it must be among the best 2
+    rule.add(Trial(0, {}, {}, values=[0.9], level="full", screen={"values": [0.7], "losses": {}}))  # a re-scored one counts its screen
+    assert rule.seen == [0.1, 0.5, 0.3, 0.7] and rule.threshold() == 0.3
+    low = Promotion(Fidelity(keep=0.25), up=False)
+    for v in (4.0, 3.0, 5.0, 6.0):
+        low.add(Trial(0, {}, {}, values=[v], level="screen"))
+    assert low.threshold() == 4.0  # 5 with this one, ceil(0.25 * 5) = 2 may pass: it must beat all but the best
+
+
+def test_a_fidelity_screens_every_candidate_and_rescores_the_promising_ones(spec, study, tmp_path):
+    fid = tmp_path / "fid.yaml"
+    fid.write_text(spec.read_text() + "fidelity: {screen_tokens: 64, keep: 0.5}\n")
+    out = tmp_path / "st"
+    s = run_search(fid, out, budget=3, optimizer="random", quiet=True, leaderboard=False)
+    records = read_trials(out / "trials.jsonl")
+    assert [a["level"] for a in read_trials(out / "asks.jsonl")] == ["screen"] * 3
+    first = records[0]
+    assert first["level"] == "full" and set(first["screen"]) == {"values", "losses"}  # the first is always re-scored
+    # re-scored on every search token: the value a study without a fidelity gives the same candidate
+    plain = read_trials(study[0] / "trials.jsonl")[0]
+    assert first["params"] == plain["params"] and first["values"] == pytest.approx(plain["values"], abs=1e-6)
+    assert s["best"]["level"] == "full"
+    assert all(r["level"] == "screen" and "screen" not in r or r["level"] == "full" for r in records)

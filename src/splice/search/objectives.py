@@ -6,6 +6,7 @@ keeps on domain d (:func:`splice.eval.normalized_scores`). The objectives are
 - ``mean``: the mean of ``normalized_d`` over the expert domains (maximized);
 - ``worst``: the smallest ``normalized_d`` (maximized);
 - ``forgetting``: the relative loss change on the general domain (minimized);
+- ``loss``: the mean held-out loss over every domain (minimized; needs no experts: a drop space's objective);
 - ``<domain>``: one expert domain's ``normalized_d`` (maximized).
 
 Torch-free.
@@ -36,11 +37,13 @@ def scores_of(losses: dict[str, float], references: dict[str, dict[str, float]],
     return normalized_scores(table, "base", {d: f"expert:{d}" for d in experts}, general)[CANDIDATE]
 
 
-def objective_values(scores: dict, objectives: list[str]) -> list[float] | None:
+def objective_values(scores: dict, objectives: list[str], losses: dict[str, float] | None = None) -> list[float] | None:
     """The objectives' values (None when one is undefined: an expert no better than the base, a non-finite loss)."""
     out = []
     for name in objectives:
-        if name == "mean":
+        if name == "loss":
+            v = sum(losses.values()) / len(losses) if losses else None
+        elif name == "mean":
             v = scores.get("normalized")
         elif name == "worst":
             v = scores.get("min_normalized")

@@ -6,12 +6,16 @@ An optimizer proposes candidates one at a time and learns their values::
     params = opt.ask()           # gene name -> value (see splice.search.space)
     opt.tell(params, values)     # one value per objective, or None for a failed trial
 
-Given the same space, directions, seed and history of tells, ``ask`` proposes the same
-candidates: that is how a study resumes (it replays its trials through a fresh optimizer).
+Given the same space, directions, seed and history of asks and tells, ``ask`` proposes the
+same candidates: that is how a study resumes (it replays its asks and tells through a fresh
+optimizer). Several candidates may be out at once (``--workers``): ``tell`` names the candidate
+by its params, in any order. ``ask`` may return None, "nothing to propose until a result comes
+back" (the default optimizer between its method sweep and CMA-ES); it then changes no state.
 
 - ``random``: uniform over every gene (the baseline; needs nothing but the standard library);
 - ``tpe``, ``cmaes``, ``nsga2``: optuna's samplers (the ``search`` extra: optuna and cmaes);
-- ``default``: a sweep of the space's methods, each at its hand-tuned values (equal weights,
+- ``evopress``: a drop space's evolutionary search (``splice.search.evopress``);
+- ``default``: a drop space: evopress; else a sweep of the space's methods, each at its hand-tuned values (equal weights,
   density 0.5), then CMA-ES (the ``cmaes`` package) over the best method's numbers, started at
   that method's hand-tuned point; with several objectives, optuna's TPE after the sweep.
   On the tiny zoo the method mattered more than per-layer knobs, hence the sweep first.
@@ -21,6 +25,7 @@ Imports neither torch nor optuna until an optimizer is made.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import warnings
@@ -46,6 +51,16 @@ class Optimizer:
     summary: str
     make: Callable[..., Any]  # (space, directions, seed) -> an object with ask() and tell(params, values)
     multi_objective: bool = True
+    spaces: tuple[str, ...] = ("merge",)  # the kinds of space it searches: "merge" (space.methods...), "drop" (space.drop)
+
+    def problem(self, space_spec) -> str | None:
+        """Why this optimizer cannot search a spec's space (a ``SpaceSpec``), or None."""
+        kind = "drop" if space_spec.drop is not None else "merge"
+        if kind in self.spaces:
+            return None
+        if kind == "drop":
+            return f"optimizer {self.name!r} searches merge parameters; a drop space is searched by evopress (the default) or random"
+        return f"optimizer {self.name!r} searches a drop space (space.drop); merge parameters are searched by {', '.join(MERGE_OPTIMIZERS)}"
 
 
 OPTIMIZERS: Registry[Optimizer] = Registry("search optimizer")
@@ -71,6 +86,21 @@ def suggest_random(rng: random.Random) -> Callable:
     return suggest
 
 
+def params_key(params: dict) -> str:
+    """A candidate's identity: its params as canonical JSON."""
+    return json.dumps(params, sort_keys=True)
+
+
+def _take(out: list[tuple[str, Any]], params: dict) -> Any:
+    """The state kept for the first outstanding candidate with these params, removed from ``out``."""
+    key = params_key(params)
+    for i, (k, v) in enumerate(out):
+        if k == key:
+            del out[i]
+            return v
+    raise SearchError(f"a result came back for a candidate the optimizer has not asked for (or was told already): {key[:80]}")
+
+
 class RandomSearch:
     """Every gene uniform in its range, from one seeded generator."""
 
@@ -94,6 +124,7 @@ class OptunaSearch:
         self.optuna = optuna
         self.study = optuna.create_study(directions=["maximize" if up else "minimize" for up in directions], sampler=sampler)
         self.trial = None
+        self.out: list[tuple[str, Any]] = []  # (params key, optuna trial) of every candidate asked and not yet told
         self.method: str | None = None  # fixes the method gene (the default optimizer's second phase)
 
     def _suggest(self, g) -> Any:
@@ -107,16 +138,19 @@ class OptunaSearch:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna's experimental and independent-sampling notes
             self.trial = self.study.ask()
-            return self.space.propose(self._suggest, method=self.method)
+            params = self.space.propose(self._suggest, method=self.method)
+        self.out.append((params_key(params), self.trial))
+        self.trial = None
+        return params
 
     def tell(self, params: dict, values: list[float] | None) -> None:
+        trial = _take(self.out, params)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if values is None:
-                self.study.tell(self.trial, state=self.optuna.trial.TrialState.FAIL)
+                self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
             else:
-                self.study.tell(self.trial, values)
-        self.trial = None
+                self.study.tell(trial, values)
 
 
 def _tpe(space, directions, seed):
@@ -160,7 +194,7 @@ class WarmStartSearch:
         self.inner = None
         self.cma = None
         self.generation: list[tuple[Any, float]] = []
-        self.pending = None
+        self.out: list[tuple[str, Any]] = []  # CMA-ES candidates asked and not yet told
 
     def _best_method(self) -> str:
         ok = [(p, v) for p, v in self.results if v is not None]
@@ -199,18 +233,21 @@ class WarmStartSearch:
         if self.asked < len(self.sweep):
             self.asked += 1
             return dict(self.sweep[self.asked - 1])
-        self.asked += 1
         if self.inner is None and self.cma is None:
+            if len(self.results) < len(self.sweep):
+                return None  # phase two starts from the sweep's best: wait for the sweep's results
             self._start_phase_two()
+        self.asked += 1
         if self.inner is not None:
             return self.inner.ask()
         x = self.cma.ask()
-        self.pending = x
         values = {}
         for g, u in zip(self.genes, x):
             v = g.low + float(u) * (g.high - g.low)
             values[g.name] = int(round(v)) if g.kind == "int" else min(max(v, g.low), g.high)
-        return self.space.propose(lambda g: values[g.name], method=self.method)
+        params = self.space.propose(lambda g: values[g.name], method=self.method)
+        self.out.append((params_key(params), x))
+        return params
 
     def tell(self, params: dict, values: list[float] | None) -> None:
         if self.inner is None and self.cma is None:
@@ -223,14 +260,49 @@ class WarmStartSearch:
             loss = FAILED_VALUE
         else:
             loss = -values[0] if self.directions[0] else values[0]
-        self.generation.append((self.pending, loss))
+        self.generation.append((_take(self.out, params), loss))
         if len(self.generation) == self.cma.population_size:
             self.cma.tell(self.generation)
             self.generation = []
 
 
-OPTIMIZERS.add("default", Optimizer("default", "sweep the methods at hand-tuned values, then CMA-ES on the best one", WarmStartSearch))
-OPTIMIZERS.add("random", Optimizer("random", "uniform random search (the baseline)", RandomSearch))
+def _default(space, directions, seed):
+    if space.kind == "drop":
+        from .evopress import EvoPress
+
+        return EvoPress(space, directions, seed)
+    return WarmStartSearch(space, directions, seed)
+
+
+def _evopress(space, directions, seed):
+    from .evopress import EvoPress
+
+    if len(directions) > 1:
+        raise SearchError("optimizer 'evopress' follows one objective")
+    return EvoPress(space, directions, seed)
+
+
+MERGE_OPTIMIZERS = ("default", "random", "tpe", "cmaes", "nsga2")
+OPTIMIZERS.add(
+    "default",
+    Optimizer(
+        "default",
+        "sweep the methods at hand-tuned values, then CMA-ES on the best one; a drop space: evopress",
+        _default,
+        spaces=("merge", "drop"),
+    ),
+)
+OPTIMIZERS.add("random", Optimizer("random", "uniform random search (the baseline)", RandomSearch, spaces=("merge", "drop")))
 OPTIMIZERS.add("tpe", Optimizer("tpe", "optuna's tree-structured Parzen estimator", _tpe))
 OPTIMIZERS.add("cmaes", Optimizer("cmaes", "optuna's CMA-ES (one objective)", _cmaes, multi_objective=False))
 OPTIMIZERS.add("nsga2", Optimizer("nsga2", "optuna's NSGA-II (Pareto front of several objectives)", _nsga2))
+OPTIMIZERS.add(
+    "evopress",
+    Optimizer(
+        "evopress",
+        "EvoPress: evolve the drop set from splice skip's planners, level-switch mutation, screen then re-score",
+        _evopress,
+        multi_objective=False,
+        spaces=("drop",),
+    ),
+)

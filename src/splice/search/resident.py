@@ -112,10 +112,17 @@ class ResidentModel:
         """The resident weights now (copies), by checkpoint tensor name."""
         return {n: t.detach().clone() for n, t in self.slots.items()}
 
-    def losses(self, windows: dict[str, list[list[int]]]) -> dict[str, float]:
-        """Mean loss per domain over its windows (splice eval's loss: summed NLL / predicted tokens)."""
+    def losses(self, windows: dict[str, list[list[int]]], units=None) -> dict[str, float]:
+        """Mean loss per domain over its windows (splice eval's loss: summed NLL / predicted tokens).
+
+        ``units``: layers to bypass meanwhile (``splice.skip.skipping``'s skip set), or None.
+        """
+        from contextlib import nullcontext
+
+        from ..skip.runtime import skipping
+
         out = {}
-        with torch_threads(self.threads):
+        with torch_threads(self.threads), skipping(self.model, units) if units else nullcontext():
             for d, wins in windows.items():
                 res = nll_windows(self.model, wins, self.batch_size, self.pad_id)
                 out[d] = sum(r[0] for r in res) / max(1, sum(r[1] for r in res))

@@ -51,6 +51,8 @@ class MergeSpace:
         n_layers: the base's layer count (per-layer granularity has one value per layer).
     """
 
+    kind = "merge"
+
     def __init__(self, spec: SearchSpec, n_layers: int):
         from ..methods import get_method
 
@@ -66,6 +68,16 @@ class MergeSpace:
         else:
             self.positions = 1
         self.parts = PARTS if self.space.split_attention_mlp else ((None, None),)
+
+    def describe(self) -> str:
+        return f"{len(self.methods)} method(s), {len(self.all_genes())} genes"
+
+    def label(self, params: dict) -> str:
+        return self.method_of(params)
+
+    def baselines(self) -> list[tuple[str, dict]]:
+        """Each method at its hand-tuned point (where the default optimizer starts), for the leaderboard."""
+        return [(f"hand-tuned {m}", self.start(m)) for m in self.methods]
 
     # ------------------------------------------------------------ genes
 

@@ -42,19 +42,36 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeError, SpliceError
-from ..recipe import _check_keys, _Ctx, unknown_choice
+from ..recipe import SchemaContext, check_keys, unknown_choice
 from ..registry import UnknownName
 from ..yamlfile import read_yaml
 
-TOP_KEYS = ("models", "zoo", "evaluation", "space", "objective", "objectives", "optimizer", "budget", "time", "seed", "threads")
+TOP_KEYS = (
+    "models",
+    "zoo",
+    "evaluation",
+    "space",
+    "objective",
+    "objectives",
+    "optimizer",
+    "budget",
+    "time",
+    "seed",
+    "threads",
+    "fidelity",
+)
 MODELS_KEYS = ("base", "experts")
 EVALUATION_KEYS = ("domains", "general", "search_share", "tokens", "seq_len", "batch_size")
-SPACE_KEYS = ("methods", "granularity", "split_attention_mlp", "params")
+SPACE_KEYS = ("methods", "granularity", "split_attention_mlp", "params", "drop")
+DROP_KEYS = ("count", "speedup")
+FIDELITY_KEYS = ("screen_tokens", "full_tokens", "keep")
+DEFAULT_KEEP = 0.25  # share of screened candidates re-scored on every search token (EvoPress's survivors per offspring)
+DEFAULT_SCREEN_SHARE = 0.25  # with no screen_tokens: the screen uses this share of each domain's search tokens
 GRANULARITIES = ("global", "groups", "per-layer")
 
 # Objectives: name -> True when larger is better. A domain's name is also an objective
 # (that domain's normalized score, maximized).
-OBJECTIVES = {"mean": True, "worst": True, "forgetting": False}
+OBJECTIVES = {"mean": True, "worst": True, "forgetting": False, "loss": False}  # loss: mean held-out loss over the domains
 
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")  # the families that mattered most on the tiny zoo
 DEFAULT_SEARCHED = ("weight", "density")  # per-model parameters searched when the method takes them
@@ -90,6 +107,20 @@ class SpaceSpec:
     groups: int = 1  # anchor values per parameter (granularity "groups"); per-layer: the layer count
     split_attention_mlp: bool = False
     params: dict[str, ParamRange] = field(default_factory=dict)
+    drop: dict | None = None  # a layer-drop space: {"count": K} or {"speedup": X} (then no merge keys)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Screen candidates on ``screen_tokens`` per domain, re-score the best ``keep`` share on ``full_tokens``.
+
+    ``None`` token counts are filled in at set-up: ``full_tokens`` is evaluation.tokens (all the
+    search windows), ``screen_tokens`` a quarter of them.
+    """
+
+    screen_tokens: int | None = None
+    full_tokens: int | None = None
+    keep: float = DEFAULT_KEEP
 
 
 @dataclass
@@ -109,6 +140,7 @@ class SearchSpec:
     time: float | None = None  # seconds
     seed: int = 0
     threads: int | None = None
+    fidelity: Fidelity | None = None
     file: str = "<spec>"
     raw: dict = field(default_factory=dict)
 
@@ -163,9 +195,9 @@ def load_spec(source: str | os.PathLike) -> SearchSpec:
 
 def parse_spec(data: Any, *, file: str = "<spec>", lines: dict | None = None, folder: Path | None = None) -> SearchSpec:
     """Validate a spec given as parsed YAML (see :func:`load_spec`)."""
-    ctx = _Ctx(file, lines or {})
+    ctx = SchemaContext(file, lines or {})
     folder = folder or Path.cwd()
-    data = _check_keys(ctx, data, (), TOP_KEYS, "the search spec")
+    data = check_keys(ctx, data, (), TOP_KEYS, "the search spec")
 
     def path_of(v: Any, path: tuple, what: str) -> str:
         if not isinstance(v, str) or not v.strip():
@@ -192,7 +224,7 @@ def parse_spec(data: Any, *, file: str = "<spec>", lines: dict | None = None, fo
     models = data.get("models")
     if models is None and not zoo_models:
         raise ctx.fail((), "missing required key 'models' (base and experts), or 'zoo'")
-    models = _check_keys(ctx, models if models is not None else {}, ("models",), MODELS_KEYS, "'models'")
+    models = check_keys(ctx, models if models is not None else {}, ("models",), MODELS_KEYS, "'models'")
     if models.get("base") is not None:
         base = path_of(models["base"], ("models", "base"), "the base model")
     elif zoo_models:
@@ -200,15 +232,18 @@ def parse_spec(data: Any, *, file: str = "<spec>", lines: dict | None = None, fo
     else:
         raise ctx.fail(("models",), "missing 'base'")
     experts_raw = models.get("experts")
+    drop_space = isinstance(data.get("space"), dict) and data["space"].get("drop") is not None
     if experts_raw is None and zoo_models:
         experts = {d: p for d, p in zoo_models.items() if d != "base"}
+    elif experts_raw is None and drop_space:
+        experts = {}  # a drop space prunes the base; experts only add normalized scores
     else:
         if not isinstance(experts_raw, dict) or not experts_raw:
             raise ctx.fail(("models", "experts"), "experts must be a mapping of domain -> model (the domain the expert was tuned on)")
         experts = {str(d): path_of(m, ("models", "experts", d), f"expert {d!r}") for d, m in experts_raw.items()}
 
     # evaluation
-    ev = _check_keys(ctx, data.get("evaluation") or {}, ("evaluation",), EVALUATION_KEYS, "'evaluation'")
+    ev = check_keys(ctx, data.get("evaluation") or {}, ("evaluation",), EVALUATION_KEYS, "'evaluation'")
     dom_raw = ev.get("domains")
     if dom_raw is None:
         if not zoo_domains:
@@ -237,11 +272,12 @@ def parse_spec(data: Any, *, file: str = "<spec>", lines: dict | None = None, fo
     batch = _int(ctx, ev.get("batch_size", DEFAULT_BATCH_SIZE), ("evaluation", "batch_size"), 1)
 
     space = _space(ctx, data.get("space") or {}, len(experts))
+    fidelity = _fidelity(ctx, data.get("fidelity"))
 
     # objectives
     if data.get("objective") is not None and data.get("objectives") is not None:
         raise ctx.fail(("objectives",), "give either 'objective' or 'objectives', not both")
-    objectives = data.get("objectives", data.get("objective", "mean"))
+    objectives = data.get("objectives", data.get("objective", "loss" if space.drop is not None else "mean"))
     key = "objectives" if "objectives" in data else "objective"
     objectives = objectives_list(objectives, list(experts), general, where=lambda msg: ctx.fail((key,), msg))
 
@@ -254,6 +290,9 @@ def parse_spec(data: Any, *, file: str = "<spec>", lines: dict | None = None, fo
         optimizer = OPTIMIZERS.get(optimizer).name
     except UnknownName as e:
         raise ctx.fail(("optimizer",), str(e)) from None
+    problem = OPTIMIZERS.get(optimizer).problem(space)
+    if problem:
+        raise ctx.fail(("optimizer",), problem)
 
     budget = data.get("budget")
     if budget is not None:
@@ -284,6 +323,7 @@ def parse_spec(data: Any, *, file: str = "<spec>", lines: dict | None = None, fo
         time=time,
         seed=seed,
         threads=threads,
+        fidelity=fidelity,
         file=file,
         raw=json.loads(json.dumps(data, default=str)),
     )
@@ -299,6 +339,8 @@ def objectives_list(value: Any, expert_domains: list[str], general: str | None, 
     for n in names:
         if n not in valid:
             raise where(unknown_choice(f"objective {n!r}", n, valid))
+        if n != "loss" and not expert_domains:
+            raise where(f"objective {n!r} scores against the experts' gains and the spec has no experts; use 'loss'")
         if n == "forgetting" and general is None:
             raise where("objective 'forgetting' needs evaluation.general (the domain no expert was tuned on)")
     if len(set(names)) != len(names):
@@ -316,22 +358,26 @@ def registry_range(p) -> tuple[float, float] | None:
     return (r.low + margin if r.low_open else r.low, r.high - margin if r.high_open else r.high)
 
 
-def _number(ctx: _Ctx, v: Any, path: tuple) -> float:
+def _number(ctx: SchemaContext, v: Any, path: tuple) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ctx.fail(path, f"must be a number, got {v!r}")
     return float(v)
 
 
-def _int(ctx: _Ctx, v: Any, path: tuple, minimum: int) -> int:
+def _int(ctx: SchemaContext, v: Any, path: tuple, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ctx.fail(path, f"must be an integer >= {minimum}, got {v!r}")
     return v
 
 
-def _space(ctx: _Ctx, data: Any, n_experts: int) -> SpaceSpec:
+def _space(ctx: SchemaContext, data: Any, n_experts: int) -> SpaceSpec:
     from ..methods import get_method, known_param_names
 
-    data = _check_keys(ctx, data, ("space",), SPACE_KEYS, "'space'")
+    data = check_keys(ctx, data, ("space",), SPACE_KEYS, "'space'")
+    if data.get("drop") is not None:
+        return _drop_space(ctx, data)
+    if n_experts == 0:
+        raise ctx.fail(("models",), "missing 'experts': a merge space merges experts (a drop space, space.drop, needs none)")
     methods = data.get("methods", list(DEFAULT_METHODS))
     if isinstance(methods, str):
         methods = [methods]
@@ -426,3 +472,34 @@ def _space(ctx: _Ctx, data: Any, n_experts: int) -> SpaceSpec:
                     )
                 params[p.name] = ParamRange(p.name, *bounds, integer=p.kind == "int")  # slerp's t: its whole range
     return SpaceSpec(names, gran, groups, split, params)
+
+
+def _drop_space(ctx: SchemaContext, data: dict) -> SpaceSpec:
+    """``drop: {count: K}`` or ``drop: {speedup: X}``: which layers of the base to drop (no merge keys beside it, yet)."""
+    others = [k for k in data if k != "drop"]
+    if others:
+        raise ctx.fail(("space", others[0]), "a drop space prunes the base model; merge keys beside space.drop are not supported yet")
+    d = check_keys(ctx, data["drop"], ("space", "drop"), DROP_KEYS, "'space.drop'")
+    if len(d) != 1:
+        raise ctx.fail(("space", "drop"), "give exactly one of count (layers to drop) or speedup (a predicted decode speed-up)")
+    if "count" in d:
+        return SpaceSpec([], drop={"count": _int(ctx, d["count"], ("space", "drop", "count"), 1), "speedup": None})
+    x = _number(ctx, d["speedup"], ("space", "drop", "speedup"))
+    if x <= 1:
+        raise ctx.fail(("space", "drop", "speedup"), f"must be above 1 (a speed-up), got {x!r}")
+    return SpaceSpec([], drop={"count": None, "speedup": x})
+
+
+def _fidelity(ctx: SchemaContext, data: Any) -> Fidelity | None:
+    """``fidelity: {screen_tokens: 128, full_tokens: 1024, keep: 0.25}`` (each optional)."""
+    if data is None:
+        return None
+    d = check_keys(ctx, data, ("fidelity",), FIDELITY_KEYS, "'fidelity'")
+    screen = _int(ctx, d["screen_tokens"], ("fidelity", "screen_tokens"), 2) if d.get("screen_tokens") is not None else None
+    full = _int(ctx, d["full_tokens"], ("fidelity", "full_tokens"), 2) if d.get("full_tokens") is not None else None
+    if screen is not None and full is not None and screen >= full:
+        raise ctx.fail(("fidelity", "screen_tokens"), f"the screen ({screen} tokens) must be shorter than the full score ({full})")
+    keep = _number(ctx, d.get("keep", DEFAULT_KEEP), ("fidelity", "keep"))
+    if not 0 < keep <= 1:
+        raise ctx.fail(("fidelity", "keep"), f"must be in (0, 1]: the share of screened candidates re-scored, got {keep!r}")
+    return Fidelity(screen, full, keep)

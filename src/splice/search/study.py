@@ -2,17 +2,21 @@
 
     study/
       study.json        what the study was made from: the spec's fingerprint, optimizer, seed, objectives
-      trials.jsonl      one line per trial (params, decoded recipe, per-domain losses and scores,
-                        objective values, seconds, seed), written and synced before the next is asked
+      asks.jsonl        one line per candidate the optimizer proposed (trial number, params, how many
+                        results it had been told then), synced before the candidate is evaluated
+      trials.jsonl      one line per finished trial, in the order they finish (params, decoded recipe,
+                        per-domain losses and scores, objective values, seconds, seed), synced before
+                        the optimizer is told
       best.yaml         the best recipe so far (first objective), an ordinary recipe `splice merge` runs;
                         replaced atomically on each improvement
       best.json         its trial, for readers that want numbers
       pareto.json       with several objectives: the non-dominated trials
       leaderboard.json  at the end: the best against the base and the experts on the test split
 
-A resume replays the recorded trials through a fresh optimizer (which must propose the
-same candidates: the same seed gives the same trace) and goes on; a half-written last line
-(a kill mid-write) is dropped and that trial is run again. A study folder is not reused
+A resume replays the recorded asks and tells, in their order, through a fresh optimizer
+(which must propose the same candidates: the same seed gives the same trace) and goes on;
+a candidate asked but never finished (a kill mid-trial, or a half-written last line) is
+run again first. A study folder is not reused
 unless ``resume`` (continue it) or ``force`` (start over) says so, and a study made from
 another spec, optimizer, seed or objectives is never resumed.
 """
@@ -32,13 +36,15 @@ import yaml
 from .. import options
 from ..errors import SpliceError, option
 from ..eval.results import write_text_atomic
-from .objectives import better, objective_values, pareto_front, scores_of
+from .evaluate import MERGE_SEED
+from .fidelity import Promotion, fidelity_of, fidelity_windows
+from .objectives import better, pareto_front, scores_of
 from .optimizers import OPTIMIZERS, SearchError
 from .spec import SearchSpec, load_spec, objectives_list, parse_time
+from .workers import Task
 
 STUDY_FORMAT = 1
-STUDY_FILES = ("study.json", "trials.jsonl", "best.yaml", "best.json", "pareto.json", "leaderboard.json")
-MERGE_SEED = 0  # the seed random methods (DARE, DELLA) merge with: splice merge's default, so best.yaml gives the same weights
+STUDY_FILES = ("study.json", "asks.jsonl", "trials.jsonl", "best.yaml", "best.json", "pareto.json", "leaderboard.json")
 
 
 @dataclass
@@ -48,11 +54,14 @@ class SearchOptions:
     optimizer: str | None = None  # default: the spec's
     seed: int | None = None  # default: the spec's
     objectives: list[str] | str | None = None  # default: the spec's
-    threads: int | None = None  # torch threads; default: the spec's, else every core this process may use
+    threads: int | None = None  # torch threads in all; default: the spec's, else every core this process may use
+    workers: int = 1  # processes evaluating candidates; each gets threads // workers torch threads
     resume: bool = False
     force: bool = False
     quiet: bool = False
     leaderboard: bool = True  # score the best, the base and the experts on the test split at the end
+    write_best: str | os.PathLike | None = None  # a folder: splice merge best.yaml into it at the end (force replaces it)
+    ray: str | None = None  # "auto" or a Ray cluster's address: the workers are Ray actors there (``workers`` of them)
 
     def __post_init__(self) -> None:
         options.optional(options.positive_int, self.budget, "budget")
@@ -60,6 +69,7 @@ class SearchOptions:
             self.time = parse_time(self.time)
         options.optional(options.seed, self.seed, "seed")
         options.optional(options.positive_int, self.threads, "threads")
+        options.positive_int(self.workers, "workers")
         if self.resume and self.force:
             raise SearchError(f"{option('resume')} continues a study and {option('force')} starts it over; give one")
 
@@ -76,6 +86,8 @@ class Trial:
     seconds: float = 0.0
     seed: int = 0
     error: str | None = None
+    level: str | None = None  # with a fidelity: "screen" (few tokens) or "full" (every search window)
+    screen: dict | None = None  # a re-scored trial's screen result ({"values", "losses"})
 
     def to_json(self) -> dict:
         d = {
@@ -92,6 +104,10 @@ class Trial:
         }
         if self.error is not None:
             d["error"] = self.error
+        if self.level is not None:
+            d["level"] = self.level
+        if self.screen is not None:
+            d["screen"] = {"values": self.screen["values"], "losses": {k: round(v, 6) for k, v in self.screen["losses"].items()}}
         return d
 
 
@@ -100,8 +116,11 @@ def trace(records: list[dict]) -> list[tuple]:
     return [(r["trial"], json.dumps(r["params"], sort_keys=True), r["status"], r["values"]) for r in records]
 
 
-def read_trials(path: str | os.PathLike) -> list[dict]:
-    """The trials of a study's ``trials.jsonl``; a half-written last line is cut off the file."""
+def read_trials(path: str | os.PathLike, check: bool = True) -> list[dict]:
+    """The records of a study's ``trials.jsonl`` (or ``asks.jsonl``); a half-written last line is cut off the file.
+
+    Trials are in the order they finished (with several workers not the order they were asked).
+    """
     path = Path(path)
     if not path.exists():
         return []
@@ -118,9 +137,12 @@ def read_trials(path: str | os.PathLike) -> list[dict]:
     if good < len(raw):
         with open(path, "r+b") as f:
             f.truncate(good)
+    seen = set()
     for i, r in enumerate(records):
-        if r.get("trial") != i + 1:
-            raise SearchError(f"{path}:{i + 1}: trial {r.get('trial')!r} where trial {i + 1} was expected; the file was edited?")
+        n = r.get("trial")
+        if not isinstance(n, int) or n < 1 or n in seen:
+            raise SearchError(f"{path}:{i + 1}: trial {n!r} again or not a trial number; the file was edited?")
+        seen.add(n)
     return records
 
 
@@ -156,6 +178,7 @@ class Study:
         self.seed = seed
         self.objectives = objectives
         self.trials_path = folder / "trials.jsonl"
+        self.asks_path = folder / "asks.jsonl"
 
     def meta(self) -> dict:
         from .. import __version__
@@ -226,7 +249,8 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
         opts: the options; ``kw`` sets single fields of them (``budget=20``, ``resume=True``).
 
     Returns:
-        ``{"study", "trials", "best" (the best trial's record), "leaderboard" (test split), "seconds_per_eval"}``.
+        ``{"study", "trials", "best" (the best trial's record), "leaderboard" (test split), "seconds_per_eval",
+        "written" (the folder ``write_best`` wrote, or None)}``.
 
     Raises:
         SpliceError: one line for a bad spec, a study folder the rules refuse, a budget below one.
@@ -250,6 +274,9 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
             opts.objectives, list(spec.experts), spec.general, where=lambda m: SearchError(f"{option('objectives')}: {m}")
         )
     entry = OPTIMIZERS.get(optimizer)
+    problem = entry.problem(spec.space)
+    if problem:
+        raise SearchError(problem)
     if len(objectives) > 1 and not entry.multi_objective:
         raise SearchError(
             f"optimizer {optimizer!r} follows one objective, and {len(objectives)} are asked ({', '.join(objectives)}); use nsga2 or tpe"
@@ -257,90 +284,143 @@ def run_search(spec: SearchSpec | str | os.PathLike, out: str | os.PathLike, opt
     folder = options.output_folder(out, "out")
     from ..checkpoint.writer import check_output
 
-    check_output(folder, force=True, inputs=[spec.base, *spec.experts.values(), *spec.domains.values()])
+    inputs = [spec.base, *spec.experts.values(), *spec.domains.values()]
+    check_output(folder, force=True, inputs=inputs)
+    if opts.write_best is not None:  # refused now, not after the search
+        check_output(opts.write_best, force=opts.force, inputs=[*inputs, folder])
     spec = replace(spec, objectives=objectives)
     study = Study(folder, spec, opts, optimizer, seed, objectives)
     records = study.open()
-    return _run(study, records, budget, limit)
+    summary = _run(study, records, budget, limit)
+    summary["written"] = None
+    if opts.write_best is not None and summary["best"] is not None:
+        from ..engine import run_merge
+
+        _progress(f"writing the best (trial {summary['best']['trial']}) to {opts.write_best}", opts.quiet)
+        summary["written"] = run_merge(summary["best"]["recipe"], opts.write_best, force=opts.force, quiet=True)["out"]
+    return summary
 
 
 def _run(study: Study, records: list[dict], budget: int | None, limit: float | None) -> dict:
-    from ..architecture import num_layers
-    from ..checkpoint.reader import open_model
     from ..eval.perplexity import read_text
+    from .evaluate import Evaluator, references
     from .resident import ResidentModel
-    from .space import MergeSpace
     from .splits import make_splits
+    from .workers import InlinePool, ProcessPool, RayPool
 
     spec, opts = study.spec, study.opts
     quiet = opts.quiet
     threads = opts.threads or spec.threads or _default_threads()
-    src = open_model(spec.base)
-    try:
-        n_layers = num_layers(src.config, src.keys())
-    finally:
-        src.close()
-    space = MergeSpace(spec, n_layers)
+    space = make_space(spec)
     directions = spec.directions()
-    opt = OPTIMIZERS.get(study.optimizer).make(space, directions, study.seed)
+    drop = space.kind == "drop"
 
     t_setup = time.perf_counter()
-    resident = ResidentModel(spec.base, list(spec.experts.values()), threads=threads, batch_size=spec.batch_size)
+    workers = opts.workers
+    pool = None
+    models = {
+        "base": spec.base,
+        "models": list(spec.experts.values()),
+        "threads": max(1, threads // workers),
+        "batch_size": spec.batch_size,
+    }
+    if opts.ray is not None:  # Ray actors, each asking Ray for its torch threads as CPUs
+        pool = RayPool(workers, models, opts.ray)
+    elif workers > 1:  # the workers load their models while this process sets up; each pins its torch threads to its share of the cores
+        pool = ProcessPool(workers, models)
+    try:
+        resident = ResidentModel(spec.base, list(spec.experts.values()), threads=threads, batch_size=spec.batch_size)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     try:
         texts = {d: read_text(p) for d, p in spec.domains.items()}
         splits = make_splits(resident.tokenizer, texts, spec.seq_len, spec.search_share, spec.tokens)
-        refs = _reference_losses(resident, spec, splits.search)
+        fid = fidelity_of(spec, study.optimizer, space)
+        windows = fidelity_windows(splits.search, fid)
+        refs = references(resident, spec.base, spec.experts, windows["full"], drop=drop)
+        refs_screen = references(resident, spec.base, spec.experts, windows["screen"], drop=drop) if fid is not None else None
         for d in spec.experts:
             if refs[d][d] >= refs["base"][d]:
                 raise SearchError(
                     f"expert {d!r} is no better than the base on its own domain's search split (loss {refs[d][d]:.4f}, base "
                     f"{refs['base'][d]:.4f}): a normalized score measures an expert's gain, and this one has none"
                 )
+        if drop:
+            space.seed_from_planners(_planner_stats(resident, windows["full"]))
+        space.keep = fid.keep if fid is not None else None
+        opt = OPTIMIZERS.get(study.optimizer).make(space, directions, study.seed)
+        staged = getattr(opt, "staged", False)
+        evaluator = Evaluator(resident, windows, refs, refs_screen, spec.objectives, list(spec.experts), spec.general, directions, drop)
+        tokens = {k: {d: sum(len(w) - 1 for w in ws) for d, ws in v.items()} for k, v in windows.items() if v is not None}
+        screen = f", screened on {tokens['screen']} (keep {fid.keep:g})" if fid is not None else ""
         _progress(
-            f"search: {len(space.methods)} method(s), {len(space.all_genes())} genes, {study.optimizer} optimizer, "
-            f"tokens per domain {splits.tokens('search')} (search) / {splits.tokens('test')} (test); set up in "
-            f"{time.perf_counter() - t_setup:.1f}s",
+            f"search: {space.describe()}, {study.optimizer} optimizer, {workers} worker(s), tokens per domain "
+            f"{tokens['full']} (search){screen} / {splits.tokens('test')} (test); set up in {time.perf_counter() - t_setup:.1f}s",
             quiet,
         )
 
         if not opts.resume:
             study.create()
-        best: Trial | None = None
-        # replay: the optimizer must propose the recorded candidates again
-        for r in records:
-            params = opt.ask()
-            if json.dumps(params, sort_keys=True) != json.dumps(r["params"], sort_keys=True):
-                raise SearchError(
-                    f"{study.trials_path}:{r['trial']}: the optimizer proposes another candidate than the recorded trial "
-                    f"{r['trial']} on replay; this study cannot be resumed (was it made by another splice version?)"
-                )
-            opt.tell(params, r["values"] if r["status"] == "ok" else None)
-            t = _trial_from(r)
-            if t.values is not None and (best is None or better(t.values, best.values, spec.objectives)):
-                best = t
-        if records:
-            _progress(f"resumed {study.folder}: {len(records)} trial(s) replayed", quiet)
+        asks = read_trials(study.asks_path) if opts.resume else []
+        rule = Promotion(fid, directions[0]) if fid is not None and not staged else None
+        best, pending = _replay(study, opt, space, asks, records, rule)
+        if records or pending:
+            _progress(f"resumed {study.folder}: {len(records)} trial(s) replayed, {len(pending)} asked and unfinished run again", quiet)
 
+        if pool is None:
+            pool = InlinePool(evaluator)
+        else:
+            pool.configure(evaluator.setup_of())
+        asked = max([len(records), *(a["trial"] for a in asks)])
+        told = len(records)
         t0 = time.perf_counter()
-        n = len(records)
         evals: list[float] = []
-        while budget is None or n < budget:
-            if limit is not None and time.perf_counter() - t0 >= limit:
-                _progress(f"time limit reached after {n} trial(s)", quiet)
+        out_of_time = False
+        while True:
+            while pool.free() > 0:  # hand out candidates until every worker has one
+                if pending:
+                    task = pending.popleft()
+                    if rule is not None:
+                        task.promote = rule.threshold()
+                else:
+                    if budget is not None and asked >= budget:
+                        break
+                    if limit is not None and time.perf_counter() - t0 >= limit:
+                        if not out_of_time:
+                            _progress(f"time limit reached after {asked} trial(s)", quiet)
+                        out_of_time = True
+                        break
+                    got = opt.ask()
+                    if got is None:  # the optimizer waits for a result first
+                        break
+                    params, level = got if staged else (got, "screen" if rule is not None else None)
+                    asked += 1
+                    record = {"trial": asked, "told": told, "params": params}
+                    if level is not None:
+                        record["level"] = level
+                    _append(study.asks_path, record)  # persisted before it is evaluated
+                    task = Task(asked, params, space.decode(params), level, rule.threshold() if rule is not None else None)
+                pool.submit(task)
+            if pool.busy() == 0:
                 break
-            params = opt.ask()
-            trial = _evaluate(resident, space, params, refs, splits.search, spec, n + 1, study.seed)
+            task, res = pool.result()
+            trial = _trial(task, res, study.seed)
             _append(study.trials_path, trial.to_json())  # persisted before the next is asked
-            opt.tell(params, trial.values)
+            opt.tell(task.params, trial.values)
+            if rule is not None:
+                rule.add(trial)
+            told += 1
             evals.append(trial.seconds)
-            improved = trial.values is not None and (best is None or better(trial.values, best.values, spec.objectives))
-            if improved:
+            if _improves(trial, best, spec.objectives):
                 best = trial
                 write_text_atomic(study.folder / "best.yaml", best_yaml(trial, spec, study.folder))
                 write_text_atomic(study.folder / "best.json", json.dumps(trial.to_json(), indent=2) + "\n")
             left = f", {_duration(limit - (time.perf_counter() - t0))} left" if limit is not None else ""
             _progress(_line(trial, best, budget, spec.objectives, space) + left, quiet)
-            n += 1
+        pool.close()
+        pool = None
         all_records = read_trials(study.trials_path)
         if len(spec.objectives) > 1:
             _write_pareto(study, all_records)
@@ -357,7 +437,101 @@ def _run(study: Study, records: list[dict], budget: int | None, limit: float | N
             summary["leaderboard"] = board
         return summary
     finally:
+        if pool is not None:
+            pool.close()
         resident.close()
+
+
+PLANNER_TOKENS = 4096  # search tokens (all domains) the skip planners' hidden-state statistics are taken on
+
+
+def make_space(spec: SearchSpec):
+    """The spec's space over its base: a ``DropSpace`` (space.drop) or a ``MergeSpace``."""
+    from ..architecture import num_layers
+    from ..checkpoint.reader import open_model
+
+    src = open_model(spec.base)
+    try:
+        if spec.space.drop is not None:
+            from ..skip.costs import layer_costs
+            from .drop import DropSpace
+
+            return DropSpace(spec, layer_costs(src))
+        from .space import MergeSpace
+
+        return MergeSpace(spec, num_layers(src.config, src.keys()))
+    finally:
+        src.close()
+
+
+def _planner_stats(resident, windows: dict):
+    """splice skip's hidden-state statistics of the base on the search windows (the planners' calibration text)."""
+    import torch
+
+    from ..engine.write import torch_threads
+    from ..skip.calibration import hidden_stats
+
+    seqs, n = [], 0
+    per_domain = [list(ws) for ws in windows.values()]
+    while n < PLANNER_TOKENS and any(per_domain):  # interleave the domains
+        for ws in per_domain:
+            if ws and n < PLANNER_TOKENS:
+                w = ws.pop(0)
+                seqs.append(torch.tensor(w, dtype=torch.long))
+                n += len(w)
+    with torch_threads(resident.threads):
+        return hidden_stats(resident.model, seqs)
+
+
+def _improves(trial: Trial, best: Trial | None, objectives: list[str]) -> bool:
+    """Whether ``trial`` becomes the best: it succeeded, was scored on every search window (not a screen only), and beats ``best``."""
+    if trial.values is None or trial.level == "screen":
+        return False
+    return best is None or better(trial.values, best.values, objectives)
+
+
+def _replay(study: Study, opt, space, asks: list[dict], records: list[dict], rule: Promotion | None = None):
+    """Replay the recorded asks and tells through the fresh optimizer ``opt``, checking it proposes the same candidates.
+
+    Returns (the best trial so far, the asked candidates with no result, as tasks to run again).
+    """
+    from collections import deque
+
+    from .optimizers import params_key
+
+    staged = getattr(opt, "staged", False)
+    if not asks and records:  # a study without asks.jsonl: one worker, each trial asked after the one before was told
+        asks = [{"trial": r["trial"], "told": i, "params": r["params"]} for i, r in enumerate(records)]
+    out: dict[int, dict] = {}
+    k = 0
+
+    def ask_up_to(told: int) -> None:
+        nonlocal k
+        while k < len(asks) and asks[k]["told"] <= told:
+            a = asks[k]
+            got = opt.ask()
+            params, level = got if staged and got is not None else (got, a.get("level"))
+            if params is None or params_key(params) != params_key(a["params"]) or level != a.get("level"):
+                raise SearchError(
+                    f"{study.asks_path}:{k + 1}: the optimizer proposes another candidate than the recorded trial "
+                    f"{a['trial']} on replay; this study cannot be resumed (was it made by another splice version?)"
+                )
+            out[a["trial"]] = a
+            k += 1
+
+    best = None
+    for i, r in enumerate(records):
+        ask_up_to(i)
+        if out.pop(r["trial"], None) is None:
+            raise SearchError(f"{study.trials_path}:{i + 1}: trial {r['trial']} has a result but was never asked; the file was edited?")
+        opt.tell(r["params"], r["values"] if r["status"] == "ok" else None)
+        t = _trial_from(r)
+        if rule is not None:
+            rule.add(t)
+        if _improves(t, best, study.spec.objectives):
+            best = t
+    ask_up_to(len(records))
+    return best, deque(Task(a["trial"], a["params"], space.decode(a["params"]), a.get("level")) for a in out.values())
 
 
 def _trial_from(r: dict) -> Trial:
@@ -372,39 +546,34 @@ def _trial_from(r: dict) -> Trial:
         r.get("seconds", 0.0),
         r.get("seed", 0),
         r.get("error"),
+        r.get("level"),
+        r.get("screen"),
     )
 
 
-def _reference_losses(resident, spec: SearchSpec, windows: dict) -> dict[str, dict[str, float]]:
-    """Loss per domain of the base (``"base"``) and of each expert (by its domain)."""
-    out = {}
-    for name, ref in [("base", spec.base), *spec.experts.items()]:
-        resident.load_reference(ref)
-        out[name] = resident.losses(windows)
-    return out
-
-
-def _evaluate(resident, space, params: dict, refs: dict, windows: dict, spec: SearchSpec, number: int, seed: int) -> Trial:
-    recipe = space.decode(params)
-    trial = Trial(number, params, recipe, seed=seed)
-    t0 = time.perf_counter()
-    try:
-        resident.apply(recipe, seed=MERGE_SEED)
-        trial.losses = resident.losses(windows)
-        trial.scores = scores_of(trial.losses, refs, list(spec.experts), spec.general)
-        trial.values = objective_values(trial.scores, spec.objectives)
-        if trial.values is None:
-            trial.status, trial.error = "failed", "an objective is undefined (a non-finite loss, or an expert no better than the base)"
-    except SpliceError as e:  # a candidate the methods refuse (e.g. weights that normalize to 0): a failed trial, the study goes on
-        trial.status, trial.error = "failed", str(e)
-        trial.values = None
-    trial.seconds = time.perf_counter() - t0
-    return trial
+def _trial(task, res: dict, seed: int) -> Trial:
+    """A finished task's trial record."""
+    failed = res.get("failed")
+    return Trial(
+        task.number,
+        task.params,
+        task.recipe,
+        "failed" if failed else "ok",
+        res.get("losses", {}),
+        res.get("scores", {}),
+        None if failed else res.get("values"),
+        res.get("seconds", 0.0),
+        seed,
+        failed,
+        res.get("level"),
+        res.get("screen"),
+    )
 
 
 def _line(trial: Trial, best: Trial | None, budget: int | None, objectives: list[str], space) -> str:
     total = f"/{budget}" if budget is not None else ""
-    head = f"trial {trial.number}{total} {space.method_of(trial.params)}"
+    level = {"screen": " (screen)", "full": " (re-scored)" if trial.screen else " (full)"}.get(trial.level or "", "")
+    head = f"trial {trial.number}{total} {space.label(trial.params)}{level}"
     score = f"{objectives[0]} {trial.values[0]:.4f}" if trial.values is not None else f"failed ({trial.error})"
     b = f"best {best.values[0]:.4f} (trial {best.number})" if best is not None else "best -"
     return f"{head}: {score}, {b}, {trial.seconds:.2f}s/eval"
@@ -427,34 +596,47 @@ def _write_pareto(study: Study, records: list[dict]) -> None:
 
 
 def _leaderboard(resident, spec: SearchSpec, space, splits, best: Trial) -> dict:
-    """The best trial, the base, each expert and each method's hand-tuned point, scored on the test split (never shown to the search)."""
-    test_refs = _reference_losses(resident, spec, splits.test)
-    resident.apply(best.recipe, seed=MERGE_SEED)
-    best_test = resident.losses(splits.test)
-    rows = [{"model": f"best (trial {best.number})", "losses": best_test}]
+    """The best trial, the base, each expert and the space's baselines (each method's hand-tuned point, or splice
+    skip's planners' drop sets), scored on the test split (never shown to the search)."""
+    from .evaluate import references
+
+    drop = space.kind == "drop"
+    test_refs = references(resident, spec.base, spec.experts, splits.test, drop=drop)
+
+    def losses(params: dict, recipe: dict) -> dict:
+        if drop:
+            return resident.losses(splits.test, units={(int(i), "layer") for i in params["drop"]})
+        resident.apply(recipe, seed=MERGE_SEED)
+        return resident.losses(splits.test)
+
+    rows = [{"model": f"best (trial {best.number})", "losses": losses(best.params, best.recipe)}]
     rows += [{"model": "base", "losses": test_refs["base"]}]
     rows += [{"model": f"expert {d}", "losses": test_refs[d]} for d in spec.experts]
-    for method in space.methods:  # the hand-tuned baselines: each method at the point the default optimizer starts from
+    for name, params in space.baselines():
         try:
-            resident.apply(space.decode(space.start(method)), seed=MERGE_SEED)
+            rows.append({"model": name, "losses": losses(params, space.decode(params))})
         except SpliceError:
             continue
-        rows.append({"model": f"hand-tuned {method}", "losses": resident.losses(splits.test)})
     for row in rows:
-        row["scores"] = scores_of(row["losses"], test_refs, list(spec.experts), spec.general)
+        row["scores"] = scores_of(row["losses"], test_refs, list(spec.experts), spec.general) if spec.experts else {}
+        row["loss"] = round(sum(row["losses"].values()) / len(row["losses"]), 6)
         row["losses"] = {k: round(v, 6) for k, v in row["losses"].items()}
     search_scores = best.scores
     return {
         "split": "test",
         "tokens": splits.tokens("test"),
         "rows": rows,
-        "best_search_split": {"normalized": search_scores.get("normalized"), "min_normalized": search_scores.get("min_normalized")},
+        "best_search_split": {
+            "normalized": search_scores.get("normalized"),
+            "min_normalized": search_scores.get("min_normalized"),
+            "loss": round(sum(best.losses.values()) / len(best.losses), 6) if best.losses else None,
+        },
     }
 
 
 def format_leaderboard(board: dict, domains: list[str]) -> str:
-    """The leaderboard as a plain-text table: loss per domain, mean and worst normalized score, forgetting."""
-    head = ["model", *[f"{d} loss" for d in domains], "mean", "worst", "forget%"]
+    """The leaderboard as a plain-text table: loss per domain and their mean, mean and worst normalized score, forgetting."""
+    head = ["model", *[f"{d} loss" for d in domains], "loss", "mean", "worst", "forget%"]
     rows = [head]
     for r in board["rows"]:
         s = r["scores"]
@@ -466,6 +648,7 @@ def format_leaderboard(board: dict, domains: list[str]) -> str:
             [
                 r["model"],
                 *[f"{r['losses'][d]:.4f}" for d in domains],
+                f"{r['loss']:.4f}",
                 num(s.get("normalized")),
                 num(s.get("min_normalized")),
                 num(None if s.get("forgetting") is None else 100 * s["forgetting"], "{:+.2f}"),
