@@ -176,11 +176,6 @@ def check_keys(ctx: SchemaContext, data: Any, path: tuple, allowed: tuple[str, .
     return data
 
 
-# The names moe/recipe.py still imports; new code uses SchemaContext and check_keys.
-_Ctx = SchemaContext
-_check_keys = check_keys
-
-
 def unknown_choice(what: str, name: object, choices: tuple[str, ...] | list[str]) -> str:
     """``unknown <what> (valid: a, b); did you mean 'b'?`` (see :func:`splice.registry.unknown_choice`)."""
     return registry_unknown_choice(what, name, choices)[0]

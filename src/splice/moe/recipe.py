@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from ..errors import RecipeError
-from ..recipe import _check_keys, _Ctx, _dtype, _model_ref, unknown_choice
+from ..recipe import SchemaContext, _dtype, _model_ref, check_keys, unknown_choice
 from ..yamlfile import read_yaml
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_avg", "hidden_last")
@@ -143,7 +143,7 @@ def read_prompts_file(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _prompts(ctx: _Ctx, v: Any, path: tuple) -> list[str]:
+def _prompts(ctx: SchemaContext, v: Any, path: tuple) -> list[str]:
     if v is None:
         return []
     if isinstance(v, str):
@@ -153,7 +153,7 @@ def _prompts(ctx: _Ctx, v: Any, path: tuple) -> list[str]:
     return list(v)  # empty prompts included: under cheap_embed "" is the BOS token, as in mergekit
 
 
-def _number(ctx: _Ctx, v: Any, path: tuple, *, positive: bool = False) -> float | None:
+def _number(ctx: SchemaContext, v: Any, path: tuple, *, positive: bool = False) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -163,7 +163,7 @@ def _number(ctx: _Ctx, v: Any, path: tuple, *, positive: bool = False) -> float 
     return float(v)
 
 
-def _file(ctx: _Ctx, v: Any, path: tuple, base_dir: Path | None) -> Path:
+def _file(ctx: SchemaContext, v: Any, path: tuple, base_dir: Path | None) -> Path:
     if not isinstance(v, str) or not v.strip():
         raise ctx.fail(path, f"must be a file path, got {v!r}")
     p = Path(v).expanduser()
@@ -174,10 +174,10 @@ def _file(ctx: _Ctx, v: Any, path: tuple, base_dir: Path | None) -> Path:
     return p
 
 
-def _expert(ctx: _Ctx, data: Any, path: tuple, base_dir: Path | None) -> Expert:
+def _expert(ctx: SchemaContext, data: Any, path: tuple, base_dir: Path | None) -> Expert:
     if isinstance(data, str):
         data = {"source_model": data}
-    _check_keys(ctx, data, path, EXPERT_KEYS, "an expert")
+    check_keys(ctx, data, path, EXPERT_KEYS, "an expert")
     if "source_model" not in data:
         raise ctx.fail(path, "missing 'source_model'")
     e = Expert(source_model=_model_ref(ctx, data["source_model"], path + ("source_model",)), where=ctx.where(path))
@@ -200,8 +200,8 @@ def _expert(ctx: _Ctx, data: Any, path: tuple, base_dir: Path | None) -> Expert:
 
 
 def parse_moe_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None, base_dir: Path | None = None) -> MoERecipe:
-    ctx = _Ctx(file, lines or {})
-    data = _check_keys(ctx, data, (), TOP_KEYS, "the MoE recipe")
+    ctx = SchemaContext(file, lines or {})
+    data = check_keys(ctx, data, (), TOP_KEYS, "the MoE recipe")
     if "merge_method" in data:
         raise ctx.fail(("merge_method",), "this is a merge recipe; run it with 'splice merge'")
     if data.get("base_model") is None:
