@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._statistics import data_free_fallback
+from ._statistics import data_free_fallback, merged_dtype
 from .linear import linear
 from .registry import FRACTION, NON_NEGATIVE, Param, merge_method
 
@@ -148,7 +148,6 @@ def regmean(
     Returns:
         The merged tensor (float32 unless the inputs are float64).
     """
-    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     fallback = data_free_fallback(tensors, weight, statistics)
     if fallback is not None:
         return fallback
@@ -167,4 +166,4 @@ def regmean(
         raise ValueError(f"statistics of shape {list(first.shape)} do not fit a tensor of shape {list(shape)}")
     if base is not None:
         out = out.add_(base.to(torch.float64))
-    return out.to(dtype)
+    return out.to(merged_dtype(tensors))
