@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         merges["fisher"] = {"merge_method": "fisher", "models": [{"model": m} for m in experts.values()], "calibration": calibration}
     folders, merge_s = {}, {}
     for name, recipe in merges.items():
-        folders[name] = work / "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")
+        folders[name] = work / "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace("++", "pp")).strip("_")
         p = work / f"{folders[name].name}.yaml"
         p.write_text(yaml.safe_dump(recipe, sort_keys=False))
         t = time.perf_counter()

@@ -54,10 +54,15 @@ def gram_key(members: list[str]) -> str:
 class _GramHooks:
     """Forward pre-hooks that add each Linear's inputs to a Gram, one per distinct input tensor."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, within: str | None = None):
+        """Hooks on every Linear of ``model`` (the tied head excepted), or only on the module named ``within`` and those under it."""
         emb = model.get_input_embeddings()
         tied = emb.weight if emb is not None else None
-        self.linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight is not tied]
+        self.linears = [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.weight is not tied and (within is None or n == within or n.startswith(within + "."))
+        ]
         self.grams: dict[str, torch.Tensor] = {}  # first member's name -> summed Gram
         self.members: dict[str, list[str]] = {}  # first member's name -> every Linear reading that input
         self._seen: list[tuple[torch.Tensor, str]] = []  # this forward's inputs (held, so ids are not reused)
@@ -95,6 +100,19 @@ class _GramHooks:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def batches_of(wins: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """The windows in batches of equal length (longest first), so no batch needs padding."""
+    by_len: dict[int, list[list[int]]] = {}
+    for w in wins:
+        by_len.setdefault(len(w), []).append(w)
+    return [ws[i : i + batch_size] for _, ws in sorted(by_len.items(), reverse=True) for i in range(0, len(ws), batch_size)]
+
+
+def grams_by_key(hooks: _GramHooks) -> dict[str, torch.Tensor]:
+    """The summed Grams, keyed as the statistics file keys them."""
+    return {gram_key(hooks.members[g]): gm for g, gm in hooks.grams.items()}
 
 
 def calibrate(
@@ -176,12 +194,7 @@ def calibrate(
     emb = lm.get_input_embeddings()
     emb_name = next(n for n, p in lm.named_parameters() if p is emb.weight)
     counts = torch.zeros(emb.weight.shape[0], dtype=torch.float64)
-    by_len: dict[int, list[list[int]]] = {}
-    for w in wins:
-        by_len.setdefault(len(w), []).append(w)
-    if fisher:
-        batch_size = 1
-    batches = [ws[i : i + batch_size] for _, ws in sorted(by_len.items(), reverse=True) for i in range(0, len(ws), batch_size)]
+    batches = batches_of(wins, 1 if fisher else batch_size)
     params = [(n, p) for n, p in lm.named_parameters() if p.is_floating_point()]
     squares = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params} if fisher else {}
     hooks = _GramHooks(lm)
@@ -211,7 +224,7 @@ def calibrate(
         if bar is not None:
             bar.close()
     measured = sum(len(w) for w in wins)
-    grams = {gram_key(hooks.members[g]): gm for g, gm in hooks.grams.items()}
+    grams = grams_by_key(hooks)
     inputs = {f"{m}.weight": gram_key(ms) for ms in hooks.members.values() for m in ms}
     from .. import __version__
 
