@@ -36,11 +36,12 @@ def merge(recipe: Any, out: Any, **options: Any) -> dict:
     return run_merge(recipe, out, **options)
 
 
-def calibrate(model: Any, text: Any, out: Any, **options: Any) -> dict:
+def calibrate(model: Any, text: Any, out: Any = None, **options: Any) -> dict:
     """Measure ``model`` on calibration ``text`` into the statistics file ``out`` (see ``splice.calibration.calibrate``).
 
-    Options: tokens, seed, seq_len, batch_size, force, quiet.
-    Returns a summary: out, tokens, windows, grams, embeddings, seconds.
+    Without ``out`` the file goes to the statistics cache, and the same model, text and settings
+    measured before are reused. Options: tokens, seed, seq_len, batch_size, fisher, force, quiet, cache.
+    Returns a summary: out, tokens, windows, grams, embeddings, seconds, cached.
     """
     from .calibration import calibrate as f
 

@@ -81,7 +81,8 @@ class Recipe:
     pad_to_multiple_of: int | None = None
     chat_template: str | None = None
     name: str | None = None
-    calibration: dict[str, str] = field(default_factory=dict)  # model reference -> statistics file (data-aware methods)
+    # model reference -> statistics file, or {text, tokens, seed, ...} to calibrate through the cache (data-aware methods)
+    calibration: dict[str, str | dict] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     warnings: list[str] = field(default_factory=list)  # one line each, e.g. a parameter the method does not use
@@ -454,9 +455,33 @@ def _calibration(ctx: SchemaContext, data: Any, method: MergeMethod, r: Recipe) 
     for k, v in data.items():
         if k not in models:
             raise ctx.fail(("calibration", k), unknown_choice(f"model {k!r} in calibration", k, models))
+        if isinstance(v, dict):
+            out[k] = _calibration_text(ctx, ("calibration", k), v)
+            continue
         if not isinstance(v, str) or not v.strip():
-            raise ctx.fail(("calibration", k), f"a statistics file is a path, got {v!r}")
+            raise ctx.fail(("calibration", k), f"a statistics file is a path (or a mapping with 'text:'), got {v!r}")
         out[k] = v
+    return out
+
+
+CALIBRATION_TEXT_KEYS = ("text", "tokens", "seed", "seq_len", "batch_size")
+
+
+def _calibration_text(ctx: _Ctx, where: tuple, v: dict) -> dict:
+    """``{text: FILE, tokens: N, seed: S, seq_len: N, batch_size: N}``: calibrate from text (through the statistics cache)."""
+    from . import options
+
+    _check_keys(ctx, v, where, CALIBRATION_TEXT_KEYS, "a calibration mapping")
+    if not isinstance(v.get("text"), str) or not v["text"].strip():
+        raise ctx.fail(where, "a calibration mapping needs 'text:' (the calibration text file)")
+    out = {"text": v["text"]}
+    checks = {"tokens": options.positive_int, "seed": options.seed, "batch_size": options.positive_int}
+    for k in ("tokens", "seed", "seq_len", "batch_size"):
+        if k in v:
+            try:
+                out[k] = options.integer(v[k], k, minimum=2) if k == "seq_len" else checks[k](v[k], k)
+            except options.OptionError as e:
+                raise ctx.fail((*where, k), str(e)) from None
     return out
 
 

@@ -23,7 +23,8 @@ import torch
 
 from .. import options
 from ..errors import SpliceError, option
-from .stats import GRAM_PREFIX, file_sha256, model_fingerprint, save_statistics
+from .cache import cache_key, cache_path, cached
+from .stats import GRAM_PREFIX, file_sha256, model_fingerprint, open_statistics, save_statistics
 from .text import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, DEFAULT_TOKENS, read_documents, sample_windows
 
 
@@ -53,10 +54,15 @@ def gram_key(members: list[str]) -> str:
 class _GramHooks:
     """Forward pre-hooks that add each Linear's inputs to a Gram, one per distinct input tensor."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, within: str | None = None):
+        """Hooks on every Linear of ``model`` (the tied head excepted), or only on the module named ``within`` and those under it."""
         emb = model.get_input_embeddings()
         tied = emb.weight if emb is not None else None
-        self.linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight is not tied]
+        self.linears = [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.weight is not tied and (within is None or n == within or n.startswith(within + "."))
+        ]
         self.grams: dict[str, torch.Tensor] = {}  # first member's name -> summed Gram
         self.members: dict[str, list[str]] = {}  # first member's name -> every Linear reading that input
         self._seen: list[tuple[torch.Tensor, str]] = []  # this forward's inputs (held, so ids are not reused)
@@ -96,10 +102,23 @@ class _GramHooks:
             h.remove()
 
 
+def batches_of(wins: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """The windows in batches of equal length (longest first), so no batch needs padding."""
+    by_len: dict[int, list[list[int]]] = {}
+    for w in wins:
+        by_len.setdefault(len(w), []).append(w)
+    return [ws[i : i + batch_size] for _, ws in sorted(by_len.items(), reverse=True) for i in range(0, len(ws), batch_size)]
+
+
+def grams_by_key(hooks: _GramHooks) -> dict[str, torch.Tensor]:
+    """The summed Grams, keyed as the statistics file keys them."""
+    return {gram_key(hooks.members[g]): gm for g, gm in hooks.grams.items()}
+
+
 def calibrate(
-    model: str | os.PathLike,
+    model,
     text: str | os.PathLike,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None = None,
     *,
     tokens: int = DEFAULT_TOKENS,
     seed: int = 0,
@@ -108,23 +127,28 @@ def calibrate(
     fisher: bool = False,
     force: bool = False,
     quiet: bool = False,
+    cache: str | os.PathLike | None = None,
 ) -> dict:
     """Measure ``model`` on ``tokens`` tokens of ``text`` and write the statistics file ``out``.
 
     Args:
-        model: a model folder, ``.safetensors``/``.gguf`` file or cached Hugging Face id.
+        model: a model folder, ``.safetensors``/``.gguf`` file or cached Hugging Face id (or an open ``ModelSource``).
         text: UTF-8 text (documents separated by blank lines) or ``.jsonl`` (a ``"text"`` per record).
-        out: the statistics file (safetensors; see ``splice.calibration.stats``).
+        out: the statistics file (safetensors; see ``splice.calibration.stats``); None: the statistics
+            cache (``splice.calibration.cache``), where a file measured with the same model, text and
+            settings is reused instead of measured again.
         tokens: positions to measure, drawn as windows across the documents with ``seed``.
         seq_len: window length (BOS included when the tokenizer adds one); batch_size: windows per forward.
         fisher: also measure the diagonal empirical Fisher (one forward and backward per window), for ``fisher``.
         force: replace an existing ``out``.
         quiet: no progress bar.
+        cache: the cache folder when ``out`` is None (default ``splice.calibration.cache.cache_dir()``).
 
     Returns:
-        A summary: out, tokens, windows, grams (distinct inputs), embeddings, seconds.
+        A summary: out, tokens, windows, grams (distinct inputs), embeddings, seconds, cached (True:
+        the file was already in the cache and nothing was measured).
     """
-    from ..checkpoint.reader import open_model
+    from ..checkpoint.reader import ModelSource, open_model
     from ..eval.perplexity import adds_bos
     from ..hf import load_causal_lm
 
@@ -134,25 +158,43 @@ def calibrate(
     batch_size = options.positive_int(batch_size, "batch_size")
     t0 = time.perf_counter()
     docs = read_documents(text, "text")
-    src = open_model(model)
+    text_hash = file_sha256(text)
+    own = not isinstance(model, ModelSource)
+    name = str(model) if own else model.name
+    src = open_model(model) if own else model
     try:
-        out_path = check_statistics_output(out, force, [Path(text), Path(src.path)])
         fingerprint = model_fingerprint(src)
+        key = None
+        if out is None:
+            key = cache_key(fingerprint, text_hash, tokens=tokens, seed=seed, seq_len=seq_len, batch_size=batch_size, fisher=fisher)
+            folder = Path(os.path.expanduser(cache)) if cache is not None else None
+            hit = cached(key, folder)
+            if hit is not None:
+                st = open_statistics(hit)
+                return {
+                    "out": str(hit),
+                    "tokens": st.tokens,
+                    "windows": int(st.meta.get("windows", 0)),
+                    "grams": len(set(st.inputs.values())),
+                    "embeddings": len(st.embeddings),
+                    "fisher": len(st.fisher),
+                    "seconds": time.perf_counter() - t0,
+                    "cached": True,
+                }
+            out_path = cache_path(key, folder)
+        else:
+            out_path = check_statistics_output(out, force, [Path(text), Path(src.path)])
         lm, tok = load_causal_lm(src, with_tokenizer=True)
     finally:
-        src.close()
+        if own:
+            src.close()
     ctx = getattr(lm.config, "max_position_embeddings", None) or seq_len
     seq_len = min(seq_len, int(ctx))
     wins = sample_windows(tok, docs, tokens=tokens, seq_len=seq_len, seed=seed, bos=adds_bos(tok), source=str(text))
     emb = lm.get_input_embeddings()
     emb_name = next(n for n, p in lm.named_parameters() if p is emb.weight)
     counts = torch.zeros(emb.weight.shape[0], dtype=torch.float64)
-    by_len: dict[int, list[list[int]]] = {}
-    for w in wins:
-        by_len.setdefault(len(w), []).append(w)
-    if fisher:
-        batch_size = 1
-    batches = [ws[i : i + batch_size] for _, ws in sorted(by_len.items(), reverse=True) for i in range(0, len(ws), batch_size)]
+    batches = batches_of(wins, 1 if fisher else batch_size)
     params = [(n, p) for n, p in lm.named_parameters() if p.is_floating_point()]
     squares = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params} if fisher else {}
     hooks = _GramHooks(lm)
@@ -160,7 +202,7 @@ def calibrate(
     if not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(len(w) for w in wins), desc=f"calibrate {model}", unit="tok", leave=False, file=sys.stderr)
+        bar = tqdm(total=sum(len(w) for w in wins), desc=f"calibrate {name}", unit="tok", leave=False, file=sys.stderr)
     try:
         with torch.enable_grad() if fisher else torch.inference_mode():
             for b in batches:
@@ -182,7 +224,7 @@ def calibrate(
         if bar is not None:
             bar.close()
     measured = sum(len(w) for w in wins)
-    grams = {gram_key(hooks.members[g]): gm for g, gm in hooks.grams.items()}
+    grams = grams_by_key(hooks)
     inputs = {f"{m}.weight": gram_key(ms) for ms in hooks.members.values() for m in ms}
     from .. import __version__
 
@@ -190,11 +232,13 @@ def calibrate(
         "tokens": str(measured),
         "seed": str(seed),
         "seq_len": str(seq_len),
-        "model": str(model),
+        "windows": str(len(wins)),
+        "model": name,
         "model_fingerprint": fingerprint,
         "text": str(text),
-        "text_sha256": file_sha256(text),
+        "text_sha256": text_hash,
         "splice_version": __version__,
+        **(key or {}),
     }
     if fisher:
         meta["fisher_windows"] = str(len(wins))
@@ -208,4 +252,5 @@ def calibrate(
         "embeddings": 1,
         "fisher": len(means),
         "seconds": time.perf_counter() - t0,
+        "cached": False,
     }

@@ -159,8 +159,8 @@ def save_statistics(
         meta: ``tokens`` and the provenance (model, fingerprint, text, seed, ...).
         fisher: parameter -> mean squared gradient (stored as float32, ``fisher.<parameter>``).
     """
+    from ..checkpoint.atomic import write_atomic
     from ..checkpoint.safetensors_io import plan_layout, tensor_bytes
-    from ..eval.results import write_atomic
 
     tensors = {k: v.to(torch.float64).contiguous() for k, v in grams.items()}
     embeddings = {}

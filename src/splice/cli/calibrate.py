@@ -23,7 +23,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet,
     )
-    print(f"wrote {s['out']}: {s['tokens']} tokens in {s['windows']} windows, {s['grams']} input Grams in {s['seconds']:.1f}s")
+    if s["cached"]:
+        print(f"reused {s['out']} (the same model, text and settings were measured before): {s['tokens']} tokens, {s['grams']} input Grams")
+    else:
+        print(f"wrote {s['out']}: {s['tokens']} tokens in {s['windows']} windows, {s['grams']} input Grams in {s['seconds']:.1f}s")
     return 0
 
 
@@ -45,7 +48,12 @@ def add_calibrate(sub) -> None:
     p.add_argument("--fisher", action="store_true", help="also measure the diagonal Fisher (a backward per window), for the fisher method")
     add_seed(p)
     p.add_argument(
-        "-o", "--out", required=True, type=checked(options.output_file), metavar="FILE", help="statistics file to write (.safetensors)"
+        "-o",
+        "--out",
+        type=checked(options.output_file),
+        metavar="FILE",
+        help="statistics file to write (.safetensors); default: the statistics cache ($SPLICE_CACHE/stats, ~/.cache/splice/stats), "
+        "reused when the same model, text and settings were measured before",
     )
     add_force(p)
     add_common(p)

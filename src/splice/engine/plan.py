@@ -331,23 +331,30 @@ class RecipePlanner:
         return Plan(r, method, jobs, new_cfg, ref, layer_sources, tok, self.warnings)
 
 
-def calibration_paths(recipe: Recipe) -> dict[str, Path]:
-    """Each model's statistics file, relative paths taken from the recipe's folder when they exist there."""
+def _recipe_path(recipe: Recipe, file: str) -> Path:
+    """``file`` as written in the recipe, taken from the recipe's folder when it exists there."""
     base_dir = recipe.path.parent if recipe.path is not None else None
-    out = {}
-    for model, file in recipe.calibration.items():
-        p = Path(os.path.expanduser(file))
-        if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
-            p = base_dir / p
-        out[model] = p
-    return out
+    p = Path(os.path.expanduser(file))
+    if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+        p = base_dir / p
+    return p
 
 
-def open_calibration(recipe: Recipe, sources: dict[str, ModelSource]) -> dict[str, Statistics]:
-    """The statistics of each model in ``sources``, checked to come from that model (its fingerprint)."""
+def calibration_paths(recipe: Recipe) -> dict[str, Path]:
+    """Each model's statistics file, or the calibration text it is measured from (``{text: ...}`` entries)."""
+    return {m: _recipe_path(recipe, v["text"] if isinstance(v, dict) else v) for m, v in recipe.calibration.items()}
+
+
+def open_calibration(recipe: Recipe, sources: dict[str, ModelSource], quiet: bool = True) -> dict[str, Statistics]:
+    """The statistics of each model in ``sources``, checked to come from that model (its fingerprint).
+
+    A ``{text: ...}`` entry is measured by ``splice.calibration.calibrate`` into the statistics cache
+    (``splice.calibration.cache``), or found there when the same model, text and settings were measured before.
+    """
     from ..calibration import model_fingerprint, open_statistics
 
     paths = calibration_paths(recipe)
+    wants_fisher = bool(recipe.merge_method) and get_method(recipe.merge_method).statistics == "fisher"
     out = {}
     for model, src in sources.items():
         if model not in paths:
@@ -355,8 +362,14 @@ def open_calibration(recipe: Recipe, sources: dict[str, ModelSource]) -> dict[st
                 f"merge method {recipe.merge_method!r} needs calibration statistics for model {model}: "
                 f"add it under 'calibration:' (splice calibrate {model} --text FILE -o FILE writes them)"
             )
+        spec = recipe.calibration[model]
+        if isinstance(spec, dict):  # calibrate from text, or reuse the cached statistics of the same request
+            from ..calibration import calibrate
+
+            settings = {k: v for k, v in spec.items() if k != "text"}
+            paths[model] = Path(calibrate(src, paths[model], None, fisher=wants_fisher, quiet=quiet, **settings)["out"])
         st = open_statistics(paths[model])
-        if recipe.merge_method and get_method(recipe.merge_method).statistics == "fisher" and not st.fisher:
+        if wants_fisher and not st.fisher:
             raise CheckpointError(
                 f"statistics file {paths[model]} holds no Fisher; {recipe.merge_method!r} needs one (splice calibrate --fisher)"
             )

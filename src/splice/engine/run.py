@@ -173,6 +173,13 @@ def _threads(opts: MergeOptions) -> int | None:
     return torch.get_num_threads()
 
 
+def measure_sequential(plan: Plan, sources: dict[str, ModelSource]) -> Plan:
+    """The plan with RegMean++'s sequential Grams when it asks for them (``sequential: true``), else the plan itself."""
+    from ..calibration.sequential import is_sequential, sequential_statistics
+
+    return sequential_statistics(plan, sources) if is_sequential(plan) else plan
+
+
 def _inputs(recipe: Recipe, sources: dict[str, ModelSource]) -> list[Path]:
     """Every path a merge reads: the recipe file, each model's folder (or file), LoRA adapters and statistics files."""
     calibration = calibration_paths(recipe).values()
@@ -202,6 +209,7 @@ def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: 
         inputs = _inputs(recipe, sources)
         check_output(out, force=opts.force, inputs=inputs)  # before any work (opening read only headers)
         plan = RecipePlanner(recipe, sources).build()
+        plan = measure_sequential(plan, sources)
         for w in plan.warnings:
             print(f"warning: {w}", file=sys.stderr)
         final = write_checkpoint(

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
 
 from .. import options
+from ..checkpoint.atomic import write_atomic, write_text_atomic
 from ..errors import SpliceError, option
+
+__all__ = ["check_results_file", "write_atomic", "write_json", "write_text_atomic"]
 
 
 def check_results_file(path: str | os.PathLike, force: bool = False, *, name: str = "path") -> Path:
@@ -31,37 +31,6 @@ def check_results_file(path: str | os.PathLike, force: bool = False, *, name: st
     if p.exists() and not force:
         raise SpliceError(f"results file {p} exists; pass {option('force')} to replace it")
     return p
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Create ``path`` by calling ``write`` on a temporary file beside it, then renaming it into place.
-
-    The file gets the user's umask like any other new file; on any error (or Ctrl-C)
-    the temporary file is removed and an existing ``path`` is left as it was.
-
-    Args:
-        path: the file to create or replace; its folder is created if missing.
-        write: fills the open binary file.
-    Returns:
-        The path.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.splice-tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """``write_atomic`` for UTF-8 text."""
-    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json(res: dict, path: str | os.PathLike, *, force: bool = False) -> Path:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._statistics import data_free_fallback
+from ._statistics import data_free_fallback, merged_dtype
 from .linear import linear
 from .registry import NON_NEGATIVE, Param, merge_method
 
@@ -55,7 +55,6 @@ def fisher(
     Returns:
         The merged tensor (float32 unless the inputs are float64).
     """
-    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     fallback = data_free_fallback(tensors, weight, statistics)
     if fallback is not None:
         return fallback
@@ -74,4 +73,4 @@ def fisher(
     out = linear([t.to(torch.float64) for t in tensors], weight=weight)
     seen = den > 0
     out[seen] = num[seen] / den[seen]
-    return out.to(dtype)
+    return out.to(merged_dtype(tensors))

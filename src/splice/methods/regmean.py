@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._statistics import data_free_fallback
+from ._statistics import data_free_fallback, merged_dtype
 from .linear import linear
 from .registry import FRACTION, NON_NEGATIVE, Param, merge_method
 
@@ -121,6 +121,12 @@ def rows_by_counts(tensors: Sequence[torch.Tensor], counts: Sequence[torch.Tenso
             range=FRACTION,
             help="scale of the Grams' off-diagonal entries (0: per-input-column weighted average; 1: the plain solve)",
         ),
+        Param(
+            "sequential",
+            default=False,
+            kind="bool",
+            help="RegMean++: measure each layer's Grams on the already merged layers below it (needs the calibration text)",
+        ),
     ),
     base="optional",
     statistics="inputs",
@@ -133,6 +139,7 @@ def regmean(
     *,
     weight: Sequence[float],
     alpha: float = 0.9,
+    sequential: bool = False,
     statistics: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """RegMean of one parameter.
@@ -142,13 +149,14 @@ def regmean(
         base: the base's tensor, or None; with a base the solve runs on task vectors.
         weight: per model, the scale of its statistics (and its weight in the fallback).
         alpha: the scale of the Grams' off-diagonal entries, in [0, 1].
+        sequential: RegMean++; changes which statistics the engine hands in (``splice.calibration.sequential``),
+            not the formula.
         statistics: per model, the input Gram ([in, in]) of this Linear weight, or the token
             counts ([rows]) of this embedding, or None (then every model must be None).
 
     Returns:
         The merged tensor (float32 unless the inputs are float64).
     """
-    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     fallback = data_free_fallback(tensors, weight, statistics)
     if fallback is not None:
         return fallback
@@ -167,4 +175,4 @@ def regmean(
         raise ValueError(f"statistics of shape {list(first.shape)} do not fit a tensor of shape {list(shape)}")
     if base is not None:
         out = out.add_(base.to(torch.float64))
-    return out.to(dtype)
+    return out.to(merged_dtype(tensors))

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint.reader import open_model
 from ..engine.plan import RecipePlanner
-from ..engine.run import JobContext
+from ..engine.run import JobContext, measure_sequential
 from ..engine.write import torch_threads
 from ..errors import CheckpointError, MergeError
 from ..eval.perplexity import nll_windows
@@ -90,7 +90,7 @@ class ResidentModel:
             RecipeError, MergeError: the recipe is invalid, a method fails, or a tensor is not finite.
         """
         recipe = load_recipe(recipe)
-        plan = RecipePlanner(recipe, self.sources).build()
+        plan = measure_sequential(RecipePlanner(recipe, self.sources).build(), self.sources)
         ctx = JobContext(plan, self.resident, torch.device("cpu"), seed)
         n = 0
         with torch_threads(self.threads), torch.no_grad():
