@@ -17,7 +17,11 @@ element sees exactly the float32 operations of the whole-tensor path, in the
 same order, so the result is bit-identical to it (tests check this).
 
 Used for CPU tensors above ``SORT_LIMIT`` elements when the sparsifier is a
-plain magnitude trim (TIES) or none (task arithmetic) and ``rescale`` is off.
+plain magnitude trim (TIES) or none (task arithmetic) and ``rescale`` is off,
+and, with the kernels, for DARE (``Drop``: its counter-based mask is recomputed
+per block from the element index, so no mask is stored; with ``rescale`` one
+extra pass per model takes the L1 norms, in ``SUM_BLOCK`` partials as the
+whole-tensor path does).
 
 With numba (``_kernels``) each chunk is one fused loop.  Without it the chunks run
 as torch calls, which is still clearly faster than the whole-tensor path at one
@@ -39,9 +43,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import _kernels
-from ._sizes import TORCH_CHUNK
-from ._sparsify import _SAMPLE, Bracket, bracket, sample_bounds
+from . import _kernels, _reduce
+from ._sizes import RESCALE_CHUNK, TORCH_CHUNK
+from ._sparsify import _SAMPLE, Bracket, DropKey, bracket, dare_threshold, rescale_factor, sample_bounds
 
 
 class Trim(NamedTuple):
@@ -53,6 +57,14 @@ class Trim(NamedTuple):
 
     threshold: float | None  # None: keep everything; inf: keep nothing
     cutoff: int = 0  # entries equal to the threshold at flat positions < cutoff are kept
+
+
+class Drop(NamedTuple):
+    """One model's DARE drop (``_sparsify.random_``): its density, key and whether the kept part is L1-rescaled."""
+
+    density: float
+    key: DropKey
+    rescale: bool
 
 
 def _spans(n: int):
@@ -165,8 +177,12 @@ def merge_chunked(
     lambda_: float,
     cdt: torch.dtype,
     count_cancelled: bool = False,
+    drops: Sequence[Drop] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Steps 1-5 of ``task_arithmetic.merge_task_vectors`` chunk by chunk.
+
+    ``drops`` (DARE, one per model, instead of ``trims``) needs the kernels
+    (``_kernels.AVAILABLE``) and float32 arithmetic; the caller checks.
 
     Returns:
         A new ``cdt`` tensor, and (with ``count_cancelled``, or on the kernel
@@ -174,8 +190,8 @@ def merge_chunked(
         under sign consensus with ``normalize``.  Plain sums divide by the
         weights' sum unconditionally: the caller refuses a zero sum.
     """
-    if _kernels.AVAILABLE and cdt == torch.float32:
-        return _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_)
+    if drops is not None or (_kernels.AVAILABLE and cdt == torch.float32):
+        return _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, drops)
     n = base.numel()
     out = torch.empty(base.shape, dtype=cdt, device=base.device)
     of, bf = out.reshape(-1), base.reshape(-1)
@@ -247,14 +263,42 @@ def merge_chunked(
     return out, cancelled
 
 
-def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_) -> tuple[torch.Tensor, int]:
-    """``merge_chunked`` with the fused kernel: one pass over the inputs for all models."""
+def _dare_scale(x, b, shift: int, drop: Drop, n: int) -> float:
+    """The L1 rescale factor of one model's DARE-kept delta (1.0 without one), as ``random_`` computes it.
+
+    The delta and its kept part are made ``RESCALE_CHUNK`` elements at a time
+    and their L1 norms taken as the same per-block partials as ``_reduce.norm``
+    (the chunks start at multiples of ``SUM_BLOCK``), so the factor has the
+    whole-tensor path's bits.
+    """
+    if not drop.rescale:
+        return 1.0
+    d = torch.empty(min(n, RESCALE_CHUNK), dtype=torch.float32)
+    kept = torch.empty_like(d)
+    before, after = [], []
+    thr = dare_threshold(drop.density)
+    for a in range(0, n, RESCALE_CHUNK):
+        m = min(RESCALE_CHUNK, n - a)
+        _kernels.dare_block(x, b, shift, np.uint32(drop.key.a), np.uint32(drop.key.b), thr, a, m, d.numpy(), kept.numpy())
+        before += _reduce.l1_partials(d[:m])
+        after += _reduce.l1_partials(kept[:m])
+    q = rescale_factor(_reduce.scalar(math.fsum(before), d), _reduce.scalar(math.fsum(after), d))
+    return 1.0 if q is None else float(q)
+
+
+def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, drops=None) -> tuple[torch.Tensor, int]:
+    """``merge_chunked`` with the fused kernel: one pass over the inputs for all models (plus one per rescaled DARE model)."""
     k = len(tensors)
+    n = base.numel()
     out = torch.empty(base.shape, dtype=torch.float32)
     views, shift = _bits([t.contiguous() for t in (*tensors, base)])
     mode = np.full(k, _kernels.KEEP_ALL, dtype=np.int8)
     thr = np.zeros(k, dtype=np.float32)
     cutoff = np.zeros(k, dtype=np.int64)
+    ka = np.zeros(k, dtype=np.uint32)
+    kb = np.zeros(k, dtype=np.uint32)
+    rthr = np.zeros(k, dtype=np.int64)
+    scale = np.ones(k, dtype=np.float32)
     for i, tr in enumerate(trims or []):
         if tr is None or tr.threshold is None:
             continue
@@ -262,9 +306,32 @@ def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_) 
             mode[i] = _kernels.DROP_ALL
         else:
             mode[i], thr[i], cutoff[i] = _kernels.THRESHOLD, tr.threshold, tr.cutoff
+    for i, dr in enumerate(drops or []):
+        if dr.density >= 1:
+            continue
+        if dr.density <= 0:  # random_ zeroes the delta (the rescale then finds nothing kept)
+            mode[i] = _kernels.DROP_ALL
+            continue
+        mode[i], ka[i], kb[i], rthr[i] = _kernels.RANDOM, dr.key.a, dr.key.b, dare_threshold(dr.density)
+        scale[i] = _dare_scale(views[i], views[k], shift, dr, n)
     w = np.asarray(weights, dtype=np.float32)
     total = np.float32(w.sum(dtype=np.float32)) if (normalize and not consensus) else np.float32(1)
     cancelled = _kernels.gta(
-        tuple(views[:k]), views[k], shift, mode, thr, cutoff, w, consensus, normalize, total, np.float32(lambda_), out.reshape(-1).numpy()
+        tuple(views[:k]),
+        views[k],
+        shift,
+        mode,
+        thr,
+        cutoff,
+        ka,
+        kb,
+        rthr,
+        scale,
+        w,
+        consensus,
+        normalize,
+        total,
+        np.float32(lambda_),
+        out.reshape(-1).numpy(),
     )
     return out, int(cancelled)

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover
     numba = None
     AVAILABLE = False
 
-KEEP_ALL, THRESHOLD, DROP_ALL = 0, 1, 2  # trim modes per model
+KEEP_ALL, THRESHOLD, DROP_ALL, RANDOM = 0, 1, 2, 3  # trim modes per model (RANDOM: DARE's drop)
 
 
 def _load_block(src, a, m, sh, dst):
@@ -54,6 +54,41 @@ def _block_magnitudes(x, b, a, m, sh, xu, bu, mf):
     bf = bu.view(np.float32)
     for j in range(m):
         mf[j] = abs(xf[j] - bf[j])
+
+
+def _mix32(x):
+    """``_sparsify._mix32`` on a uint32: the products are taken in uint64 and cut to 32 bits."""
+    m32 = np.uint64(0xFFFFFFFF)
+    x = x ^ (x >> np.uint32(16))
+    x = np.uint32((np.uint64(x) * np.uint64(0x7FEB352D)) & m32)
+    x = x ^ (x >> np.uint32(15))
+    x = np.uint32((np.uint64(x) * np.uint64(0x846CA68B)) & m32)
+    return x ^ (x >> np.uint32(16))
+
+
+def _dare_rank(j, ka, kb):
+    """``_sparsify.dare_ranks`` of flat index ``j`` (int64) under the key (ka, kb) (uint32s)."""
+    lo = np.uint32(j & 0xFFFFFFFF)
+    hi = np.uint32(j >> 32)
+    h = _mix32(lo ^ ka)
+    h = _mix32(h ^ hi ^ kb)
+    return np.int64(h >> np.uint32(8))
+
+
+def _dare_block(x, b, shift, ka, kb, thr, a, m, dout, kout):
+    """Over ``[a, a+m)``: ``dout = x - b`` and ``kout`` = its DARE-kept part (dropped: +0), float32."""
+    sh = np.uint32(shift)
+    xu = np.empty(m, np.uint32)
+    bu = np.empty(m, np.uint32)
+    _load_block(x, a, m, sh, xu)
+    _load_block(b, a, m, sh, bu)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    zero = np.float32(0.0)
+    for j in range(m):
+        d = xf[j] - bf[j]
+        dout[j] = d
+        kout[j] = d if _dare_rank(a + j, ka, kb) < thr else zero
 
 
 def _select(x, b, shift, k):
@@ -141,7 +176,7 @@ def _nth_equal(x, b, shift, value_bits, count):
     return -1
 
 
-def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, out):
+def _gta(xs, b, shift, mode, thr, cutoff, ka, kb, rthr, scale, w, consensus, normalize, total, lam, out):
     """Steps 1-5 of ``_task_vectors`` over whole flat tensors of K models (``xs``, a tuple).
 
     ``xs``, ``b``: raw bits as in ``_select``.  Trim of model i (``mode[i]``):
@@ -189,6 +224,7 @@ def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, o
             t = thr[i]
             md = mode[i]
             ties_before = cutoff[i] - a  # block positions below this keep entries equal to t
+            kai, kbi, rti, sci = ka[i], kb[i], rthr[i], scale[i]
             for j in range(m):
                 d = xf[j] - bf[j]
                 if md == DROP_ALL:
@@ -197,6 +233,9 @@ def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, o
                     ad = abs(d)
                     drop = (ad <= t) & ~((ad == t) & (j < ties_before))
                     d = zero if drop else d
+                elif md == RANDOM:
+                    d = d if _dare_rank(a + j, kai, kbi) < rti else zero
+                    d = d * sci
                 d = d * wi
                 votes[j] += d
                 if consensus:
@@ -253,9 +292,9 @@ def _compile_all(cache: bool) -> dict:
     """The kernels, njit-compiled lazily; helpers first (the kernels resolve them as globals)."""
     jit = numba.njit(nogil=True, cache=cache)
     glob = globals()
-    for helper in ("_load_block", "_block_magnitudes"):
+    for helper in ("_load_block", "_block_magnitudes", "_mix32", "_dare_rank"):
         glob[helper] = jit(getattr(glob[helper], "py_func", glob[helper]))
-    return {"select": jit(_select), "nth_equal": jit(_nth_equal), "gta": jit(_gta)}
+    return {"select": jit(_select), "nth_equal": jit(_nth_equal), "gta": jit(_gta), "dare_block": jit(_dare_block)}
 
 
 def _compile_with_fallback() -> dict:
@@ -283,7 +322,7 @@ def _compile_with_fallback() -> dict:
 
 if AVAILABLE:
     _compiled = _compile_with_fallback()
-    select, nth_equal, gta = _compiled["select"], _compiled["nth_equal"], _compiled["gta"]
+    select, nth_equal, gta, dare_block = _compiled["select"], _compiled["nth_equal"], _compiled["gta"], _compiled["dare_block"]
     del _compiled
 else:  # pragma: no cover
-    select = nth_equal = gta = None
+    select = nth_equal = gta = dare_block = None

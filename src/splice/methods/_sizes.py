@@ -25,3 +25,9 @@ VARIANCE_CHUNK = 1 << 20
 # partials.  Must stay below torch's intra-op grain (32768) so a single block is never
 # split across threads; larger blocks mean fewer partials to add in Python.
 SUM_BLOCK = 1 << 14
+
+# DARE's L1 rescale on the chunked path (``_chunked``): the delta and its kept part are made
+# this many elements at a time (two float32 buffers, 2 MiB) for their norms.  Must be a
+# multiple of SUM_BLOCK so the norms' per-block partials are the whole-tensor path's;
+# smaller means more torch calls per tensor.
+RESCALE_CHUNK = 16 * SUM_BLOCK

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _chunked
+from . import _chunked, _kernels
 from ._consensus import SignConsensus
-from ._sparsify import SORT_LIMIT, breadcrumbs_, della_, magnitude_, random_
+from ._sparsify import SORT_LIMIT, breadcrumbs_, dare_keys, della_, magnitude_, random_
 from .registry import FRACTION, MergeMethod, Param, Range, register
 
 Sparsifier = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -97,9 +97,9 @@ EPSILON = Param(
 )
 EXTRA_PARAM = {"magnitude_outliers": GAMMA, "della_magprune": EPSILON}
 RANDOMIZED = {"random", "della_magprune"}
-# Whole-tensor magnitude trims and plain sums upcast chunk by chunk (``_chunked``): the
-# engine can hand them the stored bf16/f16 tensors.
-NATIVE_DTYPE = {None, "magnitude"}
+# Whole-tensor magnitude trims, DARE drops and plain sums upcast chunk by chunk (``_chunked``):
+# the engine can hand them the stored bf16/f16 tensors.
+NATIVE_DTYPE = {None, "magnitude", "random"}
 
 
 def merge_task_vectors(
@@ -109,6 +109,7 @@ def merge_task_vectors(
     weight: Sequence[float],
     sparsify: Sparsifier | None = None,
     trim_density: Sequence[float] | None = None,
+    drops: Sequence[_chunked.Drop] | None = None,
     consensus: bool = False,
     normalize: bool = False,
     lambda_: float = 1.0,
@@ -124,6 +125,8 @@ def merge_task_vectors(
             from model to model: fresh large tensors cost page faults.
         trim_density: instead of ``sparsify``, TIES's magnitude trim without
             rescale, one density per model.
+        drops: instead of ``sparsify``, DARE's random drop (``_sparsify.random_``),
+            one per model: the fused kernels run it chunk by chunk.
         consensus: TIES sign election; normalize: divide by the weights; lambda_: scale.
 
     Returns:
@@ -143,7 +146,12 @@ def merge_task_vectors(
         raise ValueError(f"normalize divides by the sum of the weights {weights}, which is 0; set normalize: false or change the weights")
     # agreeing weights can cancel only when some weight is negative
     refuse_cancelled = normalize and consensus and min(weights) < 0
-    if sparsify is None and base.device.type == "cpu" and SORT_LIMIT < base.numel() < 2**31:
+    large_cpu = base.device.type == "cpu" and SORT_LIMIT < base.numel() < 2**31
+    if drops is not None and not (large_cpu and _kernels.AVAILABLE and cdt == torch.float32):
+        # the same drop on the whole tensor (small tensors, no numba, float64, another device)
+        whole, drops = drops, None
+        sparsify = lambda i, d, s: random_(d, whole[i].density, whole[i].rescale, key=whole[i].key, scratch=s)  # noqa: E731
+    if sparsify is None and large_cpu:
         trims = None
         if trim_density is not None:
             trims = [_chunked.magnitude_trim(t, base, float(d), cdt) for t, d in zip(tensors, trim_density)]
@@ -157,6 +165,7 @@ def merge_task_vectors(
             lambda_=lambda_,
             cdt=cdt,
             count_cancelled=refuse_cancelled,
+            drops=drops,
         )
     else:
         merged, cancelled = _merge_whole(tensors, base, weights, sparsify, trim_density, consensus, normalize, lambda_, refuse_cancelled)
@@ -236,13 +245,13 @@ def merge_family(
         The merged tensor (float32, or float64 for a float64 base).
     """
     dens = [float(d) for d in density]
-    trim = None
-    if sparsification == "magnitude" and not rescale:
+    trim = drops = None
+    if sparsification == "random":  # one key per model, in model order, whatever the densities
+        sparsify, drops = None, [_chunked.Drop(d, key, rescale) for d, key in zip(dens, dare_keys(generator, len(tensors)))]
+    elif sparsification == "magnitude" and not rescale:
         sparsify, trim = None, dens  # a plain trim: the chunked fast path applies
     elif sparsification == "magnitude":
         sparsify = lambda i, d, s: magnitude_(d, dens[i], True, scratch=s)  # noqa: E731
-    elif sparsification == "random":
-        sparsify = lambda i, d, s: random_(d, dens[i], rescale, generator, scratch=s)  # noqa: E731
     elif sparsification == "magnitude_outliers":
         sparsify = lambda i, d, s: breadcrumbs_(d, dens[i], float(gamma[i]), rescale, scratch=s)  # noqa: E731
     elif sparsification == "della_magprune":
@@ -250,7 +259,15 @@ def merge_family(
     else:
         sparsify = None
     return merge_task_vectors(
-        tensors, base, weight=weight, sparsify=sparsify, trim_density=trim, consensus=consensus, normalize=normalize, lambda_=lambda_
+        tensors,
+        base,
+        weight=weight,
+        sparsify=sparsify,
+        trim_density=trim,
+        drops=drops,
+        consensus=consensus,
+        normalize=normalize,
+        lambda_=lambda_,
     )
 
 
