@@ -139,3 +139,26 @@ def test_dare_ranks_do_not_depend_on_chunking_and_match_the_kernel():
             expected = dare_ranks(key, start, 5).tolist()
             got = [int(_kernels._dare_rank(np.int64(start + j), np.uint32(key.a), np.uint32(key.b))) for j in range(5)]
             assert got == expected
+
+
+# ----------------------------------------------------------------- Breadcrumbs
+
+
+@pytest.mark.parametrize(
+    "densities,gammas,rescale,kw",
+    [
+        ([0.5, 0.8, 0.3], [0.05, 0.2, 0.0], True, dict(weight=[1.0, 0.5, -0.3], consensus=True, normalize=True)),
+        ([0.9, 1.0, 0.0], [0.1, 0.3, 0.2], False, dict(weight=[1.0, 0.7, 0.4], consensus=False, normalize=False, lambda_=0.8)),
+        ([0.2, 0.6, 0.95], [0.5, 0.01, 0.05], True, dict(weight=[0.3, 0.3, 0.4], consensus=False, normalize=True)),
+    ],
+)
+def test_breadcrumbs_chunked_is_bit_identical_to_whole_tensor_path(densities, gammas, rescale, kw, path):
+    from splice.methods._sparsify import breadcrumbs_
+
+    ts, base = _models(N, quantized=True)  # tie-heavy: the window's bounds are straddled by ties
+    if path == "kernels" and densities[0] + gammas[0] < 1 and gammas[0] > 0:  # both bounds: ties at each resolved by position
+        w = _chunked.breadcrumbs_window(ts[0], base, densities[0], gammas[0])
+        assert 0 < w.lo_cut < N and 0 < w.hi_cut < N
+    fast = merge_task_vectors(ts, base, crumbs=list(zip(densities, gammas)), rescale=rescale, **dict(kw))
+    sp = lambda i, d, s: breadcrumbs_(d, densities[i], gammas[i], rescale, scratch=s)  # noqa: E731
+    assert torch.equal(fast, merge_task_vectors([t.float() for t in ts], base.float(), sparsify=sp, **dict(kw)))

@@ -178,11 +178,13 @@ def merge_chunked(
     cdt: torch.dtype,
     count_cancelled: bool = False,
     drops: Sequence[Drop] | None = None,
+    windows: Sequence[Crumbs | None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Steps 1-5 of ``task_arithmetic.merge_task_vectors`` chunk by chunk.
 
-    ``drops`` (DARE, one per model, instead of ``trims``) needs the kernels
-    (``_kernels.AVAILABLE``) and float32 arithmetic; the caller checks.
+    ``drops`` (DARE) or ``windows`` (Breadcrumbs; None for an untouched model),
+    one per model instead of ``trims``, need the kernels (``_kernels.AVAILABLE``)
+    and float32 arithmetic; the caller checks.
 
     Returns:
         A new ``cdt`` tensor, and (with ``count_cancelled``, or on the kernel
@@ -190,8 +192,8 @@ def merge_chunked(
         under sign consensus with ``normalize``.  Plain sums divide by the
         weights' sum unconditionally: the caller refuses a zero sum.
     """
-    if drops is not None or (_kernels.AVAILABLE and cdt == torch.float32):
-        return _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, drops)
+    if drops is not None or windows is not None or (_kernels.AVAILABLE and cdt == torch.float32):
+        return _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, drops, windows)
     n = base.numel()
     out = torch.empty(base.shape, dtype=cdt, device=base.device)
     of, bf = out.reshape(-1), base.reshape(-1)
@@ -263,70 +265,155 @@ def merge_chunked(
     return out, cancelled
 
 
-def _dare_scale(x, b, shift: int, drop: Drop, n: int) -> float:
-    """The L1 rescale factor of one model's DARE-kept delta (1.0 without one), as ``random_`` computes it.
+class Window(NamedTuple):
+    """One model's Breadcrumbs window: keep ``lo <= |x| <= hi``, minus the ties at either bound beyond the window.
 
-    The delta and its kept part are made ``RESCALE_CHUNK`` elements at a time
-    and their L1 norms taken as the same per-block partials as ``_reduce.norm``
-    (the chunks start at multiples of ``SUM_BLOCK``), so the factor has the
-    whole-tensor path's bits.
+    Entries equal to ``lo`` at flat positions below ``lo_cut``, and equal to
+    ``hi`` at positions from ``hi_cut`` on, are dropped (``_sparsify.breadcrumbs_``'s
+    tie rule: a stable ascending order, ties by flat index).
     """
-    if not drop.rescale:
-        return 1.0
+
+    lo: float
+    lo_cut: int
+    hi: float
+    hi_cut: int
+
+
+def breadcrumbs_window(t: torch.Tensor, base: torch.Tensor, density: float, gamma: float) -> Window | None:
+    """The window ``_sparsify.breadcrumbs_`` keeps of ``t - base`` (float32, kernels), or None: keep nothing.
+
+    Both bounds come from one two-rank radix select (``_kernels.select2``); the
+    tie cutoffs from ``nth_equal`` when ties straddle a bound.
+    """
+    n = t.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    start = max(0, n - target - n_top)
+    stop = start + target
+    if target <= 0:
+        return None
+    (x, b), shift = _bits([t.contiguous(), base.contiguous()])
+    k_lo = start + 1 if start > 0 else 1
+    k_hi = stop if stop < n else n
+    sel = _kernels.select2(x, b, shift, k_lo, k_hi)
+
+    def value(bits) -> float:
+        return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+    lo, lo_cut = 0.0, 0
+    if start > 0:
+        bits, below, _ = (int(v) for v in sel[0])
+        if value(bits) != 0.0:
+            lo = value(bits)
+            surplus = start - below  # entries equal to lo that fall below the window: the lowest positions
+            if surplus > 0:
+                lo_cut = int(_kernels.nth_equal(x, b, shift, np.uint32(bits), surplus)) + 1
+    hi, hi_cut = math.inf, n
+    if stop < n:
+        bits, below, equal = (int(v) for v in sel[1])
+        hi = value(bits)
+        surplus = below + equal - stop  # entries equal to hi beyond the window: the highest positions
+        if hi != 0.0 and surplus > 0:
+            hi_cut = int(_kernels.nth_equal(x, b, shift, np.uint32(bits), equal - surplus + 1))
+    return Window(lo, lo_cut, hi, hi_cut)
+
+
+class Crumbs(NamedTuple):
+    """One model's Breadcrumbs trim for ``merge_chunked``: its window (None: nothing kept) and whether it is L1-rescaled."""
+
+    window: Window | None
+    rescale: bool
+
+
+class _Params(NamedTuple):
+    """The kernels' per-model trim parameters (see ``_kernels._trim_one``)."""
+
+    mode: np.ndarray
+    fpar: np.ndarray
+    ipar: np.ndarray
+    keys: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def empty(cls, k: int) -> _Params:
+        return cls(
+            np.full(k, _kernels.KEEP_ALL, dtype=np.int8),
+            np.zeros((k, 2), dtype=np.float32),
+            np.zeros((k, 2), dtype=np.int64),
+            np.zeros((k, 2), dtype=np.uint32),
+            np.ones(k, dtype=np.float32),
+        )
+
+    def row(self, i: int) -> tuple:
+        return (self.mode[i], self.fpar[i, 0], self.fpar[i, 1], self.ipar[i, 0], self.ipar[i, 1], self.keys[i, 0], self.keys[i, 1])
+
+
+def _l1_scale(x, b, shift: int, trim: tuple, n: int) -> float:
+    """The L1 rescale factor (``_sparsify.rescale_factor``) of one model's trimmed delta; 1.0 when it is skipped.
+
+    The delta and its trimmed part are made ``RESCALE_CHUNK`` elements at a
+    time and their L1 norms taken as the same per-block partials as
+    ``_reduce.norm`` (the chunks start at multiples of ``SUM_BLOCK``), so the
+    factor has the whole-tensor path's bits.
+    """
     d = torch.empty(min(n, RESCALE_CHUNK), dtype=torch.float32)
     kept = torch.empty_like(d)
     before, after = [], []
-    thr = dare_threshold(drop.density)
     for a in range(0, n, RESCALE_CHUNK):
         m = min(RESCALE_CHUNK, n - a)
-        _kernels.dare_block(x, b, shift, np.uint32(drop.key.a), np.uint32(drop.key.b), thr, a, m, d.numpy(), kept.numpy())
+        _kernels.kept_block(x, b, shift, *trim, a, m, d.numpy(), kept.numpy())
         before += _reduce.l1_partials(d[:m])
         after += _reduce.l1_partials(kept[:m])
     q = rescale_factor(_reduce.scalar(math.fsum(before), d), _reduce.scalar(math.fsum(after), d))
     return 1.0 if q is None else float(q)
 
 
-def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, drops=None) -> tuple[torch.Tensor, int]:
-    """``merge_chunked`` with the fused kernel: one pass over the inputs for all models (plus one per rescaled DARE model)."""
+def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, drops=None, windows=None) -> tuple[torch.Tensor, int]:
+    """``merge_chunked`` with the fused kernel: one pass over the inputs for all models (plus one per rescaled model)."""
     k = len(tensors)
     n = base.numel()
     out = torch.empty(base.shape, dtype=torch.float32)
     views, shift = _bits([t.contiguous() for t in (*tensors, base)])
-    mode = np.full(k, _kernels.KEEP_ALL, dtype=np.int8)
-    thr = np.zeros(k, dtype=np.float32)
-    cutoff = np.zeros(k, dtype=np.int64)
-    ka = np.zeros(k, dtype=np.uint32)
-    kb = np.zeros(k, dtype=np.uint32)
-    rthr = np.zeros(k, dtype=np.int64)
-    scale = np.ones(k, dtype=np.float32)
+    p = _Params.empty(k)
+    rescaled = []
     for i, tr in enumerate(trims or []):
         if tr is None or tr.threshold is None:
             continue
         if math.isinf(tr.threshold):
-            mode[i] = _kernels.DROP_ALL
+            p.mode[i] = _kernels.DROP_ALL
         else:
-            mode[i], thr[i], cutoff[i] = _kernels.THRESHOLD, tr.threshold, tr.cutoff
+            p.mode[i], p.fpar[i, 0], p.ipar[i, 0] = _kernels.THRESHOLD, tr.threshold, tr.cutoff
     for i, dr in enumerate(drops or []):
         if dr.density >= 1:
             continue
         if dr.density <= 0:  # random_ zeroes the delta (the rescale then finds nothing kept)
-            mode[i] = _kernels.DROP_ALL
+            p.mode[i] = _kernels.DROP_ALL
             continue
-        mode[i], ka[i], kb[i], rthr[i] = _kernels.RANDOM, dr.key.a, dr.key.b, dare_threshold(dr.density)
-        scale[i] = _dare_scale(views[i], views[k], shift, dr, n)
+        p.mode[i], p.keys[i], p.ipar[i, 0] = _kernels.RANDOM, dr.key, dare_threshold(dr.density)
+        if dr.rescale:
+            rescaled.append(i)
+    for i, cr in enumerate(windows or []):
+        if cr is None:  # density 1: untouched
+            continue
+        if cr.window is None:
+            p.mode[i] = _kernels.DROP_ALL
+            continue
+        wd = cr.window
+        p.mode[i], p.fpar[i], p.ipar[i] = _kernels.WINDOW, (wd.lo, wd.hi), (wd.lo_cut, wd.hi_cut)
+        if cr.rescale:
+            rescaled.append(i)
+    for i in rescaled:
+        p.scale[i] = _l1_scale(views[i], views[k], shift, p.row(i), n)
     w = np.asarray(weights, dtype=np.float32)
     total = np.float32(w.sum(dtype=np.float32)) if (normalize and not consensus) else np.float32(1)
     cancelled = _kernels.gta(
         tuple(views[:k]),
         views[k],
         shift,
-        mode,
-        thr,
-        cutoff,
-        ka,
-        kb,
-        rthr,
-        scale,
+        p.mode,
+        p.fpar,
+        p.ipar,
+        p.keys,
+        p.scale,
         w,
         consensus,
         normalize,

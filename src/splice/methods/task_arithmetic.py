@@ -99,7 +99,7 @@ EXTRA_PARAM = {"magnitude_outliers": GAMMA, "della_magprune": EPSILON}
 RANDOMIZED = {"random", "della_magprune"}
 # Whole-tensor magnitude trims, DARE drops and plain sums upcast chunk by chunk (``_chunked``):
 # the engine can hand them the stored bf16/f16 tensors.
-NATIVE_DTYPE = {None, "magnitude", "random"}
+NATIVE_DTYPE = {None, "magnitude", "random", "magnitude_outliers"}
 
 
 def merge_task_vectors(
@@ -110,6 +110,8 @@ def merge_task_vectors(
     sparsify: Sparsifier | None = None,
     trim_density: Sequence[float] | None = None,
     drops: Sequence[_chunked.Drop] | None = None,
+    crumbs: Sequence[tuple[float, float]] | None = None,
+    rescale: bool = False,
     consensus: bool = False,
     normalize: bool = False,
     lambda_: float = 1.0,
@@ -127,6 +129,9 @@ def merge_task_vectors(
             rescale, one density per model.
         drops: instead of ``sparsify``, DARE's random drop (``_sparsify.random_``),
             one per model: the fused kernels run it chunk by chunk.
+        crumbs: instead of ``sparsify``, Breadcrumbs (``_sparsify.breadcrumbs_``),
+            one (density, gamma) per model, L1-rescaled if ``rescale``: chunked
+            through the kernels as well.
         consensus: TIES sign election; normalize: divide by the weights; lambda_: scale.
 
     Returns:
@@ -147,10 +152,19 @@ def merge_task_vectors(
     # agreeing weights can cancel only when some weight is negative
     refuse_cancelled = normalize and consensus and min(weights) < 0
     large_cpu = base.device.type == "cpu" and SORT_LIMIT < base.numel() < 2**31
-    if drops is not None and not (large_cpu and _kernels.AVAILABLE and cdt == torch.float32):
+    fused = large_cpu and _kernels.AVAILABLE and cdt == torch.float32
+    windows = None
+    if drops is not None and not fused:
         # the same drop on the whole tensor (small tensors, no numba, float64, another device)
         whole, drops = drops, None
         sparsify = lambda i, d, s: random_(d, whole[i].density, whole[i].rescale, key=whole[i].key, scratch=s)  # noqa: E731
+    if crumbs is not None and not fused:
+        sparsify = lambda i, d, s: breadcrumbs_(d, crumbs[i][0], crumbs[i][1], rescale, scratch=s)  # noqa: E731
+    elif crumbs is not None:
+        windows = [
+            None if dens >= 1 else _chunked.Crumbs(_chunked.breadcrumbs_window(t, base, dens, gamma), rescale)
+            for t, (dens, gamma) in zip(tensors, crumbs)
+        ]
     if sparsify is None and large_cpu:
         trims = None
         if trim_density is not None:
@@ -166,6 +180,7 @@ def merge_task_vectors(
             cdt=cdt,
             count_cancelled=refuse_cancelled,
             drops=drops,
+            windows=windows,
         )
     else:
         merged, cancelled = _merge_whole(tensors, base, weights, sparsify, trim_density, consensus, normalize, lambda_, refuse_cancelled)
@@ -245,7 +260,7 @@ def merge_family(
         The merged tensor (float32, or float64 for a float64 base).
     """
     dens = [float(d) for d in density]
-    trim = drops = None
+    trim = drops = crumbs = None
     if sparsification == "random":  # one key per model, in model order, whatever the densities
         sparsify, drops = None, [_chunked.Drop(d, key, rescale) for d, key in zip(dens, dare_keys(generator, len(tensors)))]
     elif sparsification == "magnitude" and not rescale:
@@ -253,7 +268,7 @@ def merge_family(
     elif sparsification == "magnitude":
         sparsify = lambda i, d, s: magnitude_(d, dens[i], True, scratch=s)  # noqa: E731
     elif sparsification == "magnitude_outliers":
-        sparsify = lambda i, d, s: breadcrumbs_(d, dens[i], float(gamma[i]), rescale, scratch=s)  # noqa: E731
+        sparsify, crumbs = None, [(d, float(g)) for d, g in zip(dens, gamma)]
     elif sparsification == "della_magprune":
         sparsify = lambda i, d, s: della_(d, dens[i], float(epsilon[i]), rescale, generator, scratch=s)  # noqa: E731
     else:
@@ -265,6 +280,8 @@ def merge_family(
         sparsify=sparsify,
         trim_density=trim,
         drops=drops,
+        crumbs=crumbs,
+        rescale=rescale,
         consensus=consensus,
         normalize=normalize,
         lambda_=lambda_,
