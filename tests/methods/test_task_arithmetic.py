@@ -264,7 +264,7 @@ def test_registration_matches_mergekit(name):
     assert m.base == "required" and m.randomized == randomized
     assert {p.name: (p.default, p.per_model) for p in m.params} == {**GTA, **extra}
     # the chunked / fused path takes stored dtypes
-    assert m.native_dtype == (name not in ("della", "della_linear"))
+    assert m.native_dtype
 
 
 # ----------------------------------------------------------------- against the formula

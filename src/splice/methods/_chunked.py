@@ -44,8 +44,20 @@ import numpy as np
 import torch
 
 from . import _kernels, _reduce
-from ._sizes import RESCALE_CHUNK, TORCH_CHUNK
-from ._sparsify import _SAMPLE, Bracket, DropKey, bracket, dare_threshold, rescale_factor, sample_bounds
+from ._consensus import SignConsensus
+from ._sizes import DELLA_BLOCK, RESCALE_CHUNK, SUM_BLOCK, TORCH_CHUNK
+from ._sparsify import (
+    _SAMPLE,
+    Bracket,
+    DropKey,
+    _sort_key,
+    bracket,
+    check_della,
+    dare_threshold,
+    della_probs,
+    rescale_factor,
+    sample_bounds,
+)
 
 
 class Trim(NamedTuple):
@@ -422,3 +434,129 @@ def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, 
         out.reshape(-1).numpy(),
     )
     return out, int(cancelled)
+
+
+# --------------------------------------------------------------------------- DELLA by row blocks
+
+
+class _L1Stream:
+    """``_reduce.norm(x, 1)`` of a flat tensor fed in pieces of any length, with the whole tensor's bits.
+
+    Elements are regrouped into the ``SUM_BLOCK`` rows ``_reduce`` reduces (a
+    carry of fewer than ``SUM_BLOCK`` elements waits for the next piece), and
+    the last partial is the ragged tail's, as in ``_reduce.l1_partials``.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.parts: list[float] = []
+        self.carry = torch.empty(0, dtype=dtype)
+
+    def add(self, piece: torch.Tensor) -> None:
+        flat = torch.cat([self.carry, piece.reshape(-1)]) if self.carry.numel() else piece.reshape(-1)
+        whole = flat.numel() // SUM_BLOCK * SUM_BLOCK
+        if whole:
+            self.parts += torch.linalg.vector_norm(flat[:whole].view(-1, SUM_BLOCK), 1, dim=1).tolist()
+        self.carry = flat[whole:].clone()
+
+    def total(self) -> torch.Tensor:
+        tail = float(torch.linalg.vector_norm(self.carry, 1, dim=0))
+        return _reduce.scalar(math.fsum(self.parts + [tail]), self.carry)
+
+
+def _row_spans(rows: int, cols: int):
+    step = max(1, DELLA_BLOCK // max(1, cols))
+    for r in range(0, rows, step):
+        yield r, min(rows, r + step)
+
+
+def _della_drop(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """``_sparsify.della_``'s drop mask for a block of whole rows, drawing its uniforms from ``generator``.
+
+    Same sort key, same stable argsort per row, same probabilities, and the
+    block's uniforms are the next ``delta.numel()`` draws of the stream (torch
+    fills a CPU tensor serially), so concatenated blocks give the whole tensor's mask.
+    """
+    ncols = delta.shape[1]
+    mags = torch.abs(delta)
+    order = torch.argsort(_sort_key(mags), dim=1, stable=True)
+    probs = della_probs(ncols, density, epsilon, delta.device, delta.dtype)
+    drop_sorted = mags.uniform_(0, 1, generator=generator) >= probs
+    return torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
+
+
+def della_chunked(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    della: Sequence[tuple[float, float]],
+    rescale: bool,
+    generator: torch.Generator,
+    weights: Sequence[float],
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    cdt: torch.dtype,
+    count_cancelled: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """``task_arithmetic._merge_whole`` with ``_sparsify.della_`` on a 2-D tensor, one block of rows at a time.
+
+    Pass 1 (model by model, in model order, as the whole-tensor path draws):
+    each model's drop mask, packed to one bit per element, and the L1 norms of
+    its delta before and after the drop.  Pass 2 (block by block): every
+    model's dropped, rescaled, weighted delta and the sign election or sum, all
+    elementwise, so each element sees the whole-tensor path's operations.
+    Working memory: a few row blocks plus the packed masks (n/8 bytes per model).
+    """
+    rows, cols = base.shape
+    spans = list(_row_spans(rows, cols))
+    masks: list[list[np.ndarray] | None] = []
+    scale: list[torch.Tensor | None] = []
+    for t, (dens, eps) in zip(tensors, della):
+        if dens >= 1 or dens <= 0:  # della_ draws nothing: untouched, or zero
+            masks.append(None)
+            scale.append(None)
+            continue
+        check_della(dens, eps)
+        packed = []
+        before, after = (_L1Stream(cdt), _L1Stream(cdt)) if rescale else (None, None)
+        for r0, r1 in spans:
+            d = t[r0:r1].to(cdt) - base[r0:r1].to(cdt)
+            drop = _della_drop(d, dens, eps, generator)
+            packed.append(np.packbits(drop.numpy().reshape(-1)))
+            if rescale:
+                before.add(d)
+                after.add(d.masked_fill_(drop, 0))
+        masks.append(packed)
+        scale.append(rescale_factor(before.total(), after.total()) if rescale else None)
+    out = torch.empty(base.shape, dtype=cdt)
+    total = torch.tensor(list(weights), dtype=cdt).sum().item() if (normalize and not consensus) else None
+    cancelled = 0
+    for s, (r0, r1) in enumerate(spans):
+        b = base[r0:r1].to(cdt)
+        acc = SignConsensus(b, track_weights=normalize) if consensus else torch.zeros_like(b)
+        for i, t in enumerate(tensors):
+            d = t[r0:r1].to(cdt) - b
+            dens = della[i][0]
+            if dens <= 0:
+                d.zero_()
+            elif masks[i] is not None:
+                bits = np.unpackbits(masks[i][s], count=d.numel())
+                d.masked_fill_(torch.from_numpy(bits).view(torch.bool).view(d.shape), 0)
+                if scale[i] is not None:
+                    d.mul_(scale[i])
+            d.mul_(weights[i])
+            if consensus:
+                acc.add(d, weights[i])
+            else:
+                acc.add_(d)
+        if consensus:
+            merged = acc.result(divisor=normalize, count_cancelled=count_cancelled)
+            cancelled += acc.cancelled
+        else:
+            merged = acc
+            if normalize:
+                merged.div_(total)
+        if lambda_ != 1:
+            merged.mul_(lambda_)
+        torch.add(merged, b, out=out[r0:r1])
+    return out, cancelled

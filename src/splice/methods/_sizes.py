@@ -31,3 +31,8 @@ SUM_BLOCK = 1 << 14
 # multiple of SUM_BLOCK so the norms' per-block partials are the whole-tensor path's;
 # smaller means more torch calls per tensor.
 RESCALE_CHUNK = 16 * SUM_BLOCK
+
+# DELLA on the chunked path (``_chunked.della_chunked``): rows are ranked and dropped this
+# many elements at a time (whole rows; at least one).  The argsort's int64 indices and a
+# few float32 buffers of this size stay in L2; smaller means more torch calls per tensor.
+DELLA_BLOCK = 1 << 16

@@ -398,6 +398,20 @@ def _sort_key(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def check_della(density: float, epsilon: float) -> None:
+    """Refuse an ``epsilon`` that puts a keep probability outside (0, 1)."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"della: epsilon must keep density +- epsilon inside (0, 1) (density={density}, epsilon={epsilon})")
+
+
+def della_probs(ncols: int, density: float, epsilon: float, device, dtype) -> torch.Tensor:
+    """Keep probability by ascending rank along a row of ``ncols``, shaped ``[1, ncols]`` (a row of one: density)."""
+    if ncols > 1:
+        ramp = torch.arange(ncols, device=device, dtype=dtype).div_(ncols - 1)
+        return ramp.mul_(2 * epsilon).add_(density - epsilon).reshape(1, ncols)
+    return torch.full((1, ncols), density, device=device, dtype=dtype)
+
+
 def della_(
     delta: torch.Tensor,
     density: float,
@@ -418,8 +432,7 @@ def della_(
         return delta
     if density <= 0:
         return delta.zero_()
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(f"della: epsilon must keep density +- epsilon inside (0, 1) (density={density}, epsilon={epsilon})")
+    check_della(density, epsilon)
     before = _l1(delta) if rescale else None
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     ncols = rows.shape[1]
@@ -429,11 +442,7 @@ def della_(
     order = torch.argsort(_sort_key(mags), dim=1, stable=True)
     shape = [1] * rows.dim()
     shape[1] = ncols
-    if ncols > 1:
-        ramp = torch.arange(ncols, device=delta.device, dtype=delta.dtype).div_(ncols - 1)
-        probs = ramp.mul_(2 * epsilon).add_(density - epsilon).reshape(shape)
-    else:
-        probs = torch.full(shape, density, device=delta.device, dtype=delta.dtype)
+    probs = della_probs(ncols, density, epsilon, delta.device, delta.dtype).reshape(shape)
     drop_sorted = _uniform(mags, generator, mags) >= probs
     drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
     del order, drop_sorted, mags

@@ -99,7 +99,7 @@ EXTRA_PARAM = {"magnitude_outliers": GAMMA, "della_magprune": EPSILON}
 RANDOMIZED = {"random", "della_magprune"}
 # Whole-tensor magnitude trims, DARE drops and plain sums upcast chunk by chunk (``_chunked``):
 # the engine can hand them the stored bf16/f16 tensors.
-NATIVE_DTYPE = {None, "magnitude", "random", "magnitude_outliers"}
+NATIVE_DTYPE = {None, "magnitude", "random", "magnitude_outliers", "della_magprune"}
 
 
 def merge_task_vectors(
@@ -111,7 +111,9 @@ def merge_task_vectors(
     trim_density: Sequence[float] | None = None,
     drops: Sequence[_chunked.Drop] | None = None,
     crumbs: Sequence[tuple[float, float]] | None = None,
+    della: Sequence[tuple[float, float]] | None = None,
     rescale: bool = False,
+    generator: torch.Generator | None = None,
     consensus: bool = False,
     normalize: bool = False,
     lambda_: float = 1.0,
@@ -132,6 +134,9 @@ def merge_task_vectors(
         crumbs: instead of ``sparsify``, Breadcrumbs (``_sparsify.breadcrumbs_``),
             one (density, gamma) per model, L1-rescaled if ``rescale``: chunked
             through the kernels as well.
+        della: instead of ``sparsify``, DELLA MagPrune (``_sparsify.della_``), one
+            (density, epsilon) per model, L1-rescaled if ``rescale``, drawing from
+            ``generator``: 2-D CPU tensors run by blocks of rows (``_chunked.della_chunked``).
         consensus: TIES sign election; normalize: divide by the weights; lambda_: scale.
 
     Returns:
@@ -158,6 +163,24 @@ def merge_task_vectors(
         # the same drop on the whole tensor (small tensors, no numba, float64, another device)
         whole, drops = drops, None
         sparsify = lambda i, d, s: random_(d, whole[i].density, whole[i].rescale, key=whole[i].key, scratch=s)  # noqa: E731
+    if della is not None:
+        if large_cpu and base.dim() == 2 and generator is not None and generator.device.type == "cpu":
+            merged, cancelled = _chunked.della_chunked(
+                tensors,
+                base,
+                della=della,
+                rescale=rescale,
+                generator=generator,
+                weights=weights,
+                consensus=consensus,
+                normalize=normalize,
+                lambda_=lambda_,
+                cdt=cdt,
+                count_cancelled=refuse_cancelled,
+            )
+            _refuse_cancelled(refuse_cancelled, cancelled, weights)
+            return merged
+        sparsify = lambda i, d, s: della_(d, della[i][0], della[i][1], rescale, generator, scratch=s)  # noqa: E731
     if crumbs is not None and not fused:
         sparsify = lambda i, d, s: breadcrumbs_(d, crumbs[i][0], crumbs[i][1], rescale, scratch=s)  # noqa: E731
     elif crumbs is not None:
@@ -184,12 +207,16 @@ def merge_task_vectors(
         )
     else:
         merged, cancelled = _merge_whole(tensors, base, weights, sparsify, trim_density, consensus, normalize, lambda_, refuse_cancelled)
-    if refuse_cancelled and cancelled:
+    _refuse_cancelled(refuse_cancelled, cancelled, weights)
+    return merged
+
+
+def _refuse_cancelled(refuse: bool, cancelled: int, weights: list[float]) -> None:
+    if refuse and cancelled:
         raise ValueError(
             f"normalize divides each element by the weights of the models that agree on its sign, and the weights {weights} "
             f"cancel to 0 at {cancelled} element(s); set normalize: false or change the weights"
         )
-    return merged
 
 
 def _merge_whole(
@@ -260,7 +287,7 @@ def merge_family(
         The merged tensor (float32, or float64 for a float64 base).
     """
     dens = [float(d) for d in density]
-    trim = drops = crumbs = None
+    trim = drops = crumbs = della = None
     if sparsification == "random":  # one key per model, in model order, whatever the densities
         sparsify, drops = None, [_chunked.Drop(d, key, rescale) for d, key in zip(dens, dare_keys(generator, len(tensors)))]
     elif sparsification == "magnitude" and not rescale:
@@ -270,7 +297,7 @@ def merge_family(
     elif sparsification == "magnitude_outliers":
         sparsify, crumbs = None, [(d, float(g)) for d, g in zip(dens, gamma)]
     elif sparsification == "della_magprune":
-        sparsify = lambda i, d, s: della_(d, dens[i], float(epsilon[i]), rescale, generator, scratch=s)  # noqa: E731
+        sparsify, della = None, [(d, float(e)) for d, e in zip(dens, epsilon)]
     else:
         sparsify = None
     return merge_task_vectors(
@@ -281,7 +308,9 @@ def merge_family(
         trim_density=trim,
         drops=drops,
         crumbs=crumbs,
+        della=della,
         rescale=rescale,
+        generator=generator,
         consensus=consensus,
         normalize=normalize,
         lambda_=lambda_,
