@@ -44,6 +44,22 @@ def l1_partials(flat: torch.Tensor) -> list[float]:
     return _partials(flat, lambda v, d: torch.linalg.vector_norm(v, 1, dim=d))
 
 
+def sum_partials(flat: torch.Tensor) -> list[float]:
+    """The partial sums ``total`` adds up, for a flat tensor (chunks of a larger one: as ``l1_partials``)."""
+    return _partials(flat, lambda v, d: v.sum(dim=d))
+
+
+def norm_from_squares(parts: list[float], like: torch.Tensor) -> torch.Tensor:
+    """The L2 norm from partial sums of squares (``sum_partials(x * x)``, chunk by chunk), as a 0-d tensor like ``like``.
+
+    Exactly rounded sum of the partials, square root in float64, one rounding to
+    ``like``'s dtype.  Not the bits of ``torch.linalg.vector_norm`` (whose
+    internal order a chunked pass cannot follow): within a few units in the
+    last place of it.
+    """
+    return _scalar(math.sqrt(math.fsum(parts)), like)
+
+
 def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     """``value`` as a 0-d tensor of ``like``'s dtype and device (how these helpers return a sum)."""
     return _scalar(value, like)

@@ -36,3 +36,9 @@ RESCALE_CHUNK = 16 * SUM_BLOCK
 # many elements at a time (whole rows; at least one).  The argsort's int64 indices and a
 # few float32 buffers of this size stay in L2; smaller means more torch calls per tensor.
 DELLA_BLOCK = 1 << 16
+
+# Streaming reductions (slerp, model_stock): the inputs are upcast, multiplied and reduced this
+# many elements at a time, then combined in a second pass of the same chunks.  A multiple of
+# SUM_BLOCK, so the per-block partial sums are the whole tensor's; a handful of float32
+# buffers of this size (1 MiB each) stay in L2; smaller means more torch calls.
+STREAM_CHUNK = 16 * SUM_BLOCK
