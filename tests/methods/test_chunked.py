@@ -162,3 +162,23 @@ def test_breadcrumbs_chunked_is_bit_identical_to_whole_tensor_path(densities, ga
     fast = merge_task_vectors(ts, base, crumbs=list(zip(densities, gammas)), rescale=rescale, **dict(kw))
     sp = lambda i, d, s: breadcrumbs_(d, densities[i], gammas[i], rescale, scratch=s)  # noqa: E731
     assert torch.equal(fast, merge_task_vectors([t.float() for t in ts], base.float(), sparsify=sp, **dict(kw)))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dare_mask_is_the_same_on_every_device(device):
+    """On CUDA (no numba, no chunked path) DARE takes the whole-tensor torch path with the same integer hash: the same
+    kept elements as the CPU's fused kernel; the values agree to rounding (a GPU sums the L1 norms in its own order)."""
+    from splice.methods._sparsify import random_
+
+    ts, base = _models(N)
+    drops = _drops([0.3, 0.6, 0.5], True)
+    kw = dict(weight=[1.0, 0.5, 0.8], consensus=True, normalize=False)
+    cpu = merge_task_vectors(ts, base, drops=drops, **kw)
+    on = merge_task_vectors([t.to(device) for t in ts], base.to(device), drops=drops, **kw).cpu()
+    torch.testing.assert_close(on, cpu, rtol=1e-6, atol=1e-7)
+    d = ts[0].float() - base.float()
+    kept_here = random_(d.to(device), 0.3, False, key=drops[0].key) != 0
+    assert torch.equal(kept_here.cpu(), random_(d.clone(), 0.3, False, key=drops[0].key) != 0)
