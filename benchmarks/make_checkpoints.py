@@ -43,6 +43,9 @@ PRESETS: dict[str, dict] = {
     "100M": dict(
         hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, vocab_size=32000
     ),
+    "150M": dict(  # the issue-11 per-method table's size
+        hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4, vocab_size=32000
+    ),
     "500M": dict(
         hidden_size=1280, intermediate_size=3456, num_hidden_layers=24, num_attention_heads=20, num_key_value_heads=4, vocab_size=32000
     ),

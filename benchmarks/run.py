@@ -47,8 +47,36 @@ SPLICE = ROOT / ".venv" / "bin" / "splice"
 SPLICE_PY = ROOT / ".venv" / "bin" / "python"
 MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
-DETERMINISTIC = {"ties", "linear", "slerp", "task_arithmetic"}
-MODELS_USED = {"ties": 3, "dare_ties": 3, "linear": 3, "task_arithmetic": 3, "slerp": 1}
+# method: (fine-tunes used, base model in the recipe, per-model parameters, global parameters).
+# The TIES-style family: three fine-tunes plus base, weight 1, density 0.5 where it applies,
+# normalize (the issue-11 table's recipe); every other method with mergekit's usual inputs.
+_TIES_STYLE = (3, True, {"weight": 1.0, "density": 0.5}, {"normalize": True})
+RECIPES: dict[str, tuple[int, bool, dict, dict]] = {
+    "ties": _TIES_STYLE,
+    "dare_ties": _TIES_STYLE,
+    "dare_linear": _TIES_STYLE,
+    "breadcrumbs": _TIES_STYLE,
+    "breadcrumbs_ties": _TIES_STYLE,
+    "della": _TIES_STYLE,
+    "della_linear": _TIES_STYLE,
+    "task_arithmetic": (3, True, {"weight": 0.5}, {}),
+    "linear": (3, False, {"weight": 1.0}, {}),  # the base is merged as one more model
+    "sce": (3, True, {}, {"select_topk": 0.5}),
+    "pcb": (3, True, {"weight": 1.0, "density": 0.5}, {}),  # not in mergekit: splice (and floor) only
+    "model_stock": (3, True, {}, {}),
+    "slerp": (1, True, {}, {"t": 0.5}),
+    "nuslerp": (2, True, {"weight": 0.5}, {}),
+    "multislerp": (3, False, {"weight": 1.0}, {}),
+    "karcher": (3, False, {}, {}),
+    "nearswap": (1, True, {}, {"t": 0.001}),
+    "arcee_fusion": (1, True, {}, {}),
+    "ram": (3, True, {}, {"epsilon": 1e-3}),
+    "ramplus_tl": (3, True, {}, {"epsilon": 1e-3}),
+}
+MODELS_USED = {m: r[0] for m, r in RECIPES.items()}
+NOT_IN_MERGEKIT = {"pcb"}
+# randomized ones (DARE, DELLA; arcee_fusion samples its quantiles above a million elements) only match in distribution
+DETERMINISTIC = set(RECIPES) - {"dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion"}
 
 
 # ------------------------------------------------------------------ recipes
@@ -56,24 +84,19 @@ MODELS_USED = {"ties": 3, "dare_ties": 3, "linear": 3, "task_arithmetic": 3, "sl
 
 def recipe(method: str, root: Path, dtype: str) -> dict:
     """The benchmark recipe for ``method`` over the checkpoints in ``root`` (mergekit YAML keys)."""
-    base = str(root / "base")
-    fts = [str(root / f"ft{k + 1}") for k in range(MODELS_USED[method])]
-    r: dict = {"merge_method": method}
-    if method in ("ties", "dare_ties"):
-        r["base_model"] = base
-        r["models"] = [{"model": base}] + [{"model": f, "parameters": {"weight": 1.0, "density": 0.5}} for f in fts]
-        r["parameters"] = {"normalize": True}
-    elif method == "task_arithmetic":
-        r["base_model"] = base
-        r["models"] = [{"model": base}] + [{"model": f, "parameters": {"weight": 0.5}} for f in fts]
-    elif method == "linear":
-        r["models"] = [{"model": m, "parameters": {"weight": 1.0}} for m in [base] + fts]
-    elif method == "slerp":
-        r["base_model"] = base
-        r["models"] = [{"model": base}, {"model": fts[0]}]
-        r["parameters"] = {"t": 0.5}
-    else:
+    if method not in RECIPES:
         raise SystemExit(f"run.py: no benchmark recipe for method {method!r}")
+    count, uses_base, per_model, glob = RECIPES[method]
+    base = str(root / "base")
+    fts = [str(root / f"ft{k + 1}") for k in range(count)]
+    r: dict = {"merge_method": method}
+    if uses_base:
+        r["base_model"] = base
+        r["models"] = [{"model": base}] + [{"model": f, **({"parameters": dict(per_model)} if per_model else {})} for f in fts]
+    else:
+        r["models"] = [{"model": m, **({"parameters": dict(per_model)} if per_model else {})} for m in [base] + fts]
+    if glob:
+        r["parameters"] = dict(glob)
     if dtype == "bfloat16":
         r["dtype"] = "bfloat16"
     else:  # compute in float32, write bf16 like the inputs
@@ -465,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "BUILD.json").exists():
         subprocess.run([sys.executable, str(HERE / "make_checkpoints.py"), "--params", a.params], check=True)
     build = json.loads((root / "BUILD.json").read_text())
+    if "mergekit" in tools and a.method in NOT_IN_MERGEKIT:
+        print(f"run.py: mergekit 0.1.5 has no {a.method}; timing the other tools", file=sys.stderr)
+        tools = [t for t in tools if t != "mergekit"]
     if "mergekit" in tools and not MERGEKIT.exists():
         raise SystemExit(f"run.py: {MERGEKIT} missing; run: bash benchmarks/setup_mergekit.sh")
 

@@ -137,7 +137,9 @@ def test_shape_dtype_device(device, dtype):
     xs = [torch.randn(3, 5, dtype=dtype, device=device) for _ in range(3)]
     for fw in (False, True):
         out = run(xs, base, filter_wise=fw)
-        assert out.shape == base.shape and out.dtype == dtype and out.device == base.device
+        # a native-dtype method: stored bf16 in, float32 out (float64 stays float64)
+        assert out.shape == base.shape and out.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+        assert out.device == base.device
         assert torch.isfinite(out).all()
 
 
@@ -169,3 +171,21 @@ def test_parity_with_mergekit(mergekit):
                 "mergekit.merge_methods.model_stock:model_stock_merge_method", [base] + xs, base_index=0, parameters={"filter_wise": fw}
             )
             torch.testing.assert_close(run(xs, base, filter_wise=fw), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_streamed_in_chunks_from_stored_bf16(filter_wise, monkeypatch):
+    """Sums in STREAM_CHUNK pieces (per row: blocks of whole rows), then the combine: the chunk size changes no bit,
+    bf16 inputs give what their float32 values give, and the result is the float64 formula's."""
+    from splice.methods import model_stock as ms
+    from splice.methods._sizes import SUM_BLOCK
+
+    base = rand(700, 1001, seed=3)  # several chunks, rows that straddle them, a ragged last one
+    ts = [t.bfloat16() for t in finetunes(base, 3, seed=4)]
+    base = base.bfloat16()
+    out = run(ts, base, filter_wise=filter_wise)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, run([t.float() for t in ts], base.float(), filter_wise=filter_wise))
+    monkeypatch.setattr(ms, "STREAM_CHUNK", 3 * SUM_BLOCK + 17)
+    assert torch.equal(out, run(ts, base, filter_wise=filter_wise))
+    close(out, reference([t.float() for t in ts], base.float(), filter_wise=filter_wise))

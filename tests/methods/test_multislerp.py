@@ -139,7 +139,9 @@ def test_shape_dtype_device(device, dtype):
     xs = [torch.randn(3, 5, dtype=dtype, device=device) for _ in range(3)]
     for base in (None, torch.randn(3, 5, dtype=dtype, device=device)):
         out = run(xs, base, [1.0, 2.0, 3.0])
-        assert out.shape == (3, 5) and out.dtype == dtype and out.device == xs[0].device
+        # a native-dtype method: stored bf16 in, float32 out (float64 stays float64)
+        assert out.shape == (3, 5) and out.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+        assert out.device == xs[0].device
         assert torch.isfinite(out).all()
 
 
@@ -172,3 +174,22 @@ def test_models_all_equal_to_the_base_give_the_base():
     base = torch.randn(6, 4)
     out = run([base.clone(), base.clone(), base.clone()], base, weight=[1.0, 1.0, 1.0])
     assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_streamed_in_chunks_from_stored_bf16(with_base, monkeypatch):
+    """Norms, the weighted direction sum and the scaling in STREAM_CHUNK pieces: the chunk size changes no bit, bf16
+    inputs give what their float32 values give, and the result is the float64 formula's."""
+    from splice.methods import multislerp as multislerp_module
+    from splice.methods._sizes import SUM_BLOCK
+
+    base = rand(700, 1001, seed=3)  # several chunks and a ragged last one
+    xs = [(base + 0.1 * rand(700, 1001, seed=4 + i)).bfloat16() for i in range(3)]
+    base = base.bfloat16() if with_base else None
+    out = run(xs, base, [0.2, 0.3, 0.5])
+    assert out.dtype == torch.float32
+    f32 = ([x.float() for x in xs], base.float() if base is not None else None)
+    assert torch.equal(out, run(*f32, [0.2, 0.3, 0.5]))
+    monkeypatch.setattr(multislerp_module, "STREAM_CHUNK", 3 * SUM_BLOCK)
+    assert torch.equal(out, run(xs, base, [0.2, 0.3, 0.5]))
+    close(out, reference(*f32, [0.2, 0.3, 0.5]))

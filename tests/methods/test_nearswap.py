@@ -79,7 +79,9 @@ def test_shape_dtype_device(device, dtype):
     base = torch.randn(3, 5, dtype=dtype, device=device)
     other = torch.randn(3, 5, dtype=dtype, device=device)
     out = run(base, other, 0.5)
-    assert out.shape == base.shape and out.dtype == dtype and out.device == base.device
+    # a native-dtype method: stored bf16 in, float32 out (float64 stays float64)
+    assert out.shape == base.shape and out.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    assert out.device == base.device
     assert torch.isfinite(out).all()
 
 
@@ -107,3 +109,18 @@ def test_parity_with_mergekit(mergekit):
     for t in (0.0, 0.01, 0.1, 1.0):
         expected = mergekit.merge("mergekit.merge_methods.nearswap:nearswap_merge", [base, other], base_index=0, parameters={"t": t})
         torch.testing.assert_close(run(base, other, t), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_from_stored_bf16_gives_the_whole_tensor_bits(monkeypatch):
+    """STREAM_CHUNK elements at a time from bf16: the bits of one whole-tensor pass over the float32 values."""
+    from splice.methods import nearswap as nearswap_module
+
+    base = rand(700, 1001, seed=3)
+    other = base + 0.01 * rand(700, 1001, seed=4)
+    base, other = base.bfloat16(), other.bfloat16()
+    out = run(base, other, 0.004)
+    a, b = base.float(), other.float()
+    whole = torch.lerp(a, b, (0.004 / (a - b).abs().clamp(min=1e-6)).clamp(0.0, 1.0))
+    assert out.dtype == torch.float32 and torch.equal(out, whole)
+    monkeypatch.setattr(nearswap_module, "STREAM_CHUNK", 3 * 16384 + 17)  # chunks off the vector width
+    assert torch.equal(run(base, other, 0.004), whole)

@@ -145,7 +145,9 @@ def test_shape_dtype_device(device, dtype):
     for base in (None, c):
         for flatten in (True, False):
             out = run(a, b, base, nuslerp_flatten=flatten)
-            assert out.shape == a.shape and out.dtype == dtype and out.device == a.device
+            # a native-dtype method: stored bf16 in, float32 out (float64 stays float64)
+            assert out.shape == a.shape and out.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+            assert out.device == a.device
             assert torch.isfinite(out).all()
 
 
@@ -182,3 +184,22 @@ def test_parity_with_mergekit(mergekit):
                 )
                 actual = run(a, b, base, **params)
                 torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_flat_is_streamed_in_chunks_from_stored_bf16(with_base, monkeypatch):
+    """Norms, unit dot product and combine in STREAM_CHUNK pieces: the chunk size changes no bit, bf16 inputs give
+    what their float32 values give, and the result is the float64 formula's."""
+    from splice.methods import nuslerp as nuslerp_module
+    from splice.methods._sizes import SUM_BLOCK
+
+    base = rand(700, 1001, seed=3)  # several chunks and a ragged last one
+    a, b = base + 0.1 * rand(700, 1001, seed=4), base + 0.1 * rand(700, 1001, seed=5)
+    a, b, base = a.bfloat16(), b.bfloat16(), (base.bfloat16() if with_base else None)
+    out = run(a, b, base, weight=(0.4, 0.6))
+    assert out.dtype == torch.float32
+    f32 = [x.float() if x is not None else None for x in (a, b, base)]
+    assert torch.equal(out, run(*f32, weight=(0.4, 0.6)))
+    monkeypatch.setattr(nuslerp_module, "STREAM_CHUNK", 3 * SUM_BLOCK)
+    assert torch.equal(out, run(a, b, base, weight=(0.4, 0.6)))
+    close(out, reference(*f32, weight=(0.4, 0.6)))

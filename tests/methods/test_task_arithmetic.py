@@ -65,8 +65,22 @@ def trim(d, density, rescale=False):
     return out
 
 
-def dare_drop(d, p, u, rescale):
-    """DARE: keep u < density (u: one torch.rand per model, the documented stream), L1 rescale."""
+def dare_rank(j, key_a, key_b):
+    """DARE's documented stream for flat element j: a 32-bit xorshift-multiply hash of (j, the model's key), top 24 bits."""
+
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) % 2**32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) % 2**32
+        return x ^ (x >> 16)
+
+    return mix(mix((j % 2**32) ^ key_a) ^ (j >> 32) ^ key_b) >> 8
+
+
+def dare_drop(d, p, key, rescale):
+    """DARE: keep element j iff rank_j / 2**24 < density, L1 rescale."""
+    u = torch.tensor([dare_rank(j, *key) / 2**24 for j in range(d.numel())], dtype=torch.float64)
     kept = torch.where(u < p, d, torch.zeros_like(d))
     if rescale and d.abs().sum() >= 1e-7 and kept.abs().sum() >= 1e-7:
         kept = kept * d.abs().sum() / kept.abs().sum()
@@ -155,14 +169,16 @@ def ref_ties(tensors, base, p, seed):
 
 
 def _dare_deltas(tensors, base, p, seed):
-    """DARE transcribed, replaying the documented random stream: one torch.rand per model, keep u < density."""
+    """DARE transcribed, replaying the documented random stream: two 32-bit key integers per model drawn from the
+    generator in model order (torch.randint(0, 2**32, (models, 2))), then a hash of (element index, key) per element."""
     g = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, 2**32, (len(tensors), 2), generator=g).tolist()
     b = base.double().reshape(-1)
     ds = []
-    for t, w, dens in zip(tensors, p["weight"], p["density"]):
+    for t, w, dens, key in zip(tensors, p["weight"], p["density"], keys):
         d = t.double().reshape(-1) - b
         if dens < 1:
-            d = dare_drop(d, dens, torch.rand(base.shape, generator=g).reshape(-1), p["rescale"])
+            d = dare_drop(d, dens, key, p["rescale"])
         ds.append(w * d)
     return b, ds
 
@@ -247,7 +263,8 @@ def test_registration_matches_mergekit(name):
     randomized, extra = SPEC[name]
     assert m.base == "required" and m.randomized == randomized
     assert {p.name: (p.default, p.per_model) for p in m.params} == {**GTA, **extra}
-    assert m.native_dtype == (name in ("task_arithmetic", "ties"))  # the chunked / fused path takes stored dtypes
+    # the chunked / fused path takes stored dtypes
+    assert m.native_dtype
 
 
 # ----------------------------------------------------------------- against the formula

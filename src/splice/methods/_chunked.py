@@ -17,7 +17,11 @@ element sees exactly the float32 operations of the whole-tensor path, in the
 same order, so the result is bit-identical to it (tests check this).
 
 Used for CPU tensors above ``SORT_LIMIT`` elements when the sparsifier is a
-plain magnitude trim (TIES) or none (task arithmetic) and ``rescale`` is off.
+plain magnitude trim (TIES) or none (task arithmetic) and ``rescale`` is off,
+and, with the kernels, for DARE (``Drop``: its counter-based mask is recomputed
+per block from the element index, so no mask is stored; with ``rescale`` one
+extra pass per model takes the L1 norms, in ``SUM_BLOCK`` partials as the
+whole-tensor path does).
 
 With numba (``_kernels``) each chunk is one fused loop.  Without it the chunks run
 as torch calls, which is still clearly faster than the whole-tensor path at one
@@ -39,9 +43,21 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import _kernels
-from ._sizes import TORCH_CHUNK
-from ._sparsify import _SAMPLE, Bracket, bracket, sample_bounds
+from . import _kernels, _reduce
+from ._consensus import SignConsensus
+from ._sizes import DELLA_BLOCK, RESCALE_CHUNK, SUM_BLOCK, TORCH_CHUNK
+from ._sparsify import (
+    _SAMPLE,
+    Bracket,
+    DropKey,
+    _sort_key,
+    bracket,
+    check_della,
+    dare_threshold,
+    della_probs,
+    rescale_factor,
+    sample_bounds,
+)
 
 
 class Trim(NamedTuple):
@@ -53,6 +69,14 @@ class Trim(NamedTuple):
 
     threshold: float | None  # None: keep everything; inf: keep nothing
     cutoff: int = 0  # entries equal to the threshold at flat positions < cutoff are kept
+
+
+class Drop(NamedTuple):
+    """One model's DARE drop (``_sparsify.random_``): its density, key and whether the kept part is L1-rescaled."""
+
+    density: float
+    key: DropKey
+    rescale: bool
 
 
 def _spans(n: int):
@@ -165,8 +189,14 @@ def merge_chunked(
     lambda_: float,
     cdt: torch.dtype,
     count_cancelled: bool = False,
+    drops: Sequence[Drop] | None = None,
+    windows: Sequence[Crumbs | None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Steps 1-5 of ``task_arithmetic.merge_task_vectors`` chunk by chunk.
+
+    ``drops`` (DARE) or ``windows`` (Breadcrumbs; None for an untouched model),
+    one per model instead of ``trims``, need the kernels (``_kernels.AVAILABLE``)
+    and float32 arithmetic; the caller checks.
 
     Returns:
         A new ``cdt`` tensor, and (with ``count_cancelled``, or on the kernel
@@ -174,8 +204,8 @@ def merge_chunked(
         under sign consensus with ``normalize``.  Plain sums divide by the
         weights' sum unconditionally: the caller refuses a zero sum.
     """
-    if _kernels.AVAILABLE and cdt == torch.float32:
-        return _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_)
+    if drops is not None or windows is not None or (_kernels.AVAILABLE and cdt == torch.float32):
+        return _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, drops, windows)
     n = base.numel()
     out = torch.empty(base.shape, dtype=cdt, device=base.device)
     of, bf = out.reshape(-1), base.reshape(-1)
@@ -247,24 +277,286 @@ def merge_chunked(
     return out, cancelled
 
 
-def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_) -> tuple[torch.Tensor, int]:
-    """``merge_chunked`` with the fused kernel: one pass over the inputs for all models."""
+class Window(NamedTuple):
+    """One model's Breadcrumbs window: keep ``lo <= |x| <= hi``, minus the ties at either bound beyond the window.
+
+    Entries equal to ``lo`` at flat positions below ``lo_cut``, and equal to
+    ``hi`` at positions from ``hi_cut`` on, are dropped (``_sparsify.breadcrumbs_``'s
+    tie rule: a stable ascending order, ties by flat index).
+    """
+
+    lo: float
+    lo_cut: int
+    hi: float
+    hi_cut: int
+
+
+def breadcrumbs_window(t: torch.Tensor, base: torch.Tensor, density: float, gamma: float) -> Window | None:
+    """The window ``_sparsify.breadcrumbs_`` keeps of ``t - base`` (float32, kernels), or None: keep nothing.
+
+    Both bounds come from one two-rank radix select (``_kernels.select2``); the
+    tie cutoffs from ``nth_equal`` when ties straddle a bound.
+    """
+    n = t.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    start = max(0, n - target - n_top)
+    stop = start + target
+    if target <= 0:
+        return None
+    (x, b), shift = _bits([t.contiguous(), base.contiguous()])
+    k_lo = start + 1 if start > 0 else 1
+    k_hi = stop if stop < n else n
+    sel = _kernels.select2(x, b, shift, k_lo, k_hi)
+
+    def value(bits) -> float:
+        return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+    lo, lo_cut = 0.0, 0
+    if start > 0:
+        bits, below, _ = (int(v) for v in sel[0])
+        if value(bits) != 0.0:
+            lo = value(bits)
+            surplus = start - below  # entries equal to lo that fall below the window: the lowest positions
+            if surplus > 0:
+                lo_cut = int(_kernels.nth_equal(x, b, shift, np.uint32(bits), surplus)) + 1
+    hi, hi_cut = math.inf, n
+    if stop < n:
+        bits, below, equal = (int(v) for v in sel[1])
+        hi = value(bits)
+        surplus = below + equal - stop  # entries equal to hi beyond the window: the highest positions
+        if hi != 0.0 and surplus > 0:
+            hi_cut = int(_kernels.nth_equal(x, b, shift, np.uint32(bits), equal - surplus + 1))
+    return Window(lo, lo_cut, hi, hi_cut)
+
+
+class Crumbs(NamedTuple):
+    """One model's Breadcrumbs trim for ``merge_chunked``: its window (None: nothing kept) and whether it is L1-rescaled."""
+
+    window: Window | None
+    rescale: bool
+
+
+class _Params(NamedTuple):
+    """The kernels' per-model trim parameters (see ``_kernels._trim_one``)."""
+
+    mode: np.ndarray
+    fpar: np.ndarray
+    ipar: np.ndarray
+    keys: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def empty(cls, k: int) -> _Params:
+        return cls(
+            np.full(k, _kernels.KEEP_ALL, dtype=np.int8),
+            np.zeros((k, 2), dtype=np.float32),
+            np.zeros((k, 2), dtype=np.int64),
+            np.zeros((k, 2), dtype=np.uint32),
+            np.ones(k, dtype=np.float32),
+        )
+
+    def row(self, i: int) -> tuple:
+        return (self.mode[i], self.fpar[i, 0], self.fpar[i, 1], self.ipar[i, 0], self.ipar[i, 1], self.keys[i, 0], self.keys[i, 1])
+
+
+def _l1_scale(x, b, shift: int, trim: tuple, n: int) -> float:
+    """The L1 rescale factor (``_sparsify.rescale_factor``) of one model's trimmed delta; 1.0 when it is skipped.
+
+    The delta and its trimmed part are made ``RESCALE_CHUNK`` elements at a
+    time and their L1 norms taken as the same per-block partials as
+    ``_reduce.norm`` (the chunks start at multiples of ``SUM_BLOCK``), so the
+    factor has the whole-tensor path's bits.
+    """
+    d = torch.empty(min(n, RESCALE_CHUNK), dtype=torch.float32)
+    kept = torch.empty_like(d)
+    before, after = [], []
+    for a in range(0, n, RESCALE_CHUNK):
+        m = min(RESCALE_CHUNK, n - a)
+        _kernels.kept_block(x, b, shift, *trim, a, m, d.numpy(), kept.numpy())
+        before += _reduce.l1_partials(d[:m])
+        after += _reduce.l1_partials(kept[:m])
+    q = rescale_factor(_reduce.scalar(math.fsum(before), d), _reduce.scalar(math.fsum(after), d))
+    return 1.0 if q is None else float(q)
+
+
+def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, drops=None, windows=None) -> tuple[torch.Tensor, int]:
+    """``merge_chunked`` with the fused kernel: one pass over the inputs for all models (plus one per rescaled model)."""
     k = len(tensors)
+    n = base.numel()
     out = torch.empty(base.shape, dtype=torch.float32)
     views, shift = _bits([t.contiguous() for t in (*tensors, base)])
-    mode = np.full(k, _kernels.KEEP_ALL, dtype=np.int8)
-    thr = np.zeros(k, dtype=np.float32)
-    cutoff = np.zeros(k, dtype=np.int64)
+    p = _Params.empty(k)
+    rescaled = []
     for i, tr in enumerate(trims or []):
         if tr is None or tr.threshold is None:
             continue
         if math.isinf(tr.threshold):
-            mode[i] = _kernels.DROP_ALL
+            p.mode[i] = _kernels.DROP_ALL
         else:
-            mode[i], thr[i], cutoff[i] = _kernels.THRESHOLD, tr.threshold, tr.cutoff
+            p.mode[i], p.fpar[i, 0], p.ipar[i, 0] = _kernels.THRESHOLD, tr.threshold, tr.cutoff
+    for i, dr in enumerate(drops or []):
+        if dr.density >= 1:
+            continue
+        if dr.density <= 0:  # random_ zeroes the delta (the rescale then finds nothing kept)
+            p.mode[i] = _kernels.DROP_ALL
+            continue
+        p.mode[i], p.keys[i], p.ipar[i, 0] = _kernels.RANDOM, dr.key, dare_threshold(dr.density)
+        if dr.rescale:
+            rescaled.append(i)
+    for i, cr in enumerate(windows or []):
+        if cr is None:  # density 1: untouched
+            continue
+        if cr.window is None:
+            p.mode[i] = _kernels.DROP_ALL
+            continue
+        wd = cr.window
+        p.mode[i], p.fpar[i], p.ipar[i] = _kernels.WINDOW, (wd.lo, wd.hi), (wd.lo_cut, wd.hi_cut)
+        if cr.rescale:
+            rescaled.append(i)
+    for i in rescaled:
+        p.scale[i] = _l1_scale(views[i], views[k], shift, p.row(i), n)
     w = np.asarray(weights, dtype=np.float32)
     total = np.float32(w.sum(dtype=np.float32)) if (normalize and not consensus) else np.float32(1)
     cancelled = _kernels.gta(
-        tuple(views[:k]), views[k], shift, mode, thr, cutoff, w, consensus, normalize, total, np.float32(lambda_), out.reshape(-1).numpy()
+        tuple(views[:k]),
+        views[k],
+        shift,
+        p.mode,
+        p.fpar,
+        p.ipar,
+        p.keys,
+        p.scale,
+        w,
+        consensus,
+        normalize,
+        total,
+        np.float32(lambda_),
+        out.reshape(-1).numpy(),
     )
     return out, int(cancelled)
+
+
+# --------------------------------------------------------------------------- DELLA by row blocks
+
+
+class _L1Stream:
+    """``_reduce.norm(x, 1)`` of a flat tensor fed in pieces of any length, with the whole tensor's bits.
+
+    Elements are regrouped into the ``SUM_BLOCK`` rows ``_reduce`` reduces (a
+    carry of fewer than ``SUM_BLOCK`` elements waits for the next piece), and
+    the last partial is the ragged tail's, as in ``_reduce.l1_partials``.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.parts: list[float] = []
+        self.carry = torch.empty(0, dtype=dtype)
+
+    def add(self, piece: torch.Tensor) -> None:
+        flat = torch.cat([self.carry, piece.reshape(-1)]) if self.carry.numel() else piece.reshape(-1)
+        whole = flat.numel() // SUM_BLOCK * SUM_BLOCK
+        if whole:
+            self.parts += torch.linalg.vector_norm(flat[:whole].view(-1, SUM_BLOCK), 1, dim=1).tolist()
+        self.carry = flat[whole:].clone()
+
+    def total(self) -> torch.Tensor:
+        tail = float(torch.linalg.vector_norm(self.carry, 1, dim=0))
+        return _reduce.scalar(math.fsum(self.parts + [tail]), self.carry)
+
+
+def _row_spans(rows: int, cols: int):
+    step = max(1, DELLA_BLOCK // max(1, cols))
+    for r in range(0, rows, step):
+        yield r, min(rows, r + step)
+
+
+def _della_drop(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """``_sparsify.della_``'s drop mask for a block of whole rows, drawing its uniforms from ``generator``.
+
+    Same sort key, same stable argsort per row, same probabilities, and the
+    block's uniforms are the next ``delta.numel()`` draws of the stream (torch
+    fills a CPU tensor serially), so concatenated blocks give the whole tensor's mask.
+    """
+    ncols = delta.shape[1]
+    mags = torch.abs(delta)
+    order = torch.argsort(_sort_key(mags), dim=1, stable=True)
+    probs = della_probs(ncols, density, epsilon, delta.device, delta.dtype)
+    drop_sorted = mags.uniform_(0, 1, generator=generator) >= probs
+    return torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
+
+
+def della_chunked(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    della: Sequence[tuple[float, float]],
+    rescale: bool,
+    generator: torch.Generator,
+    weights: Sequence[float],
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    cdt: torch.dtype,
+    count_cancelled: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """``task_arithmetic._merge_whole`` with ``_sparsify.della_`` on a 2-D tensor, one block of rows at a time.
+
+    Pass 1 (model by model, in model order, as the whole-tensor path draws):
+    each model's drop mask, packed to one bit per element, and the L1 norms of
+    its delta before and after the drop.  Pass 2 (block by block): every
+    model's dropped, rescaled, weighted delta and the sign election or sum, all
+    elementwise, so each element sees the whole-tensor path's operations.
+    Working memory: a few row blocks plus the packed masks (n/8 bytes per model).
+    """
+    rows, cols = base.shape
+    spans = list(_row_spans(rows, cols))
+    masks: list[list[np.ndarray] | None] = []
+    scale: list[torch.Tensor | None] = []
+    for t, (dens, eps) in zip(tensors, della):
+        if dens >= 1 or dens <= 0:  # della_ draws nothing: untouched, or zero
+            masks.append(None)
+            scale.append(None)
+            continue
+        check_della(dens, eps)
+        packed = []
+        before, after = (_L1Stream(cdt), _L1Stream(cdt)) if rescale else (None, None)
+        for r0, r1 in spans:
+            d = t[r0:r1].to(cdt) - base[r0:r1].to(cdt)
+            drop = _della_drop(d, dens, eps, generator)
+            packed.append(np.packbits(drop.numpy().reshape(-1)))
+            if rescale:
+                before.add(d)
+                after.add(d.masked_fill_(drop, 0))
+        masks.append(packed)
+        scale.append(rescale_factor(before.total(), after.total()) if rescale else None)
+    out = torch.empty(base.shape, dtype=cdt)
+    total = torch.tensor(list(weights), dtype=cdt).sum().item() if (normalize and not consensus) else None
+    cancelled = 0
+    for s, (r0, r1) in enumerate(spans):
+        b = base[r0:r1].to(cdt)
+        acc = SignConsensus(b, track_weights=normalize) if consensus else torch.zeros_like(b)
+        for i, t in enumerate(tensors):
+            d = t[r0:r1].to(cdt) - b
+            dens = della[i][0]
+            if dens <= 0:
+                d.zero_()
+            elif masks[i] is not None:
+                bits = np.unpackbits(masks[i][s], count=d.numel())
+                d.masked_fill_(torch.from_numpy(bits).view(torch.bool).view(d.shape), 0)
+                if scale[i] is not None:
+                    d.mul_(scale[i])
+            d.mul_(weights[i])
+            if consensus:
+                acc.add(d, weights[i])
+            else:
+                acc.add_(d)
+        if consensus:
+            merged = acc.result(divisor=normalize, count_cancelled=count_cancelled)
+            cancelled += acc.cancelled
+        else:
+            merged = acc
+            if normalize:
+                merged.div_(total)
+        if lambda_ != 1:
+            merged.mul_(lambda_)
+        torch.add(merged, b, out=out[r0:r1])
+    return out, cancelled

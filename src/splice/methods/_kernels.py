@@ -32,7 +32,10 @@ except ImportError:  # pragma: no cover
     numba = None
     AVAILABLE = False
 
-KEEP_ALL, THRESHOLD, DROP_ALL = 0, 1, 2  # trim modes per model
+# Trim modes per model, and what each reads from the per-model parameters (``_trim_one``):
+# THRESHOLD (TIES): f0 = threshold, i0 = tie cutoff; RANDOM (DARE): keys, i0 = rank bound;
+# WINDOW (Breadcrumbs): f0/i0 = lower bound and its tie cutoff, f1/i1 = upper bound and its.
+KEEP_ALL, THRESHOLD, DROP_ALL, RANDOM, WINDOW = 0, 1, 2, 3, 4
 
 
 def _load_block(src, a, m, sh, dst):
@@ -54,6 +57,122 @@ def _block_magnitudes(x, b, a, m, sh, xu, bu, mf):
     bf = bu.view(np.float32)
     for j in range(m):
         mf[j] = abs(xf[j] - bf[j])
+
+
+def _mix32(x):
+    """``_sparsify._mix32`` on a uint32: the products are taken in uint64 and cut to 32 bits."""
+    m32 = np.uint64(0xFFFFFFFF)
+    x = x ^ (x >> np.uint32(16))
+    x = np.uint32((np.uint64(x) * np.uint64(0x7FEB352D)) & m32)
+    x = x ^ (x >> np.uint32(15))
+    x = np.uint32((np.uint64(x) * np.uint64(0x846CA68B)) & m32)
+    return x ^ (x >> np.uint32(16))
+
+
+def _dare_rank(j, ka, kb):
+    """``_sparsify.dare_ranks`` of flat index ``j`` (int64) under the key (ka, kb) (uint32s)."""
+    lo = np.uint32(j & 0xFFFFFFFF)
+    hi = np.uint32(j >> 32)
+    h = _mix32(lo ^ ka)
+    h = _mix32(h ^ hi ^ kb)
+    return np.int64(h >> np.uint32(8))
+
+
+def _trim_one(d, jg, md, f0, f1, i0, i1, k0, k1):
+    """Model's trim of the delta ``d`` at flat position ``jg``: ``d`` or +0 (or ``d`` untouched for KEEP_ALL).
+
+    THRESHOLD: drop ``|d| <= f0`` (torch's hardshrink) except ``|d| == f0`` before
+    ``i0``.  RANDOM: keep where ``_dare_rank(jg, k0, k1) < i0``.  WINDOW: keep
+    ``f0 <= |d| <= f1``, except ``|d| == f0`` before ``i0`` and ``|d| == f1`` from ``i1`` on.
+    """
+    zero = np.float32(0.0)
+    if md == DROP_ALL:
+        return zero
+    if md == THRESHOLD:
+        ad = abs(d)
+        drop = (ad <= f0) & ~((ad == f0) & (jg < i0))
+        return zero if drop else d
+    if md == RANDOM:
+        return d if _dare_rank(jg, k0, k1) < i0 else zero
+    if md == WINDOW:
+        ad = abs(d)
+        keep = (ad >= f0) & ~((ad == f0) & (jg < i0)) & (ad <= f1) & ~((ad == f1) & (jg >= i1))
+        return d if keep else zero
+    return d
+
+
+def _kept_block(x, b, shift, md, f0, f1, i0, i1, k0, k1, a, m, dout, kout):
+    """Over ``[a, a+m)``: ``dout = x - b`` and ``kout`` = its trimmed part (``_trim_one``), float32."""
+    sh = np.uint32(shift)
+    xu = np.empty(m, np.uint32)
+    bu = np.empty(m, np.uint32)
+    _load_block(x, a, m, sh, xu)
+    _load_block(b, a, m, sh, bu)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    for j in range(m):
+        d = xf[j] - bf[j]
+        dout[j] = d
+        kout[j] = _trim_one(d, a + j, md, f0, f1, i0, i1, k0, k1)
+
+
+def _select2(x, b, shift, k1, k2):
+    """``_select`` for two ranks at once (k1 <= k2): one histogram pass shared, one pass for both buckets.
+
+    Returns (bits, below, equal) of the k1-th and then of the k2-th smallest.
+    """
+    n = b.shape[0]
+    sh = np.uint32(shift)
+    xu = np.empty(KERNEL_BLOCK, np.uint32)
+    bu = np.empty(KERNEL_BLOCK, np.uint32)
+    mu = np.empty(KERNEL_BLOCK, np.uint32)
+    mf = mu.view(np.float32)
+    h4 = np.zeros((4, (1 << 16) + 1), np.int32)
+    for a in range(0, n, KERNEL_BLOCK):
+        m = min(KERNEL_BLOCK, n - a)
+        _block_magnitudes(x, b, a, m, sh, xu, bu, mf)
+        for j in range(m):
+            h4[j & 3, mu[j] >> np.uint32(16)] += 1
+    hi = h4[0].astype(np.int64) + h4[1] + h4[2] + h4[3]
+    tops = np.zeros(2, np.int64)
+    belows = np.zeros(2, np.int64)
+    ks = (k1, k2)
+    for r in range(2):
+        below = 0
+        top = 0
+        for top in range(1 << 16):
+            if below + hi[top] >= ks[r]:
+                break
+            below += hi[top]
+        tops[r] = top
+        belows[r] = below
+    ha = np.zeros((4, (1 << 16) + 1), np.int32)
+    hb = np.zeros((4, (1 << 16) + 1), np.int32)
+    t1 = np.uint32(tops[0])
+    t2 = np.uint32(tops[1])
+    for a in range(0, n, KERNEL_BLOCK):
+        m = min(KERNEL_BLOCK, n - a)
+        _block_magnitudes(x, b, a, m, sh, xu, bu, mf)
+        for j in range(m):
+            u = mu[j]
+            top = u >> np.uint32(16)
+            low = u & np.uint32(0xFFFF)
+            ha[j & 3, low if top == t1 else np.uint32(1 << 16)] += 1
+            hb[j & 3, low if top == t2 else np.uint32(1 << 16)] += 1
+    out = np.zeros((2, 3), np.int64)
+    for r in range(2):
+        h = ha if r == 0 else hb
+        lo = h[0].astype(np.int64) + h[1] + h[2] + h[3]
+        below = belows[r]
+        low = 0
+        for low in range(1 << 16):
+            if below + lo[low] >= ks[r]:
+                break
+            below += lo[low]
+        out[r, 0] = (tops[r] << 16) | low
+        out[r, 1] = below
+        out[r, 2] = lo[low]
+    return out
 
 
 def _select(x, b, shift, k):
@@ -141,7 +260,7 @@ def _nth_equal(x, b, shift, value_bits, count):
     return -1
 
 
-def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, out):
+def _gta(xs, b, shift, mode, fpar, ipar, keys, scale, w, consensus, normalize, total, lam, out):
     """Steps 1-5 of ``_task_vectors`` over whole flat tensors of K models (``xs``, a tuple).
 
     ``xs``, ``b``: raw bits as in ``_select``.  Trim of model i (``mode[i]``):
@@ -172,6 +291,7 @@ def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, o
     neg = np.empty(KERNEL_BLOCK, np.float32)
     pw = np.empty(KERNEL_BLOCK, np.float32)
     nw = np.empty(KERNEL_BLOCK, np.float32)
+    dbuf = np.empty(KERNEL_BLOCK, np.float32)
     cancelled = 0
     for a in range(0, n, KERNEL_BLOCK):
         m = min(KERNEL_BLOCK, n - a)
@@ -186,18 +306,31 @@ def _gta(xs, b, shift, mode, thr, cutoff, w, consensus, normalize, total, lam, o
         for i in range(k):
             _load_block(xs[i], a, m, sh, xu)
             wi = w[i]
-            t = thr[i]
             md = mode[i]
-            ties_before = cutoff[i] - a  # block positions below this keep entries equal to t
-            for j in range(m):
-                d = xf[j] - bf[j]
-                if md == DROP_ALL:
-                    d = zero
-                elif md == THRESHOLD:
+            f0, f1, i0, i1, k0, k1, sci = fpar[i, 0], fpar[i, 1], ipar[i, 0], ipar[i, 1], keys[i, 0], keys[i, 1], scale[i]
+            # the trim of this model over the block, one tight loop per mode (a loop with every
+            # mode's branches vectorizes worse), then the rescale
+            if md == KEEP_ALL:
+                for j in range(m):
+                    dbuf[j] = xf[j] - bf[j]
+            elif md == THRESHOLD:
+                ties_before = i0 - a  # block positions below this keep entries equal to f0
+                for j in range(m):
+                    d = xf[j] - bf[j]
                     ad = abs(d)
-                    drop = (ad <= t) & ~((ad == t) & (j < ties_before))
-                    d = zero if drop else d
-                d = d * wi
+                    drop = (ad <= f0) & ~((ad == f0) & (j < ties_before))
+                    dbuf[j] = zero if drop else d
+            elif md == DROP_ALL:
+                for j in range(m):
+                    dbuf[j] = zero
+            else:
+                for j in range(m):
+                    dbuf[j] = _trim_one(xf[j] - bf[j], a + j, md, f0, f1, i0, i1, k0, k1)
+            if sci != one:
+                for j in range(m):
+                    dbuf[j] = dbuf[j] * sci
+            for j in range(m):
+                d = dbuf[j] * wi
                 votes[j] += d
                 if consensus:
                     pos[j] += d if d > zero else zero
@@ -253,9 +386,10 @@ def _compile_all(cache: bool) -> dict:
     """The kernels, njit-compiled lazily; helpers first (the kernels resolve them as globals)."""
     jit = numba.njit(nogil=True, cache=cache)
     glob = globals()
-    for helper in ("_load_block", "_block_magnitudes"):
+    for helper in ("_load_block", "_block_magnitudes", "_mix32", "_dare_rank", "_trim_one"):
         glob[helper] = jit(getattr(glob[helper], "py_func", glob[helper]))
-    return {"select": jit(_select), "nth_equal": jit(_nth_equal), "gta": jit(_gta)}
+    names = ("select", "select2", "nth_equal", "gta", "kept_block")
+    return {name: jit(glob[f"_{name}"]) for name in names}
 
 
 def _compile_with_fallback() -> dict:
@@ -283,7 +417,7 @@ def _compile_with_fallback() -> dict:
 
 if AVAILABLE:
     _compiled = _compile_with_fallback()
-    select, nth_equal, gta = _compiled["select"], _compiled["nth_equal"], _compiled["gta"]
+    select, select2, nth_equal, gta, kept_block = (_compiled[k] for k in ("select", "select2", "nth_equal", "gta", "kept_block"))
     del _compiled
 else:  # pragma: no cover
-    select = nth_equal = gta = None
+    select = select2 = nth_equal = gta = kept_block = None

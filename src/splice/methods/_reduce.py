@@ -33,6 +33,38 @@ def _partials(flat: torch.Tensor, reduce) -> list[float]:
     return parts + [float(reduce(flat[whole:], 0))]
 
 
+def l1_partials(flat: torch.Tensor) -> list[float]:
+    """The partial L1 norms ``norm(x, 1)`` adds up, for a flat tensor.
+
+    A chunk of a larger flat tensor that starts at a multiple of ``SUM_BLOCK``
+    (and, unless it is the last, also ends at one) yields exactly the whole
+    tensor's partials over that span (plus a 0.0): ``fsum`` of every chunk's
+    partials is the whole tensor's ``norm(x, 1)`` (the chunked paths rely on it).
+    """
+    return _partials(flat, lambda v, d: torch.linalg.vector_norm(v, 1, dim=d))
+
+
+def sum_partials(flat: torch.Tensor) -> list[float]:
+    """The partial sums ``total`` adds up, for a flat tensor (chunks of a larger one: as ``l1_partials``)."""
+    return _partials(flat, lambda v, d: v.sum(dim=d))
+
+
+def norm_from_squares(parts: list[float], like: torch.Tensor) -> torch.Tensor:
+    """The L2 norm from partial sums of squares (``sum_partials(x * x)``, chunk by chunk), as a 0-d tensor like ``like``.
+
+    Exactly rounded sum of the partials, square root in float64, one rounding to
+    ``like``'s dtype.  Not the bits of ``torch.linalg.vector_norm`` (whose
+    internal order a chunked pass cannot follow): within a few units in the
+    last place of it.
+    """
+    return _scalar(math.sqrt(math.fsum(parts)), like)
+
+
+def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d tensor of ``like``'s dtype and device (how these helpers return a sum)."""
+    return _scalar(value, like)
+
+
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(value, dtype=like.dtype, device=like.device)
 
@@ -47,7 +79,7 @@ def norm(x: torch.Tensor, p: int = 2) -> torch.Tensor:
     flat = x.reshape(-1)  # contiguous
     if p == 2:
         return torch.linalg.vector_norm(flat)
-    return _scalar(math.fsum(_partials(flat, lambda v, d: torch.linalg.vector_norm(v, 1, dim=d))), x)
+    return _scalar(math.fsum(l1_partials(flat)), x)
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

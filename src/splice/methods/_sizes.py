@@ -25,3 +25,20 @@ VARIANCE_CHUNK = 1 << 20
 # partials.  Must stay below torch's intra-op grain (32768) so a single block is never
 # split across threads; larger blocks mean fewer partials to add in Python.
 SUM_BLOCK = 1 << 14
+
+# DARE's L1 rescale on the chunked path (``_chunked``): the delta and its kept part are made
+# this many elements at a time (two float32 buffers, 2 MiB) for their norms.  Must be a
+# multiple of SUM_BLOCK so the norms' per-block partials are the whole-tensor path's;
+# smaller means more torch calls per tensor.
+RESCALE_CHUNK = 16 * SUM_BLOCK
+
+# DELLA on the chunked path (``_chunked.della_chunked``): rows are ranked and dropped this
+# many elements at a time (whole rows; at least one).  The argsort's int64 indices and a
+# few float32 buffers of this size stay in L2; smaller means more torch calls per tensor.
+DELLA_BLOCK = 1 << 16
+
+# Streaming reductions (slerp, model_stock): the inputs are upcast, multiplied and reduced this
+# many elements at a time, then combined in a second pass of the same chunks.  A multiple of
+# SUM_BLOCK, so the per-block partial sums are the whole tensor's; a handful of float32
+# buffers of this size (1 MiB each) stay in L2; smaller means more torch calls.
+STREAM_CHUNK = 16 * SUM_BLOCK

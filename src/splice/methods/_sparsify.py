@@ -25,6 +25,15 @@ is written for speed on large tensors:
 - Every ``*_`` function takes a delta the caller owns, may overwrite it and an
   optional ``scratch`` tensor of the same shape, and returns the tensor that
   holds the result (one of the two).
+- DARE's random stream is counter-based (``dare_ranks``): element j of model i
+  is kept iff a hash of (j, model i's key) is below ``density * 2**24``, the
+  key being two 32-bit integers drawn from the generator (seeded by ``--seed``
+  and the tensor's name) for each model in model order.  The keep decision of
+  an element depends on nothing but the seed, the tensor, the model and the
+  element's index, so any chunking, thread or device gives the same mask.
+  mergekit draws ``torch.bernoulli`` over the whole tensor from torch's global
+  generator instead (unseeded): both keep each element independently with
+  probability ``density``, neither reproduces the other's mask.
 - ``rescale=True`` is mergekit 0.1.5's L1 rescale: the kept part is scaled so
   that its L1 norm equals the L1 norm of the whole delta (skipped when either
   norm is below 1e-7).  For DARE this is the paper's 1/density in expectation.
@@ -38,6 +47,7 @@ from typing import NamedTuple
 import torch
 
 from . import _reduce
+from ._sizes import TORCH_CHUNK
 
 _RESCALE_EPS = 1e-7
 
@@ -164,14 +174,19 @@ def _l1(x: torch.Tensor) -> torch.Tensor:
     return _reduce.norm(x, 1)  # thread-count independent: rescaled deltas keep their bits whatever --threads
 
 
+def rescale_factor(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:
+    """The factor mergekit's ``rescale`` multiplies the kept part by (0-d tensors in), None when it skips it."""
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return None
+    return before / after
+
+
 def _rescale_(masked: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
     """Scale ``masked`` in place so its L1 norm is ``before`` (mergekit's ``rescale``)."""
     if before is None:
         return masked
-    after = _l1(masked)
-    if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return masked
-    return masked.mul_(before / after)
+    q = rescale_factor(before, _l1(masked))
+    return masked if q is None else masked.mul_(q)
 
 
 def _magnitudes(delta: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
@@ -282,18 +297,73 @@ def _uniform(like: torch.Tensor, generator: torch.Generator | None, scratch: tor
     return out.uniform_(0, 1, generator=generator)
 
 
+# DARE's stream: a 32-bit integer hash of (element index, model key) per element; its top
+# DARE_BITS bits are the element's uniform draw u = rank / 2**DARE_BITS.
+DARE_BITS = 24
+_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B  # the multipliers of a low-bias 32-bit integer mixer (xorshift-multiply)
+_MASK32 = 0xFFFFFFFF
+
+
+class DropKey(NamedTuple):
+    """One model's DARE key: two 32-bit integers drawn from the generator."""
+
+    a: int
+    b: int
+
+
+def dare_keys(generator: torch.Generator | None, count: int) -> list[DropKey]:
+    """``count`` keys (one per model, in model order) from ``generator`` (None: torch's global one)."""
+    dev = generator.device if generator is not None else torch.device("cpu")
+    drawn = torch.randint(0, 1 << 32, (count, 2), generator=generator, device=dev, dtype=torch.int64).tolist()
+    return [DropKey(int(a), int(b)) for a, b in drawn]
+
+
+def dare_threshold(density: float) -> int:
+    """The rank bound of ``density``: ``rank < threshold`` iff ``rank / 2**DARE_BITS < density`` (exact)."""
+    return min(1 << DARE_BITS, math.ceil(density * (1 << DARE_BITS)))
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32), without a product beyond 2**49 (no int64 overflow)."""
+    return x.mul(c & 0xFFFF).add_(x.mul(c >> 16).bitwise_and_(0xFFFF).bitwise_left_shift_(16)).bitwise_and_(_MASK32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x.bitwise_xor_(x >> 16)
+    x = _mul32(x, _MIX1)
+    x = x.bitwise_xor_(x >> 15)
+    x = _mul32(x, _MIX2)
+    return x.bitwise_xor_(x >> 16)
+
+
+def dare_ranks(key: DropKey, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The DARE ranks (int64 in [0, 2**DARE_BITS)) of flat elements ``start .. start+count-1`` under ``key``.
+
+    ``h = mix(mix(j mod 2**32 xor key.a) xor (j >> 32) xor key.b)``, rank ``h >> 8``;
+    ``mix`` is the xorshift-multiply mixer (16, ``_MIX1``, 15, ``_MIX2``, 16) on 32 bits.
+    Plain int64 torch arithmetic: the same integers on every device.
+    """
+    j = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    h = _mix32((j & _MASK32).bitwise_xor_(key.a))
+    h = _mix32(h.bitwise_xor_(j.bitwise_right_shift_(32)).bitwise_xor_(key.b))
+    return h.bitwise_right_shift_(32 - DARE_BITS)
+
+
 def random_(
     delta: torch.Tensor,
     density: float,
     rescale: bool,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None = None,
     *,
+    key: DropKey | None = None,
     scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DARE: keep each element independently with probability ``density``.
 
-    One uniform draw per element, the stream of ``torch.rand(delta.shape,
-    generator=...)``; the element is kept iff ``u < density``.
+    Element j (flat index) is kept iff ``dare_ranks(key, j) < dare_threshold(density)``;
+    dropped elements become +0.  ``key`` defaults to one drawn from ``generator``.
+    The ranks are made ``TORCH_CHUNK`` elements at a time (any chunking gives
+    the same ranks).  ``scratch`` is unused (the mask is applied in place).
     """
     if density >= 1:
         return delta
@@ -301,10 +371,21 @@ def random_(
     if density <= 0:
         delta.zero_()
     else:
-        u = _uniform(delta, generator, scratch)
-        # ceil(density - u) is exactly 1 where u < density and 0 (or -0) elsewhere:
-        # a float mask without a boolean round trip.
-        delta.mul_(torch.sub(density, u, out=u).ceil_())
+        if key is None:
+            key = dare_keys(generator, 1)[0]
+        thr = dare_threshold(density)
+        n = delta.numel()
+        flat = delta.view(-1) if delta.is_contiguous() else None
+        drop = None if flat is not None else torch.empty(n, dtype=torch.bool, device=delta.device)
+        for a in range(0, n, TORCH_CHUNK):
+            b = min(n, a + TORCH_CHUNK)
+            chunk_drop = dare_ranks(key, a, b - a, delta.device) >= thr
+            if flat is not None:
+                flat[a:b].masked_fill_(chunk_drop, 0)
+            else:
+                drop[a:b] = chunk_drop
+        if drop is not None:
+            delta.masked_fill_(drop.view(delta.shape), 0)
     return _rescale_(delta, before)
 
 
@@ -315,6 +396,20 @@ def _sort_key(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float64:
         return x.view(torch.int64)
     return x
+
+
+def check_della(density: float, epsilon: float) -> None:
+    """Refuse an ``epsilon`` that puts a keep probability outside (0, 1)."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"della: epsilon must keep density +- epsilon inside (0, 1) (density={density}, epsilon={epsilon})")
+
+
+def della_probs(ncols: int, density: float, epsilon: float, device, dtype) -> torch.Tensor:
+    """Keep probability by ascending rank along a row of ``ncols``, shaped ``[1, ncols]`` (a row of one: density)."""
+    if ncols > 1:
+        ramp = torch.arange(ncols, device=device, dtype=dtype).div_(ncols - 1)
+        return ramp.mul_(2 * epsilon).add_(density - epsilon).reshape(1, ncols)
+    return torch.full((1, ncols), density, device=device, dtype=dtype)
 
 
 def della_(
@@ -337,8 +432,7 @@ def della_(
         return delta
     if density <= 0:
         return delta.zero_()
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(f"della: epsilon must keep density +- epsilon inside (0, 1) (density={density}, epsilon={epsilon})")
+    check_della(density, epsilon)
     before = _l1(delta) if rescale else None
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     ncols = rows.shape[1]
@@ -348,11 +442,7 @@ def della_(
     order = torch.argsort(_sort_key(mags), dim=1, stable=True)
     shape = [1] * rows.dim()
     shape[1] = ncols
-    if ncols > 1:
-        ramp = torch.arange(ncols, device=delta.device, dtype=delta.dtype).div_(ncols - 1)
-        probs = ramp.mul_(2 * epsilon).add_(density - epsilon).reshape(shape)
-    else:
-        probs = torch.full(shape, density, device=delta.device, dtype=delta.dtype)
+    probs = della_probs(ncols, density, epsilon, delta.device, delta.dtype).reshape(shape)
     drop_sorted = _uniform(mags, generator, mags) >= probs
     drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
     del order, drop_sorted, mags

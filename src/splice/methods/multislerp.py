@@ -38,6 +38,7 @@ import torch
 
 from . import _reduce
 from ._geometry import work_dtype
+from ._sizes import STREAM_CHUNK
 from .registry import POSITIVE, Param, merge_method
 from .task_arithmetic import WEIGHT_SUM_EPS
 
@@ -54,6 +55,7 @@ from .task_arithmetic import WEIGHT_SUM_EPS
     paper="Goddard 2025, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea)",
     min_models=1,
     max_models=None,
+    native_dtype=True,
 )
 def multislerp(
     tensors: Sequence[torch.Tensor],
@@ -65,7 +67,7 @@ def multislerp(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     if len(tensors) == 1:
-        return tensors[0].clone()
+        return tensors[0].to(work_dtype(tensors[0]), copy=True)
 
     shape = tensors[0].shape
     dtype = work_dtype(tensors[0])
@@ -76,37 +78,54 @@ def multislerp(
         if abs(total) < WEIGHT_SUM_EPS:
             raise ValueError(f"normalize_weights divides by the sum of the weights {w}, which is 0; change the weights")
         w = [v / total for v in w]
-    b = None if base is None else base.reshape(-1).to(dtype)
+    # Streamed in STREAM_CHUNK pieces from the stored dtype: the offsets' norms, then m (kept:
+    # it becomes the output) with its norm, then the scaling; every element sees the same operations.
+    flat = [t.reshape(-1) for t in tensors]
+    fb = None if base is None else base.reshape(-1)
+    size = flat[0].numel()
+    spans = [(s, min(size, s + STREAM_CHUNK)) for s in range(0, size, STREAM_CHUNK)]
+    like = torch.empty(0, dtype=dtype, device=tensors[0].device)
 
-    def offset(i: int) -> torch.Tensor:
-        x = tensors[i].reshape(-1).to(dtype)
-        return x if b is None else x - b
+    def offset(i: int, s: int, e: int) -> torch.Tensor:
+        x = flat[i][s:e].to(dtype)
+        return x if fb is None else x - fb[s:e].to(dtype)
 
+    squares = [[] for _ in tensors]
+    for s, e in spans:
+        for i in range(len(tensors)):
+            x = offset(i, s, e)
+            squares[i] += _reduce.sum_partials(x * x)
+    norms = [_reduce.norm_from_squares(q, like) for q in squares]
     # m = sum_i w_i x_i / (|x_i| + eps), accumulated one model at a time.
-    m = torch.zeros(shape.numel(), dtype=dtype, device=tensors[0].device)
-    norms = []
-    for i in range(len(tensors)):
-        x = offset(i)
-        n = _reduce.norm(x)
-        norms.append(n)
-        m.add_(x * (w[i] / (n + eps)))
-    m_norm = _reduce.norm(m)
+    m = torch.zeros(size, dtype=dtype, device=tensors[0].device)
+    m_squares = []
+    for s, e in spans:
+        mc = m[s:e]
+        for i in range(len(tensors)):
+            mc.add_(offset(i, s, e) * (w[i] / (norms[i] + eps)))
+        m_squares += _reduce.sum_partials(mc * mc)
+    m_norm = _reduce.norm_from_squares(m_squares, like)
     if m_norm.item() < eps and all(float(n) < eps for n in norms):
         # every model equals the base (or is zero): the result's norm, sum_i w_i n_i, is 0.
         # mergekit 0.1.5 raises here; this is the formula's limit, and what a user expects
         # for tensors no fine-tune touched (e.g. norms of MLP-only fine-tunes).
-        out = m.zero_()
+        m.zero_()
+        combine = None
     elif m_norm.item() < eps:
         if len(tensors) != 2:
             raise ValueError("multislerp: the weighted directions cancel out (e.g. a and -a with equal weights); change the weights")
-        out = offset(0) * w[0]
-        out.add_(offset(1), alpha=w[1])
+        combine = "linear"
     else:
         # The tangent average at m_hat is exactly zero (see the module docstring),
         # so the exponential map returns m_hat itself.
         scale = sum(wi * ni for wi, ni in zip(w, norms))
-        out = m * (scale / m_norm)
-    out = out.reshape(shape)
-    if b is not None:
-        out.add_(b.reshape(shape))
-    return out.to(tensors[0].dtype)
+        combine = scale / m_norm
+    for s, e in spans:
+        o = m[s:e]
+        if isinstance(combine, str):
+            torch.mul(offset(0, s, e), w[0], out=o).add_(offset(1, s, e), alpha=w[1])
+        elif combine is not None:
+            torch.mul(o, combine, out=o)
+        if fb is not None:
+            o.add_(fb[s:e].to(dtype))
+    return m.reshape(shape)  # the work dtype: float32 for stored bf16 (a native-dtype method)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ._geometry import work_dtype
+from ._sizes import STREAM_CHUNK
 from .registry import NON_NEGATIVE, Param, merge_method
 
 MIN_DIFF = 1e-6  # |a - b| is clamped to at least this before dividing
@@ -35,6 +36,7 @@ MIN_DIFF = 1e-6  # |a - b| is clamped to at least this before dividing
     paper="alchemonaut 2024, QuartetAnemoi-70B-t0.0001 (Hugging Face model card)",
     min_models=1,
     max_models=1,
+    native_dtype=True,
 )
 def nearswap(
     tensors: Sequence[torch.Tensor],
@@ -44,8 +46,13 @@ def nearswap(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     dtype = work_dtype(base)
-    a = base.to(dtype)
-    b = tensors[0].to(dtype)
-    w = (float(t) / (a - b).abs_().clamp_(min=MIN_DIFF)).clamp_(0.0, 1.0)
-    # w * b + (1 - w) * a  ==  a + w * (b - a), exact at w = 0 and w = 1
-    return torch.lerp(a, b, w).to(base.dtype)
+    fa, fb = base.reshape(-1), tensors[0].reshape(-1)
+    out = torch.empty(fa.numel(), dtype=dtype, device=base.device)
+    # elementwise: STREAM_CHUNK elements at a time, upcast from the stored dtype (the same bits as whole)
+    for s in range(0, fa.numel(), STREAM_CHUNK):
+        a = fa[s : s + STREAM_CHUNK].to(dtype)
+        b = fb[s : s + STREAM_CHUNK].to(dtype)
+        w = (float(t) / (a - b).abs_().clamp_(min=MIN_DIFF)).clamp_(0.0, 1.0)
+        # w * b + (1 - w) * a  ==  a + w * (b - a), exact at w = 0 and w = 1
+        torch.lerp(a, b, w, out=out[s : s + STREAM_CHUNK])
+    return out.reshape(base.shape)  # the work dtype: float32 for stored bf16 (a native-dtype method)

@@ -22,17 +22,64 @@ defaults and behaviour follow it: base optional, exactly two other models.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from . import _reduce
 from ._geometry import arc_coefficients, work_dtype
+from ._sizes import STREAM_CHUNK
 from .registry import Param, merge_method
 
 UNIT_EPS = 1e-7  # norms are clamped to at least this before dividing
 WEIGHT_SUM_EPS = 1e-6  # |w0 + w1| below this counts as 0 (mergekit's threshold here)
 PARALLEL_EPS = 1e-8  # sin(theta)^2 at or below PARALLEL_EPS^2 counts as parallel
+
+
+def _flat_streamed(t: float, v0: torch.Tensor, v1: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """``nuslerp_pair(..., flatten=True)`` (of the task vectors, with ``base``) in three chunked passes.
+
+    Norms, then the dot product of the unit vectors, then the combine, each
+    ``STREAM_CHUNK`` elements at a time, upcasting the stored inputs chunk by
+    chunk.  The norms are ``_reduce.norm_from_squares`` (exactly rounded partial
+    sums); every other operation is ``nuslerp_pair``'s, element by element.
+    """
+    dtype = work_dtype(base if base is not None else v0)
+    x0, x1 = v0.reshape(-1), v1.reshape(-1)
+    xb = base.reshape(-1) if base is not None else None
+    n = x0.numel()
+    spans = [(s, min(n, s + STREAM_CHUNK)) for s in range(0, n, STREAM_CHUNK)]
+
+    def pair(s: int, e: int):
+        a, b = x0[s:e].to(dtype), x1[s:e].to(dtype)
+        if xb is None:
+            return a, b, None
+        w = xb[s:e].to(dtype)
+        return a - w, b - w, w
+
+    aa, bb = [], []
+    for s, e in spans:
+        a, b, _ = pair(s, e)
+        aa += _reduce.sum_partials(a * a)
+        bb += _reduce.sum_partials(b * b)
+    like = torch.empty(0, dtype=dtype, device=x0.device)
+    na = _reduce.norm_from_squares(aa, like).reshape(1).clamp(min=UNIT_EPS)
+    nb = _reduce.norm_from_squares(bb, like).reshape(1).clamp(min=UNIT_EPS)
+    ab = []
+    for s, e in spans:
+        a, b, _ = pair(s, e)
+        ab += _reduce.sum_partials((a / na) * (b / nb))
+    cos = _reduce.scalar(math.fsum(ab), like).reshape(1).clamp(-1.0, 1.0)
+    straight = (1 - cos * cos) <= PARALLEL_EPS**2
+    c0, c1 = arc_coefficients(float(t), cos, straight)
+    out = torch.empty(n, dtype=dtype, device=x0.device)
+    for s, e in spans:
+        a, b, w = pair(s, e)
+        o = torch.mul(a, c0, out=out[s:e]).addcmul_(b, c1)
+        if w is not None:
+            torch.add(w, o, out=o)
+    return out.reshape(v0.shape)
 
 
 def nuslerp_pair(
@@ -66,7 +113,7 @@ def nuslerp_pair(
     out.addcmul_(b, c1)
     if transposed:
         out = out.transpose(0, -1)
-    return out.reshape(v0.shape).to(v0.dtype)
+    return out.reshape(v0.shape)  # the work dtype: float32 for stored bf16 (a native-dtype method)
 
 
 @merge_method(
@@ -81,6 +128,7 @@ def nuslerp_pair(
     paper="mergekit NuSLERP (Goddard et al. 2024, arXiv:2403.13257)",
     min_models=2,
     max_models=2,
+    native_dtype=True,
 )
 def nuslerp(
     tensors: Sequence[torch.Tensor],
@@ -96,6 +144,8 @@ def nuslerp(
     if abs(total) < WEIGHT_SUM_EPS:
         raise ValueError(f"nuslerp interpolates at t = w1 / (w0 + w1), and the weights {[w0, w1]} sum to 0; change the weights")
     t = w1 / total
+    if nuslerp_flatten or tensors[0].dim() == 0:  # one vector: streamed, from the stored dtype
+        return _flat_streamed(t, tensors[0], tensors[1], base)
     if base is None:
         return nuslerp_pair(t, tensors[0], tensors[1], row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
     dtype = work_dtype(base)
@@ -107,4 +157,4 @@ def nuslerp(
         row_wise=nuslerp_row_wise,
         flatten=nuslerp_flatten,
     )
-    return (b + delta).to(base.dtype)
+    return b + delta

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _chunked
+from . import _chunked, _kernels
 from ._consensus import SignConsensus
-from ._sparsify import SORT_LIMIT, breadcrumbs_, della_, magnitude_, random_
+from ._sparsify import SORT_LIMIT, breadcrumbs_, dare_keys, della_, magnitude_, random_
 from .registry import FRACTION, MergeMethod, Param, Range, register
 
 Sparsifier = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -97,9 +97,9 @@ EPSILON = Param(
 )
 EXTRA_PARAM = {"magnitude_outliers": GAMMA, "della_magprune": EPSILON}
 RANDOMIZED = {"random", "della_magprune"}
-# Whole-tensor magnitude trims and plain sums upcast chunk by chunk (``_chunked``): the
-# engine can hand them the stored bf16/f16 tensors.
-NATIVE_DTYPE = {None, "magnitude"}
+# Whole-tensor magnitude trims, DARE drops and plain sums upcast chunk by chunk (``_chunked``):
+# the engine can hand them the stored bf16/f16 tensors.
+NATIVE_DTYPE = {None, "magnitude", "random", "magnitude_outliers", "della_magprune"}
 
 
 def merge_task_vectors(
@@ -109,6 +109,11 @@ def merge_task_vectors(
     weight: Sequence[float],
     sparsify: Sparsifier | None = None,
     trim_density: Sequence[float] | None = None,
+    drops: Sequence[_chunked.Drop] | None = None,
+    crumbs: Sequence[tuple[float, float]] | None = None,
+    della: Sequence[tuple[float, float]] | None = None,
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
     consensus: bool = False,
     normalize: bool = False,
     lambda_: float = 1.0,
@@ -124,6 +129,14 @@ def merge_task_vectors(
             from model to model: fresh large tensors cost page faults.
         trim_density: instead of ``sparsify``, TIES's magnitude trim without
             rescale, one density per model.
+        drops: instead of ``sparsify``, DARE's random drop (``_sparsify.random_``),
+            one per model: the fused kernels run it chunk by chunk.
+        crumbs: instead of ``sparsify``, Breadcrumbs (``_sparsify.breadcrumbs_``),
+            one (density, gamma) per model, L1-rescaled if ``rescale``: chunked
+            through the kernels as well.
+        della: instead of ``sparsify``, DELLA MagPrune (``_sparsify.della_``), one
+            (density, epsilon) per model, L1-rescaled if ``rescale``, drawing from
+            ``generator``: 2-D CPU tensors run by blocks of rows (``_chunked.della_chunked``).
         consensus: TIES sign election; normalize: divide by the weights; lambda_: scale.
 
     Returns:
@@ -143,7 +156,39 @@ def merge_task_vectors(
         raise ValueError(f"normalize divides by the sum of the weights {weights}, which is 0; set normalize: false or change the weights")
     # agreeing weights can cancel only when some weight is negative
     refuse_cancelled = normalize and consensus and min(weights) < 0
-    if sparsify is None and base.device.type == "cpu" and SORT_LIMIT < base.numel() < 2**31:
+    large_cpu = base.device.type == "cpu" and SORT_LIMIT < base.numel() < 2**31
+    fused = large_cpu and _kernels.AVAILABLE and cdt == torch.float32
+    windows = None
+    if drops is not None and not fused:
+        # the same drop on the whole tensor (small tensors, no numba, float64, another device)
+        whole, drops = drops, None
+        sparsify = lambda i, d, s: random_(d, whole[i].density, whole[i].rescale, key=whole[i].key, scratch=s)  # noqa: E731
+    if della is not None:
+        if large_cpu and base.dim() == 2 and generator is not None and generator.device.type == "cpu":
+            merged, cancelled = _chunked.della_chunked(
+                tensors,
+                base,
+                della=della,
+                rescale=rescale,
+                generator=generator,
+                weights=weights,
+                consensus=consensus,
+                normalize=normalize,
+                lambda_=lambda_,
+                cdt=cdt,
+                count_cancelled=refuse_cancelled,
+            )
+            _refuse_cancelled(refuse_cancelled, cancelled, weights)
+            return merged
+        sparsify = lambda i, d, s: della_(d, della[i][0], della[i][1], rescale, generator, scratch=s)  # noqa: E731
+    if crumbs is not None and not fused:
+        sparsify = lambda i, d, s: breadcrumbs_(d, crumbs[i][0], crumbs[i][1], rescale, scratch=s)  # noqa: E731
+    elif crumbs is not None:
+        windows = [
+            None if dens >= 1 else _chunked.Crumbs(_chunked.breadcrumbs_window(t, base, dens, gamma), rescale)
+            for t, (dens, gamma) in zip(tensors, crumbs)
+        ]
+    if sparsify is None and large_cpu:
         trims = None
         if trim_density is not None:
             trims = [_chunked.magnitude_trim(t, base, float(d), cdt) for t, d in zip(tensors, trim_density)]
@@ -157,15 +202,21 @@ def merge_task_vectors(
             lambda_=lambda_,
             cdt=cdt,
             count_cancelled=refuse_cancelled,
+            drops=drops,
+            windows=windows,
         )
     else:
         merged, cancelled = _merge_whole(tensors, base, weights, sparsify, trim_density, consensus, normalize, lambda_, refuse_cancelled)
-    if refuse_cancelled and cancelled:
+    _refuse_cancelled(refuse_cancelled, cancelled, weights)
+    return merged
+
+
+def _refuse_cancelled(refuse: bool, cancelled: int, weights: list[float]) -> None:
+    if refuse and cancelled:
         raise ValueError(
             f"normalize divides each element by the weights of the models that agree on its sign, and the weights {weights} "
             f"cancel to 0 at {cancelled} element(s); set normalize: false or change the weights"
         )
-    return merged
 
 
 def _merge_whole(
@@ -236,21 +287,33 @@ def merge_family(
         The merged tensor (float32, or float64 for a float64 base).
     """
     dens = [float(d) for d in density]
-    trim = None
-    if sparsification == "magnitude" and not rescale:
+    trim = drops = crumbs = della = None
+    if sparsification == "random":  # one key per model, in model order, whatever the densities
+        sparsify, drops = None, [_chunked.Drop(d, key, rescale) for d, key in zip(dens, dare_keys(generator, len(tensors)))]
+    elif sparsification == "magnitude" and not rescale:
         sparsify, trim = None, dens  # a plain trim: the chunked fast path applies
     elif sparsification == "magnitude":
         sparsify = lambda i, d, s: magnitude_(d, dens[i], True, scratch=s)  # noqa: E731
-    elif sparsification == "random":
-        sparsify = lambda i, d, s: random_(d, dens[i], rescale, generator, scratch=s)  # noqa: E731
     elif sparsification == "magnitude_outliers":
-        sparsify = lambda i, d, s: breadcrumbs_(d, dens[i], float(gamma[i]), rescale, scratch=s)  # noqa: E731
+        sparsify, crumbs = None, [(d, float(g)) for d, g in zip(dens, gamma)]
     elif sparsification == "della_magprune":
-        sparsify = lambda i, d, s: della_(d, dens[i], float(epsilon[i]), rescale, generator, scratch=s)  # noqa: E731
+        sparsify, della = None, [(d, float(e)) for d, e in zip(dens, epsilon)]
     else:
         sparsify = None
     return merge_task_vectors(
-        tensors, base, weight=weight, sparsify=sparsify, trim_density=trim, consensus=consensus, normalize=normalize, lambda_=lambda_
+        tensors,
+        base,
+        weight=weight,
+        sparsify=sparsify,
+        trim_density=trim,
+        drops=drops,
+        crumbs=crumbs,
+        della=della,
+        rescale=rescale,
+        generator=generator,
+        consensus=consensus,
+        normalize=normalize,
+        lambda_=lambda_,
     )
 
 
