@@ -50,11 +50,15 @@ $(TF4_STAMP): $(STAMP)
 	touch $(TF4_STAMP)
 
 # SPLICE_REQUIRE_MERGEKIT=1: a parity test that cannot find mergekit fails instead of skipping.
+# Two pytest workers (one per core), whole files per worker so module fixtures are built once,
+# in the order tests/conftest.py gives them; one torch thread each, so the workers do not fight
+# over the cores (two 2-thread torch processes on 2 cores wait on each other's barriers).
+TEST_WORKERS ?= 2
 test: $(STAMP) $(MERGEKIT_STAMP) $(TF4_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	SPLICE_MERGEKIT_PYTHON=$(MERGEKIT_DIR)/bin/python SPLICE_MERGEKIT_YAML=$(MERGEKIT_DIR)/bin/mergekit-yaml \
-	SPLICE_REQUIRE_MERGEKIT=1 SPLICE_TF4_PYTHON=$(abspath $(TF4_VENV))/bin/python $(PY) -m pytest
+	SPLICE_REQUIRE_MERGEKIT=1 SPLICE_TF4_PYTHON=$(abspath $(TF4_VENV))/bin/python OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: $(STAMP)
 	$(VENV)/bin/splice demo --force

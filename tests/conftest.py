@@ -31,3 +31,23 @@ def llama_trio(tmp_path_factory):
     base = make_model(root / "base", "llama", seed=0)
     fts = [make_model(root / f"ft{i}", "llama", seed=10 + i, from_model=base) for i in range(3)]
     return base, fts
+
+
+# make test runs two xdist workers, whole files per worker, handed out in collection order
+# (--no-loadscope-reorder). The demo file goes first: it builds the session zoo and then runs the
+# longest test, the longest chain of the suite. Files that do not need the zoo come next, those that
+# do last, so the other worker rarely waits on the zoo's build lock.
+FIRST = ("tests/zoo/test_zoo_demo.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    def file_of(item):
+        return item.nodeid.split("::")[0]
+
+    needs_zoo = {file_of(i) for i in items if "tiny_zoo" in getattr(i, "fixturenames", ())}
+
+    def rank(item):
+        f = file_of(item)
+        return 0 if f in FIRST else (2 if f in needs_zoo else 1)
+
+    items.sort(key=rank)

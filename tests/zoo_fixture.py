@@ -2,6 +2,8 @@
 
 Set SPLICE_TEST_ZOO to build it somewhere else. The build is resumable and keyed
 by its settings, so a stale or half-built cache is finished or rebuilt, not trusted.
+Under pytest-xdist (make test runs two workers) a file lock lets one worker build it
+while the other waits, then reuses it.
 """
 
 import os
@@ -20,8 +22,12 @@ def tiny_zoo_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_zoo():
     """(zoo folder, manifest) of the tiny tier."""
+    from filelock import FileLock
+
     from splice.zoo import build_zoo
 
     d = tiny_zoo_dir()
-    m = build_zoo("tiny", d, seed=0, quiet=True)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(d.parent / f".{d.name}.lock")):
+        m = build_zoo("tiny", d, seed=0, quiet=True)
     return d, m

@@ -467,11 +467,11 @@ def _calibration(ctx: SchemaContext, data: Any, method: MergeMethod, r: Recipe) 
 CALIBRATION_TEXT_KEYS = ("text", "tokens", "seed", "seq_len", "batch_size")
 
 
-def _calibration_text(ctx: _Ctx, where: tuple, v: dict) -> dict:
+def _calibration_text(ctx: SchemaContext, where: tuple, v: dict) -> dict:
     """``{text: FILE, tokens: N, seed: S, seq_len: N, batch_size: N}``: calibrate from text (through the statistics cache)."""
     from . import options
 
-    _check_keys(ctx, v, where, CALIBRATION_TEXT_KEYS, "a calibration mapping")
+    check_keys(ctx, v, where, CALIBRATION_TEXT_KEYS, "a calibration mapping")
     if not isinstance(v.get("text"), str) or not v["text"].strip():
         raise ctx.fail(where, "a calibration mapping needs 'text:' (the calibration text file)")
     out = {"text": v["text"]}
