@@ -106,7 +106,7 @@ MERGES = {
 _SIDE = {"generation_config.json": "5d1ec5cead41d3f7"}
 MERGE_HASHES = {
     "ties": {"model.safetensors": "72acb99faec49c49", "config.json": "524b6342f628cad5", **_SIDE},
-    "dare_ties": {"model.safetensors": "a2eed8dd5c26ea47", "config.json": "524b6342f628cad5", **_SIDE},
+    "dare_ties": {"model.safetensors": "cfb75ac196ecd21b", "config.json": "524b6342f628cad5", **_SIDE},
     "linear": {"model.safetensors": "273b9f99ff72e444", "config.json": "5d5f770c2beadf74", **_SIDE},
     "stack": {
         "config.json": "2ac926fc854ad9ae",
