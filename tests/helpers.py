@@ -132,3 +132,12 @@ def random_statistics(model: Path, path: Path, seed: int = 0) -> Path:
         src.close()
     inputs = {k: f"gram.{k}" for k in linears}
     return save_statistics(path, grams, inputs, counts, {"tokens": "100", "model": str(model), "model_fingerprint": fingerprint}, fisher)
+
+
+def word_docs(n: int, seed: int, lo: int = 30, hi: int = 96, per_doc: int = 30) -> str:
+    """``n`` documents (blank-line separated) of ``per_doc`` random tokens t{lo}..t{hi-1}: calibration text for
+    the word-level tokenizer of ``make_model``."""
+    import random
+
+    rng = random.Random(seed)
+    return "\n\n".join(" ".join(f"t{rng.randrange(lo, hi)}" for _ in range(per_doc)) for _ in range(n))

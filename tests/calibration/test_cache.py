@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import yaml
-from helpers import load_sd, make_model
+from helpers import load_sd, make_model, word_docs
 
 import splice
 import splice.hf
@@ -14,11 +12,6 @@ from splice.calibration import open_statistics
 from splice.calibration.cache import cache_dir
 from splice.cli import main
 from splice.errors import RecipeError
-
-
-def words(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return "\n\n".join(" ".join(f"t{rng.randrange(30, 96)}" for _ in range(30)) for _ in range(n))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +22,7 @@ def pair(tmp_path_factory):
     texts = []
     for i in range(2):
         texts.append(root / f"text{i}.txt")
-        texts[-1].write_text(words(12, i))
+        texts[-1].write_text(word_docs(12, i))
     return root, fts, texts
 
 
@@ -64,9 +57,9 @@ def test_same_request_reuses_the_file_a_changed_one_measures_again(pair, tmp_pat
     assert open_statistics(with_fisher["out"]).fisher and not open_statistics(first["out"]).fisher
     # the text is identified by its bytes, not its name: edited in place, it is measured again
     edited = root / "edited.txt"
-    edited.write_text(words(12, 0))
+    edited.write_text(word_docs(12, 0))
     assert splice.calibrate(fts[0], edited, **kw)["cached"]
-    edited.write_text(words(12, 5))
+    edited.write_text(word_docs(12, 5))
     assert not splice.calibrate(fts[0], edited, **kw)["cached"]
     # a damaged cache file is measured again and replaced
     with open(first["out"], "r+b") as f:

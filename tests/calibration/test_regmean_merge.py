@@ -4,12 +4,11 @@ method on the loaded statistics; and the one-line errors of recipes whose statis
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import yaml
-from helpers import load_sd, make_model
+from helpers import load_sd, make_model, word_docs
 
 import splice
 from splice.calibration import model_fingerprint, open_statistics, save_statistics
@@ -17,11 +16,6 @@ from splice.checkpoint.reader import open_model
 from splice.cli import main
 from splice.errors import CheckpointError, MergeError, RecipeError
 from splice.methods import get_method
-
-
-def words(n: int, seed: int, lo: int, hi: int) -> str:
-    rng = random.Random(seed)
-    return "\n\n".join(" ".join(f"t{rng.randrange(lo, hi)}" for _ in range(40)) for _ in range(n))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def trio(tmp_path_factory):
     stats = []
     for i, (ft, (lo, hi)) in enumerate(zip(fts, ((30, 60), (60, 96)))):
         text = root / f"text{i}.txt"
-        text.write_text(words(30, i, lo, hi))
+        text.write_text(word_docs(30, i, lo, hi, per_doc=40))
         stats.append(root / f"ft{i}.stats.safetensors")
         splice.calibrate(ft, text, stats[-1], tokens=600, seq_len=32, seed=i, quiet=True)
     return root, base, fts, stats

@@ -4,11 +4,9 @@ model's hidden states after layer l-1, each model's layer l on them, the float64
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from helpers import load_sd, make_model
+from helpers import load_sd, make_model, word_docs
 
 import splice
 from splice.calibration import read_documents, sample_windows
@@ -16,11 +14,6 @@ from splice.errors import RecipeError
 
 ALPHA = 0.9
 TOKENS, SEQ = 240, 24
-
-
-def words(n: int, seed: int, lo: int, hi: int) -> str:
-    rng = random.Random(seed)
-    return "\n\n".join(" ".join(f"t{rng.randrange(lo, hi)}" for _ in range(30)) for _ in range(n))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +24,7 @@ def trio(tmp_path_factory):
     texts = []
     for i, (lo, hi) in enumerate(((30, 75), (50, 96))):  # overlapping: the merged embedding rows differ from each model's
         texts.append(root / f"text{i}.txt")
-        texts[-1].write_text(words(16, i, lo, hi))
+        texts[-1].write_text(word_docs(16, i, lo, hi))
     return root, base, fts, texts
 
 
