@@ -25,10 +25,17 @@ def test_manifest_describes_sources_sizes_licences_and_seeds(tiny_zoo):
         assert (d / info["path"] / "tokenizer.json").exists()
     assert m["tasks"]["bbc_topics"]["items"] >= 50
     # the file on disk is what build_zoo returned, except the seconds of whichever run wrote it last
-    # (another test may rebuild the cached zoo, which rewrites last_run_seconds with ~0 s)
+    # and its thread count (another test, or another pytest worker with other torch threads, may
+    # rerun the cached build, which rewrites last_run_seconds with ~0 s)
     on_disk = json.loads((d / "manifest.json").read_text())
     assert set(on_disk["last_run_seconds"]) == set(m["last_run_seconds"])
-    assert {k: v for k, v in on_disk.items() if k != "last_run_seconds"} == {k: v for k, v in m.items() if k != "last_run_seconds"}
+    per_run = {"last_run_seconds", "torch_threads"}
+    assert {k: v for k, v in on_disk.items() if k not in per_run} == {k: v for k, v in m.items() if k not in per_run}
+    # the experts are tuned the way the tier says (tiny: upper-half MLPs, with replay of the base's mix)
+    tier = m["tier_config"]
+    for dom in m["experts"]:
+        info = m["models"][dom]
+        assert info["trainable"] == tier["expert_trainable"] and info["replay"] == tier["expert_replay"]
 
 
 def test_models_load_with_transformers_and_generate(tiny_zoo):
@@ -129,3 +136,22 @@ def test_merged_experts_beat_the_base_on_an_expert_domain(tiny_zoo, tmp_path):
     gains = [res["models"]["base"]["domains"][e]["loss"] - res["models"]["soup"]["domains"][e]["loss"] for e in m["experts"]]
     assert max(gains) > 0, gains
     assert torch.isfinite(torch.tensor(gains)).all()
+
+
+def test_upper_mlp_experts_change_only_the_upper_half_mlps(tiny_zoo):
+    """An ``upper_mlp`` expert differs from its base exactly in the MLPs of the upper half of the layers."""
+    from safetensors.torch import load_file
+
+    from splice import architecture as arch
+
+    d, m = tiny_zoo
+    if m["tier_config"]["expert_trainable"] != "upper_mlp":
+        pytest.fail("the tiny tier's experts are expected to tune only the upper-half MLPs")
+    base = load_file(d / m["models"]["base"]["path"] / "model.safetensors")
+    n = json.loads((d / m["models"]["base"]["path"] / "config.json").read_text())["num_hidden_layers"]
+    for dom in m["experts"]:
+        ex = load_file(d / m["models"][dom]["path"] / "model.safetensors")
+        assert set(ex) == set(base)
+        changed = {k for k in base if not torch.equal(base[k], ex[k])}
+        tuned = {k for k in base if (r := arch.classify(k)).layer is not None and r.layer >= n // 2 and r.kind == "mlp"}
+        assert changed == tuned, (dom, sorted(changed ^ tuned))

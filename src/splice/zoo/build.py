@@ -53,6 +53,9 @@ class Tier:
     expert_steps: int = 0
     expert_lr: float = 0.0
     expert_trainable: str = "all"  # "all" or "upper_mlp"
+    # share of each expert's training rows drawn from the base's own mix (all domains), as
+    # fine-tunes that replay pretraining data: it keeps the task vectors small and on-domain
+    expert_replay: float = 0.0
     task_items: int = 100
 
     def key(self) -> dict:
@@ -83,10 +86,12 @@ TIERS: dict[str, Tier] = {
         ),
         seq=128,
         batch=16,
-        base_steps=200,
+        base_steps=280,
         base_lr=3e-3,
         expert_steps=50,
-        expert_lr=3e-4,
+        expert_lr=1e-3,
+        expert_trainable="upper_mlp",
+        expert_replay=0.25,
         task_items=100,
     ),
     "smol": Tier(
@@ -437,10 +442,13 @@ def build_expert(out: Path, tier: Tier, domain: str, seed: int, tok_dir: Path, s
     trainable = sum(p.numel() for p in (params or model.parameters()))
     _log(f"fine-tuning expert '{domain}' ({trainable / 1e6:.2f}M trainable params, {tier.expert_steps} steps)", quiet)
     cb, close = _progress(domain, tier.expert_steps, quiet)
+    # the domain's own rows, plus the replayed share spread evenly over the base's training mix
+    mix = [streams[domain]] + ([streams[d] for d in tier.domains] if tier.expert_replay else [])
+    weights = [1.0 - tier.expert_replay] + ([tier.expert_replay / len(tier.domains)] * len(tier.domains) if tier.expert_replay else [])
     stats = train_lm_wrapper(
         model,
-        [streams[domain]],
-        [1.0],
+        mix,
+        weights,
         tier,
         tier.expert_steps,
         tier.expert_lr,
@@ -460,6 +468,7 @@ def build_expert(out: Path, tier: Tier, domain: str, seed: int, tok_dir: Path, s
             "parent": "base",
             "trainable_params": trainable,
             "trainable": tier.expert_trainable,
+            "replay": tier.expert_replay,
             "seed": seed,
             **stats,
         }
@@ -509,6 +518,7 @@ def build_zoo(
     for d in t.experts:
         k = _hash(
             ["expert", FORMAT_VERSION, d, base["key"], data["key"], t.expert_steps, t.expert_lr, t.expert_trainable, t.seq, t.batch, seed]
+            + ([t.expert_replay] if t.expert_replay else [])  # keys of zoos built before replay existed stay valid
         )
         info = timed(f"expert:{d}", lambda: build_expert(out_dir, t, d, seed, tok_dir, streams, k, quiet))
         models[d] = {"path": f"models/{d}", **info}
