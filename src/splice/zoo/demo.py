@@ -1,16 +1,24 @@
-"""``splice demo``: merge the zoo's experts with every applicable method and show which wins.
+"""``splice demo``: what composing the zoo's experts buys, in three parts, and which to use for what.
 
-Steps: build the zoo if it is absent; for each merge method that takes the
-experts plus their base, merge with sensible defaults (and a small sweep of the
-key parameter for the central methods); evaluate base, experts and merges on
-every held-out domain and on the BBC topic task; print a leaderboard ranked by
-MergeBench-style normalized score; write ``leaderboard.json`` and
-``leaderboard.png``; name the winner in one sentence.
+Steps: build the zoo if it is absent; evaluate base and experts on every
+held-out domain and on the BBC topic task; then the parts asked for (``parts``,
+default all three, run in this order):
 
-Merges and evaluations are cached in the output folder, keyed by the recipe and
-the evaluation settings, so a rerun only redoes what changed. A rerun replaces the
-earlier results, so an existing non-empty output folder needs ``force``; every
-file is written whole to a temporary file and renamed into place.
+- ``merge``: merge the experts with every data-free method that takes them plus
+  their base (with sensible defaults and a small sweep of the key parameter for
+  the central methods), evaluate, rank by MergeBench-style normalized score;
+  ``leaderboard.json`` and ``leaderboard.png``; name the winner in one sentence.
+- ``moe``: one MoE of the same base and experts with calibrated routers, against
+  the best merge (``demo_moe``); ``moe.json`` and ``moe.png``.
+- ``skip``: layer-skip plans of the base, their loss cost and measured decode
+  speed (``demo_skip``); ``skip.json`` and ``skip.png``.
+
+It closes with the lines (``summary.json``) that say which composition to use
+for what, with this run's numbers. Models, evaluations and timings are cached
+in the output folder, keyed by their inputs and the evaluation settings, so a
+rerun only redoes what changed. A rerun replaces the earlier results, so an
+existing non-empty output folder needs ``force``; every file is written whole
+to a temporary file and renamed into place.
 """
 
 from __future__ import annotations
@@ -300,7 +308,7 @@ def run_demo(
     else:
         for n, s in run.scores(list(run.results)).items():
             run.results[n]["scores"] = s
-        res.update(models=run.results, ranking=[], winner=None, methods=[], skipped={})
+        res.update(models=dict(run.results), ranking=[], winner=None, methods=[], skipped={})
     res["seconds"] = round(time.time() - t_all, 2)
     if "merge" in run_parts:
         res["summary"] = winner_sentence(res)
@@ -443,7 +451,7 @@ def closing(res: dict) -> dict:
     nums: dict = {}
     general = res.get("general_domain")
     w = res.get("winner")
-    if w:
+    if w and res["models"][w]["scores"]["normalized"] is not None:
         s = res["models"][w]["scores"]
         nums["merge"] = {"name": w, "normalized": s["normalized"], "min_normalized": s["min_normalized"], "forgetting": s.get("forgetting")}
         f = s.get("forgetting")
