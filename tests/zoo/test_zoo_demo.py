@@ -40,3 +40,76 @@ def test_demo_json_has_every_method(tiny_zoo, tmp_path):
     again = run_demo("tiny", tmp_path / "demo", zoo_dir=d, quiet=True, chart=False, force=True)
     assert time.time() - t0 < 60  # nothing is retrained or re-evaluated
     assert again["ranking"] == data["ranking"]
+
+
+def test_demo_moe_and_skip_parts_report_measured_numbers(tiny_zoo, tmp_path):
+    """One merge method and all three parts: the MoE and skip reports hold measured numbers, and the closing lines quote them."""
+    import time
+
+    from splice.errors import SpliceError
+    from splice.zoo.demo import run_demo
+
+    d, m = tiny_zoo
+    out = tmp_path / "demo"
+    with pytest.raises(SpliceError, match=r"^parts=merge,mix: unknown part 'mix' \(valid parts: merge, moe, skip\)$"):
+        run_demo("tiny", out, zoo_dir=d, quiet=True, parts="merge,mix")
+    assert not out.exists()  # refused before any work
+
+    res = run_demo("tiny", out, zoo_dir=d, quiet=True, methods=["linear"])
+    assert res["parts"] == ["merge", "moe", "skip"]
+    board = json.loads((out / "leaderboard.json").read_text())
+    moe = json.loads((out / "moe.json").read_text())
+    skip = json.loads((out / "skip.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    layers = m["tier_config"]["model"]["num_hidden_layers"]
+
+    # moe: routing accuracy per expert domain, normalized scores, parameters
+    assert moe["experts"] == m["experts"]
+    for dom in m["experts"]:
+        r = moe["routing"][dom]
+        assert 0.0 <= r["mean"] <= 1.0
+        assert len(r["per_layer"]) == layers and all(0.0 <= x <= 1.0 for x in r["per_layer"])
+    assert 0.0 <= moe["routing_accuracy"] <= 1.0
+    assert set(moe["scores"]["per_domain"]) == set(m["experts"])
+    assert isinstance(moe["scores"]["normalized"], float) and moe["scores"]["min_normalized"] <= moe["scores"]["normalized"]
+    assert set(moe["losses"]) == set(m["domains"])
+    assert moe["dense_params"] < moe["active_params"] < moe["params"]  # top-2 of 3 experts
+    assert moe["best_merge"]["name"] == board["winner"]
+    assert moe["best_merge"]["scores"] == board["models"][board["winner"]]["scores"]
+
+    # skip: each plan drops the stated number of layers and was timed against the full model
+    assert skip["num_layers"] == layers and skip["plans"]
+    for p in skip["plans"]:
+        assert len(p["drop_layers"]) == p["drop"] and sorted(p["drop_layers"] + p["kept_layers"]) == list(range(layers))
+        cfg = json.loads((out / "skip" / f"drop-{p['drop']}" / "config.json").read_text())
+        assert cfg["num_hidden_layers"] == layers - p["drop"]
+        assert p["decode"]["base_tps"] > 0 and p["decode"]["tps"] > 0 and p["decode"]["speedup"] > 0
+        assert set(p["loss_delta"]) == set(m["domains"])
+        for dom, delta in p["loss_delta"].items():
+            assert delta == pytest.approx(p["loss"][dom] - skip["base"]["loss"][dom], abs=1e-4)
+
+    # the closing lines quote this run's numbers
+    assert summary == res["closing"]
+    merge_line, moe_line, skip_line = summary["lines"]
+    w = board["models"][board["winner"]]["scores"]
+    assert board["winner"] in merge_line and f"keeps {100 * w['normalized']:.0f}%" in merge_line
+    assert f"(worst domain {100 * w['min_normalized']:.0f}%)" in merge_line
+    assert f"keeps {100 * moe['scores']['normalized']:.0f}%" in moe_line
+    assert f"{100 * moe['routing_accuracy']:.0f}% of each domain's tokens" in moe_line
+    for p in skip["plans"]:
+        assert f"dropping {p['drop']} of {layers} layers gives {p['decode']['speedup']:.2f}x decode" in skip_line
+        assert f"at {p['mean_loss_delta_pct']:+.1f}% held-out loss" in skip_line
+    try:
+        import matplotlib  # noqa: F401
+
+        for name in ("leaderboard", "moe", "skip"):
+            assert (out / f"{name}.png").stat().st_size > 1000, name
+    except ImportError:
+        pass
+
+    # a rerun reuses the MoE, the plans, the pruned models, their evaluations and their timings
+    before = {n: (out / n).read_bytes() for n in ("moe.json", "skip.json", "summary.json")}
+    t0 = time.time()
+    run_demo("tiny", out, zoo_dir=d, quiet=True, methods=["linear"], chart=False, force=True)
+    assert time.time() - t0 < 30
+    assert {n: (out / n).read_bytes() for n in before} == before

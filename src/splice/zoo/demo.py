@@ -1,16 +1,24 @@
-"""``splice demo``: merge the zoo's experts with every applicable method and show which wins.
+"""``splice demo``: what composing the zoo's experts buys, in three parts, and which to use for what.
 
-Steps: build the zoo if it is absent; for each merge method that takes the
-experts plus their base, merge with sensible defaults (and a small sweep of the
-key parameter for the central methods); evaluate base, experts and merges on
-every held-out domain and on the BBC topic task; print a leaderboard ranked by
-MergeBench-style normalized score; write ``leaderboard.json`` and
-``leaderboard.png``; name the winner in one sentence.
+Steps: build the zoo if it is absent; evaluate base and experts on every
+held-out domain and on the BBC topic task; then the parts asked for (``parts``,
+default all three, run in this order):
 
-Merges and evaluations are cached in the output folder, keyed by the recipe and
-the evaluation settings, so a rerun only redoes what changed. A rerun replaces the
-earlier results, so an existing non-empty output folder needs ``force``; every
-file is written whole to a temporary file and renamed into place.
+- ``merge``: merge the experts with every data-free method that takes them plus
+  their base (with sensible defaults and a small sweep of the key parameter for
+  the central methods), evaluate, rank by MergeBench-style normalized score;
+  ``leaderboard.json`` and ``leaderboard.png``; name the winner in one sentence.
+- ``moe``: one MoE of the same base and experts with calibrated routers, against
+  the best merge (``demo_moe``); ``moe.json`` and ``moe.png``.
+- ``skip``: layer-skip plans of the base, their loss cost and measured decode
+  speed (``demo_skip``); ``skip.json`` and ``skip.png``.
+
+It closes with the lines (``summary.json``) that say which composition to use
+for what, with this run's numbers. Models, evaluations and timings are cached
+in the output folder, keyed by their inputs and the evaluation settings, so a
+rerun only redoes what changed. A rerun replaces the earlier results, so an
+existing non-empty output folder needs ``force``; every file is written whole
+to a temporary file and renamed into place.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import options
@@ -116,6 +125,96 @@ def _safe_dirname(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label).strip("_")
 
 
+PARTS = ("merge", "moe", "skip")  # what the demo can show, in the order it runs them
+
+
+@dataclass
+class DemoRun:
+    """What every part of one demo run shares: the zoo's inputs, the evaluation settings and its cache."""
+
+    zoo: str
+    zoo_dir: Path
+    out: Path
+    manifest: dict
+    seed: int
+    quiet: bool
+    ev: dict  # evaluation settings: max_tokens, task_items, seq_len
+    base: str
+    experts: dict[str, str]  # expert domain -> model folder
+    domains: dict[str, str]  # held-out domain -> text file
+    tasks: dict[str, str]
+    texts: dict[str, str] = field(default_factory=dict)
+    items: dict[str, list] = field(default_factory=dict)
+    results: dict[str, dict] = field(default_factory=dict)  # label -> evaluation (plus kind, method, ...)
+
+    @property
+    def general(self) -> str | None:
+        return self.manifest.get("general_domain")
+
+    def input_key(self) -> list:
+        """The zoo models' build keys: a rebuilt zoo invalidates everything made from it."""
+        return [self.manifest["models"]["base"].get("key"), [self.manifest["models"][d].get("key") for d in self.experts]]
+
+    def say(self, msg: str) -> None:
+        _say(msg, self.quiet)
+
+    def evaluate(self, label: str, path: str, kind: str) -> dict:
+        """``splice eval``'s numbers for ``path`` on the demo's domains and tasks, cached in ``eval-cache.json``.
+
+        Cached by the evaluation settings and the model folder's safetensors (names, sizes, times), so
+        a rebuilt model is re-evaluated and an unchanged one is not.
+        """
+        from ..eval import evaluate_model
+        from ..eval.results import write_text_atomic
+
+        ev_key = _hash([self.ev, sorted(self.domains.items()), sorted(self.tasks.items())])
+        cache_f = self.out / "eval-cache.json"
+        cache = json.loads(cache_f.read_text()) if cache_f.exists() else {}
+        mk = _hash([ev_key, path, _folder_stamp(Path(path))])
+        if mk in cache:
+            r = cache[mk]
+        else:
+            self.say(f"evaluating: {label}")
+            r = evaluate_model(
+                path,
+                self.domains,
+                None,
+                max_tokens=self.ev["max_tokens"],
+                seq_len=self.ev["seq_len"],
+                quiet=self.quiet,
+                label=label,
+                texts=self.texts,
+                task_items=self.items,
+            )
+            cache[mk] = r
+            write_text_atomic(cache_f, json.dumps(cache) + "\n")
+        self.results[label] = {"kind": kind, **r}
+        return self.results[label]
+
+    def scores(self, names: list[str]) -> dict[str, dict]:
+        """MergeBench-style normalized scores and forgetting of ``names`` (evaluated already) against base and experts."""
+        from ..eval import normalized_scores
+
+        keep = ["base", *(f"expert:{d}" for d in self.experts), *names]
+        losses = {n: {d: v["loss"] for d, v in self.results[n]["domains"].items()} for n in keep}
+        sc = normalized_scores(losses, "base", {d: f"expert:{d}" for d in self.experts}, self.general)
+        return {n: sc[n] for n in names}
+
+
+def check_parts(parts) -> list[str]:
+    """The demo parts to run, in run order; a one-line error naming the valid parts for anything else."""
+    if parts is None:
+        return list(PARTS)
+    given = parts.split(",") if isinstance(parts, str) else list(parts)
+    names = [str(p).strip() for p in given]
+    shown = ",".join(names)
+    bad = [p for p in names if p not in PARTS]
+    if bad or not names:
+        what = f"unknown part {', '.join(repr(p) for p in bad)}" if bad else "no part named"
+        raise SpliceError(f"{option('parts', shown)}: {what} (valid parts: {', '.join(PARTS)})")
+    return [p for p in PARTS if p in names]
+
+
 def run_demo(
     zoo: str = "tiny",
     out: str | os.PathLike = "demo-out",
@@ -127,66 +226,132 @@ def run_demo(
     max_tokens: int | None = None,
     chart: bool = True,
     force: bool = False,
+    parts: list[str] | str | None = None,
 ) -> dict:
-    """Build the zoo if needed, merge, evaluate, rank. Returns the leaderboard dict (also written as JSON).
+    """Build the zoo if needed, then show what each composition buys: merges, a MoE, layer skipping.
 
     Args:
         zoo: the zoo tier (``tiny``, ``smol``); out: the output folder.
         zoo_dir: the zoo's folder (default: the splice cache's); built there if absent.
         seed: for the zoo and the random merge methods; quiet: no progress output.
         methods: merge methods to run (default: every one that applies); max_tokens: evaluation tokens per domain.
-        chart: also write ``leaderboard.png``; force: reuse and replace the results in an existing ``out``.
+        chart: also write the PNG charts; force: reuse and replace the results in an existing ``out``.
+        parts: which of ``merge``, ``moe``, ``skip`` to run (a list or comma-separated; default all).
     Returns:
-        The leaderboard: models with their losses and scores, the ranking, the winner, a summary sentence.
+        The leaderboard (models with their losses and scores, the ranking, the winner, a summary
+        sentence), plus ``moe`` and ``skip`` (each part's report) and ``closing`` (the lines that say
+        which composition to use for what), as written to ``leaderboard.json``, ``moe.json``,
+        ``skip.json`` and ``summary.json``.
     """
-    try:
-        import splice
-
-        merge = splice.merge
-    except (ImportError, AttributeError):
-        raise SpliceError("the demo needs splice.merge (the merge engine), which is not available") from None
     from ..checkpoint.writer import check_output
-    from ..eval import evaluate_model, normalized_scores, read_task, read_text
+    from ..eval import read_task, read_text
     from ..eval.results import write_text_atomic
     from .build import build_zoo, check_zoo_folder, default_zoo_dir
 
     t_all = time.time()
     seed = options.seed(seed)
     max_tokens = options.optional(options.positive_int, max_tokens, "max_tokens")
+    run_parts = check_parts(parts)
     out = options.output_folder(out, "out")
     zdir = options.output_folder(zoo_dir, "zoo_dir") if zoo_dir else default_zoo_dir(zoo)
     check_output(out.resolve(), force)  # refuse before building anything
     check_zoo_folder(zdir)
     _check_methods(methods, zoo)
+    merge = None
+    if "merge" in run_parts:
+        try:
+            import splice
+
+            merge = splice.merge
+        except (ImportError, AttributeError):
+            raise SpliceError("the demo needs splice.merge (the merge engine), which is not available") from None
     man = build_zoo(zoo, zdir, seed=seed, quiet=quiet)
     out.mkdir(parents=True, exist_ok=True)
     ev = dict(DEMO_EVAL.get(zoo, DEMO_EVAL["tiny"]))
     if max_tokens:
         ev["max_tokens"] = max_tokens
-    base = str(zdir / man["models"]["base"]["path"])
-    experts = {d: str(zdir / man["models"][d]["path"]) for d in man["experts"]}
-    domains = {d: str(zdir / v["heldout_file"]) for d, v in man["domains"].items()}
-    tasks = {t: str(zdir / v["path"]) for t, v in man["tasks"].items()}
-    texts = {d: read_text(p) for d, p in domains.items()}
-    items = {t: read_task(p)[: ev["task_items"]] for t, p in tasks.items()}
+    run = DemoRun(
+        zoo=zoo,
+        zoo_dir=zdir,
+        out=out,
+        manifest=man,
+        seed=seed,
+        quiet=quiet,
+        ev=ev,
+        base=str(zdir / man["models"]["base"]["path"]),
+        experts={d: str(zdir / man["models"][d]["path"]) for d in man["experts"]},
+        domains={d: str(zdir / v["heldout_file"]) for d, v in man["domains"].items()},
+        tasks={t: str(zdir / v["path"]) for t, v in man["tasks"].items()},
+    )
+    run.texts = {d: read_text(p) for d, p in run.domains.items()}
+    run.items = {t: read_task(p)[: ev["task_items"]] for t, p in run.tasks.items()}
 
-    recipes = demo_recipes(base, list(experts.values()))
+    # base and experts: every part is scored against them
+    run.evaluate("base", run.base, "base")
+    for d, p in run.experts.items():
+        run.evaluate(f"expert:{d}", p, "expert")
+
+    res = {
+        "zoo": zoo,
+        "zoo_dir": str(zdir),
+        "seed": seed,
+        "eval": ev,
+        "domains": run.domains,
+        "tasks": run.tasks,
+        "experts": list(run.experts),
+        "general_domain": run.general,
+        "base": "base",
+        "parts": run_parts,
+    }
+    if "merge" in run_parts:
+        res.update(_merge_part(run, merge, methods))
+    else:
+        for n, s in run.scores(list(run.results)).items():
+            run.results[n]["scores"] = s
+        res.update(models=dict(run.results), ranking=[], winner=None, methods=[], skipped={})
+    res["seconds"] = round(time.time() - t_all, 2)
+    if "merge" in run_parts:
+        res["summary"] = winner_sentence(res)
+        write_text_atomic(out / "leaderboard.json", json.dumps(res, indent=2) + "\n")
+        res["table"] = leaderboard_table(res)
+        if chart:
+            res["chart"] = write_chart(res, out / "leaderboard.png")
+    if "moe" in run_parts:
+        from .demo_moe import run_moe_part
+
+        res["moe"] = run_moe_part(run, res["winner"], chart=chart)
+    if "skip" in run_parts:
+        from .demo_skip import run_skip_part
+
+        res["skip"] = run_skip_part(run, chart=chart)
+    res["closing"] = closing(res)
+    if "summary" not in res:
+        res["summary"] = res["closing"]["lines"][0] if res["closing"]["lines"] else ""
+    write_text_atomic(out / "summary.json", json.dumps(res["closing"], indent=2) + "\n")
+    res["seconds"] = round(time.time() - t_all, 2)
+    return res
+
+
+def _merge_part(run: DemoRun, merge, methods: list[str] | None) -> dict:
+    """Merge with every applicable method (cached by recipe + seed), evaluate, rank."""
+    from ..eval.results import write_text_atomic
+
+    recipes = demo_recipes(run.base, list(run.experts.values()))
     if methods:
         recipes = [(l, r) for l, r in recipes if r["merge_method"] in methods]
-    # merge (cached by recipe + seed)
     merged: dict[str, dict] = {}
     for label, recipe in recipes:
-        key = _hash([recipe, seed, man["models"]["base"].get("key"), [man["models"][d].get("key") for d in experts]])
-        d = out / "merges" / _safe_dirname(label)
+        key = _hash([recipe, run.seed, *run.input_key()])
+        d = run.out / "merges" / _safe_dirname(label)
         stamp = d / ".demo.json"
         info = json.loads(stamp.read_text()) if stamp.exists() else {}
         if info.get("key") != key:
-            _say(f"merging: {label}", quiet)
+            run.say(f"merging: {label}")
             t0 = time.time()
             try:
-                s = merge(recipe, d, force=True, seed=seed, quiet=True)
+                s = merge(recipe, d, force=True, seed=run.seed, quiet=True)
             except SpliceError as e:
-                _say(f"  skipped {label}: {e}", quiet)
+                run.say(f"  skipped {label}: {e}")
                 merged[label] = {"method": recipe["merge_method"], "error": str(e)}
                 continue
             info = {
@@ -198,74 +363,27 @@ def run_demo(
             write_text_atomic(stamp, json.dumps(info, indent=2) + "\n")
         merged[label] = {"method": recipe["merge_method"], "path": str(d), "merge_seconds": info["seconds"], "recipe": recipe}
 
-    # evaluate (cached by model folder stamp + eval settings)
-    ev_key = _hash([ev, sorted(domains.items()), sorted(tasks.items())])
-    cache_f = out / "eval-cache.json"
-    cache = json.loads(cache_f.read_text()) if cache_f.exists() else {}
-    entries = [
-        ("base", base, "base"),
-        *[(f"expert:{d}", p, "expert") for d, p in experts.items()],
-        *[(l, m["path"], "merge") for l, m in merged.items() if "path" in m],
-    ]
-    results: dict[str, dict] = {}
-    for label, path, kind in entries:
-        mk = _hash([ev_key, path, _folder_stamp(Path(path))])
-        if mk in cache:
-            r = cache[mk]
-        else:
-            _say(f"evaluating: {label}", quiet)
-            r = evaluate_model(
-                path,
-                domains,
-                None,
-                max_tokens=ev["max_tokens"],
-                seq_len=ev["seq_len"],
-                quiet=quiet,
-                label=label,
-                texts=texts,
-                task_items=items,
-            )
-            cache[mk] = r
-            write_text_atomic(cache_f, json.dumps(cache) + "\n")
-        results[label] = {"kind": kind, **r}
-        if kind == "merge":
-            results[label]["method"] = merged[label]["method"]
-            results[label]["merge_seconds"] = merged[label]["merge_seconds"]
-            results[label]["recipe"] = merged[label]["recipe"]
-
-    losses = {n: {d: v["loss"] for d, v in r["domains"].items()} for n, r in results.items()}
-    scores = normalized_scores(losses, "base", {d: f"expert:{d}" for d in experts}, man["general_domain"])
-    for n, s in scores.items():
+    for label, m in merged.items():
+        if "path" not in m:
+            continue
+        r = run.evaluate(label, m["path"], "merge")
+        r["method"] = m["method"]
+        r["merge_seconds"] = m["merge_seconds"]
+        r["recipe"] = m["recipe"]
+    results = {n: r for n, r in run.results.items() if r["kind"] in ("base", "expert", "merge")}
+    for n, s in run.scores(list(results)).items():
         results[n]["scores"] = s
-
     board = sorted(
         (n for n, r in results.items() if r["kind"] == "merge"),
         key=lambda n: (-(results[n]["scores"]["normalized"] or -1e9), results[n]["scores"].get("forgetting", 0)),
     )
-    winner = board[0] if board else None
-    res = {
-        "zoo": zoo,
-        "zoo_dir": str(zdir),
-        "seed": seed,
-        "eval": ev,
-        "domains": domains,
-        "tasks": tasks,
-        "experts": list(experts),
-        "general_domain": man["general_domain"],
-        "base": "base",
+    return {
         "models": results,
         "ranking": board,
-        "winner": winner,
+        "winner": board[0] if board else None,
         "methods": sorted({r["merge_method"] for _, r in recipes}),
         "skipped": {l: m["error"] for l, m in merged.items() if "error" in m},
-        "seconds": round(time.time() - t_all, 2),
     }
-    res["summary"] = winner_sentence(res)
-    write_text_atomic(out / "leaderboard.json", json.dumps(res, indent=2) + "\n")
-    res["table"] = leaderboard_table(res)
-    if chart:
-        res["chart"] = write_chart(res, out / "leaderboard.png")
-    return res
 
 
 def _check_methods(methods: list[str] | None, zoo: str) -> None:
@@ -308,6 +426,82 @@ def winner_sentence(res: dict) -> str:
         f"On the {res['zoo']} zoo, {w} wins: the merged model keeps {100 * s['normalized']:.0f}% of the experts' "
         f"improvement over the base on average{wtxt}{ftxt}."
     )
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _times(x: float | None) -> str:
+    return "unmeasured" if x is None else f"{x:.2f}x"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def closing(res: dict) -> dict:
+    """The lines that say which composition to use for what, and the numbers behind them (all from this run).
+
+    Returns:
+        ``{"lines": [...], "numbers": {"merge": {...}, "moe": {...}, "skip": [...]}}``: a part that did not
+        run (or produced nothing) has no line and no numbers.
+    """
+    lines: list[str] = []
+    nums: dict = {}
+    general = res.get("general_domain")
+    w = res.get("winner")
+    if w and res["models"][w]["scores"]["normalized"] is not None:
+        s = res["models"][w]["scores"]
+        nums["merge"] = {"name": w, "normalized": s["normalized"], "min_normalized": s["min_normalized"], "forgetting": s.get("forgetting")}
+        f = s.get("forgetting")
+        ftxt = f", {100 * f:+.1f}% loss on the general domain ({general})" if f is not None else ""
+        lines.append(
+            f"One model for all domains: the {w} merge keeps {_pct(s['normalized'])} of the experts' gains on average "
+            f"(worst domain {_pct(s['min_normalized'])}){ftxt}, at the base's size."
+        )
+    moe = res.get("moe")
+    if moe and moe["scores"]["normalized"] is not None:
+        s = moe["scores"]
+        k, n = moe["experts_per_token"], len(moe["experts"])
+        nums["moe"] = {
+            "normalized": s["normalized"],
+            "min_normalized": s["min_normalized"],
+            "forgetting": s.get("forgetting"),
+            "routing_accuracy": moe["routing_accuracy"],
+            "params": moe["params"],
+            "active_params": moe["active_params"],
+            "experts": n,
+            "experts_per_token": k,
+        }
+        vs = ""
+        if moe.get("best_merge") and moe["best_merge"]["scores"]["normalized"] is not None:
+            d = s["normalized"] - moe["best_merge"]["scores"]["normalized"]
+            vs = f", {100 * d:+.1f} points against the best merge ({moe['best_merge']['name']})"
+        acc = moe["routing_accuracy"]
+        atxt = f"; {_pct(acc)} of each domain's tokens go to its own expert" if acc is not None else ""
+        lines.append(
+            f"If you can afford {n} experts' parameters ({_count(moe['params'])} stored, {_count(moe['active_params'])} active "
+            f"per token with top-{k}): the MoE keeps {_pct(s['normalized'])} (worst domain {_pct(s['min_normalized'])}){vs}{atxt}."
+        )
+    sk = res.get("skip")
+    if sk and sk["plans"]:
+        nums["skip"] = [
+            {
+                "drop": p["drop"],
+                "num_layers": sk["num_layers"],
+                "speedup": p["decode"]["speedup"],
+                "mean_loss_delta_pct": p["mean_loss_delta_pct"],
+            }
+            for p in sk["plans"]
+        ]
+        parts = [
+            f"dropping {p['drop']} of {sk['num_layers']} layers gives {_times(p['decode']['speedup'])} decode "
+            f"at {p['mean_loss_delta_pct']:+.1f}% held-out loss"
+            for p in sk["plans"]
+        ]
+        lines.append("For speed: " + "; ".join(parts) + " (mean over domains).")
+    return {"lines": lines, "numbers": nums}
 
 
 def leaderboard_table(res: dict) -> str:
