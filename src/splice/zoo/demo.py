@@ -4,9 +4,10 @@ Steps: build the zoo if it is absent; evaluate base and experts on every
 held-out domain and on the BBC topic task; then the parts asked for (``parts``,
 default all three, run in this order):
 
-- ``merge``: merge the experts with every data-free method that takes them plus
-  their base (with sensible defaults and a small sweep of the key parameter for
-  the central methods), evaluate, rank by MergeBench-style normalized score;
+- ``merge``: merge the experts with every method that takes them (data-free ones
+  with their base; regmean, RegMean++ and fisher calibrated on each expert's
+  training text), with sensible defaults and a small sweep of the key parameter
+  for the central methods, evaluate, rank by MergeBench-style normalized score;
   ``leaderboard.json`` and ``leaderboard.png``; name the winner in one sentence.
 - ``moe``: one MoE of the same base and experts with calibrated routers, against
   the best merge (``demo_moe``); ``moe.json`` and ``moe.png``.
@@ -59,7 +60,12 @@ SWEEPS: dict[str, list[tuple[str, dict, dict]]] = {
     "model_stock": [("", {}, {})],
     "karcher": [("", {}, {})],
     "multislerp": [("", {"weight": 1.0}, {})],
+    # data-aware: calibrated on each expert's training text (the recipe's ``calibration:``)
+    "regmean": [("alpha=0.9", {}, {"alpha": 0.9}), ("sequential, alpha=1", {}, {"alpha": 1.0, "sequential": True})],
+    "fisher": [("", {}, {})],
 }
+# calibration of the data-aware merges: tokens of each expert's own training text (the methods' default)
+DEMO_CALIBRATION = {"tokens": 16384, "seed": 0}
 
 DEMO_EVAL = {"tiny": {"max_tokens": 2048, "task_items": 60, "seq_len": 128}, "smol": {"max_tokens": 2048, "task_items": 40, "seq_len": 256}}
 
@@ -68,16 +74,17 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def applicable_methods(k: int) -> list:
-    """Registered data-free methods that merge ``k`` experts (with or without their base).
+def applicable_methods(k: int, data_aware: bool = True) -> list:
+    """Registered methods that merge ``k`` experts (with or without their base).
 
-    Data-aware methods (regmean, fisher) need a calibration pass first; the demo does not run one yet.
+    With ``data_aware`` also those that need calibration statistics (regmean, fisher): the demo
+    calibrates them on each expert's training text.
     """
     from ..methods import all_methods
 
     out = []
     for m in all_methods():
-        if m.min_models > k or (m.max_models is not None and m.max_models < k) or m.statistics:
+        if m.min_models > k or (m.max_models is not None and m.max_models < k) or (m.statistics and not data_aware):
             continue
         out.append(m)
     return out
@@ -100,10 +107,15 @@ def _param_split(method, per: dict, glob: dict) -> tuple[dict, dict] | None:
     return p_model, p_glob
 
 
-def demo_recipes(base: str, experts: list[str]) -> list[tuple[str, dict]]:
-    """(label, recipe dict) for every applicable method and sweep point."""
+def demo_recipes(base: str, experts: list[str], calibration_texts: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+    """(label, recipe dict) for every applicable method and sweep point.
+
+    ``calibration_texts`` (expert folder -> its training text) adds the data-aware methods, each
+    calibrated on ``DEMO_CALIBRATION`` tokens of every expert's own text, without a base (as
+    ``benchmarks/data_aware.py`` measures them); without it only the data-free methods.
+    """
     recipes = []
-    for m in applicable_methods(len(experts)):
+    for m in applicable_methods(len(experts), data_aware=calibration_texts is not None):
         for suffix, per, glob in SWEEPS.get(m.name, [("", {}, {})]):
             split = _param_split(m, per, glob)
             if split is None:
@@ -115,7 +127,9 @@ def demo_recipes(base: str, experts: list[str]) -> list[tuple[str, dict]]:
                 "parameters": p_glob,
                 "dtype": "float32",
             }
-            if m.base != "none":
+            if m.statistics:
+                r["calibration"] = {e: {"text": calibration_texts[e], **DEMO_CALIBRATION} for e in experts}
+            elif m.base != "none":
                 r["base_model"] = base
             recipes.append((f"{m.name}" + (f" ({suffix})" if suffix else ""), r))
     return recipes
@@ -336,7 +350,8 @@ def _merge_part(run: DemoRun, merge, methods: list[str] | None) -> dict:
     """Merge with every applicable method (cached by recipe + seed), evaluate, rank."""
     from ..eval.results import write_text_atomic
 
-    recipes = demo_recipes(run.base, list(run.experts.values()))
+    texts = {p: str(run.zoo_dir / run.manifest["domains"][d]["train_file"]) for d, p in run.experts.items()}
+    recipes = demo_recipes(run.base, list(run.experts.values()), texts)
     if methods:
         recipes = [(l, r) for l, r in recipes if r["merge_method"] in methods]
     merged: dict[str, dict] = {}
@@ -440,6 +455,19 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
+def _best_by_kind(res: dict) -> dict:
+    """The best-ranked data-free and data-aware merges: {"data_free"|"data_aware": {name, normalized, min_normalized}}."""
+    from ..methods import get_method
+
+    best: dict = {}
+    for n in res.get("ranking") or []:
+        s = res["models"][n]["scores"]
+        kind = "data_aware" if get_method(res["models"][n]["method"]).statistics else "data_free"
+        if kind not in best and s["normalized"] is not None:
+            best[kind] = {"name": n, "normalized": s["normalized"], "min_normalized": s["min_normalized"]}
+    return best
+
+
 def closing(res: dict) -> dict:
     """The lines that say which composition to use for what, and the numbers behind them (all from this run).
 
@@ -459,6 +487,15 @@ def closing(res: dict) -> dict:
         lines.append(
             f"One model for all domains: the {w} merge keeps {_pct(s['normalized'])} of the experts' gains on average "
             f"(worst domain {_pct(s['min_normalized'])}){ftxt}, at the base's size."
+        )
+    kinds = _best_by_kind(res)
+    if len(kinds) == 2:
+        nums["data_aware"] = kinds
+        fr, aw = kinds["data_free"], kinds["data_aware"]
+        lines.append(
+            f"With a little text per expert ({DEMO_CALIBRATION['tokens']} tokens of its training data): {aw['name']} keeps "
+            f"{_pct(aw['normalized'])} (worst domain {_pct(aw['min_normalized'])}); the best data-free merge, {fr['name']}, "
+            f"{_pct(fr['normalized'])} (worst domain {_pct(fr['min_normalized'])})."
         )
     moe = res.get("moe")
     if moe and moe["scores"]["normalized"] is not None:
