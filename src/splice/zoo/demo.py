@@ -61,7 +61,7 @@ SWEEPS: dict[str, list[tuple[str, dict, dict]]] = {
     "karcher": [("", {}, {})],
     "multislerp": [("", {"weight": 1.0}, {})],
     # data-aware: calibrated on each expert's training text (the recipe's ``calibration:``)
-    "regmean": [("alpha=0.9", {}, {"alpha": 0.9}), ("sequential, alpha=1", {}, {"alpha": 1.0, "sequential": True})],
+    "regmean": [("alpha=1", {}, {"alpha": 1.0}), ("sequential, alpha=1", {}, {"alpha": 1.0, "sequential": True})],
     "fisher": [("", {}, {})],
 }
 # calibration of the data-aware merges: tokens of each expert's own training text (the methods' default)
