@@ -434,45 +434,52 @@ def test_unreadable_config(tmp_path, pair, capsys):
     assert "adapter_config.json: cannot read JSON" in _merge_error(tmp_path, f"{pair[0]}+{folder}", capsys)
 
 
-def test_shape_mismatch_and_unknown_tensor(tmp_path, pair, capsys):
-    base = pair[0]
-    q = f"{P}model.layers.0.self_attn.q_proj"
+Q = f"{P}model.layers.0.self_attn.q_proj"
 
-    def wrong_shape(t):
-        t[q + ".lora_B.weight"] = torch.zeros(31, 4)
 
-    line = _merge_error(tmp_path, f"{base}+{_broken(tmp_path, pair, 'shape', mutate_tensors=wrong_shape)}", capsys)
-    assert "shape mismatch for tensor model.layers.0.self_attn.q_proj.weight: the adapter's is [31, 32]" in line
+def _set(**tensors):
+    """A mutation that sets each named adapter tensor (``None`` deletes it)."""
 
-    def wrong_head(t):
-        t[f"{P}lm_head.weight"] = torch.zeros(95, 32)
+    def mutate(t):
+        for name, value in tensors.items():
+            if value is None:
+                del t[name]
+            else:
+                t[name] = value
 
-    line = _merge_error(tmp_path, f"{base}+{_broken(tmp_path, pair, 'head', mutate_tensors=wrong_head)}", capsys)
-    assert "shape mismatch for tensor lm_head.weight" in line
+    return mutate
 
-    def not_factors(t):
-        t[q + ".lora_B.weight"] = torch.zeros(32, 3)
 
-    line = _merge_error(tmp_path, f"{base}+{_broken(tmp_path, pair, 'nf', mutate_tensors=not_factors)}", capsys)
-    assert "are not factors of one matrix" in line
+def _unprefix_head(t):
+    t["lm_head.weight"] = t.pop(f"{P}lm_head.weight")
 
-    def stray(t):
-        t[f"{P}model.layers.9.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 32)
-        t[f"{P}model.layers.9.mlp.up_proj.lora_B.weight"] = torch.zeros(64, 4)
 
-    line = _merge_error(tmp_path, f"{base}+{_broken(tmp_path, pair, 'stray', mutate_tensors=stray)}", capsys)
-    assert "changes tensor 'model.layers.9.mlp.up_proj.weight', which model" in line
-
-    def half(t):
-        del t[q + ".lora_B.weight"]
-
-    assert "not both A and B" in _merge_error(tmp_path, f"{base}+{_broken(tmp_path, pair, 'half', mutate_tensors=half)}", capsys)
-
-    def unprefixed(t):
-        t["lm_head.weight"] = t.pop(f"{P}lm_head.weight")
-
-    line = _merge_error(tmp_path, f"{base}+{_broken(tmp_path, pair, 'np', mutate_tensors=unprefixed)}", capsys)
-    assert "does not start with 'base_model.model.'" in line
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            _set(**{Q + ".lora_B.weight": torch.zeros(31, 4)}),
+            "shape mismatch for tensor model.layers.0.self_attn.q_proj.weight: the adapter's is [31, 32]",
+        ),
+        (_set(**{f"{P}lm_head.weight": torch.zeros(95, 32)}), "shape mismatch for tensor lm_head.weight"),
+        (_set(**{Q + ".lora_B.weight": torch.zeros(32, 3)}), "are not factors of one matrix"),
+        (
+            _set(
+                **{
+                    f"{P}model.layers.9.mlp.up_proj.lora_A.weight": torch.zeros(4, 32),
+                    f"{P}model.layers.9.mlp.up_proj.lora_B.weight": torch.zeros(64, 4),
+                }
+            ),
+            "changes tensor 'model.layers.9.mlp.up_proj.weight', which model",
+        ),
+        (_set(**{Q + ".lora_B.weight": None}), "not both A and B"),
+        (_unprefix_head, "does not start with 'base_model.model.'"),
+    ],
+    ids=["shape", "head", "not-factors", "stray", "half", "unprefixed"],
+)
+def test_shape_mismatch_and_unknown_tensor(tmp_path, pair, capsys, mutate, message):
+    line = _merge_error(tmp_path, f"{pair[0]}+{_broken(tmp_path, pair, 'bad', mutate_tensors=mutate)}", capsys)
+    assert message in line
 
 
 def test_pickle_adapter_needs_the_opt_in(tmp_path, pair, capsys):
