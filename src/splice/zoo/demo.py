@@ -346,9 +346,39 @@ def run_demo(
     return res
 
 
+def merge_cached(run: DemoRun, merge, label: str, recipe: dict, d: Path, seed: int | None = None) -> dict:
+    """``merge(recipe)`` into folder ``d``, unless ``d`` holds that merge already (its ``.demo.json`` stamp).
+
+    Keyed by the recipe, the seed (default: the demo's) and the zoo's model keys. Returns the stamp
+    (``key``, ``seconds``, ``engine_seconds``, ``recipe``) plus ``path``; a merge error is raised.
+    """
+    from ..eval.results import write_text_atomic
+
+    seed = run.seed if seed is None else seed
+    key = _hash([recipe, seed, *run.input_key()])
+    stamp = d / ".demo.json"
+    info = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if info.get("key") != key:
+        run.say(f"merging: {label}")
+        t0 = time.time()
+        s = merge(recipe, d, force=True, seed=seed, quiet=True)
+        info = {
+            "key": key,
+            "seconds": round(time.time() - t0, 2),
+            "engine_seconds": round(float(s.get("seconds", 0)), 3),
+            "recipe": recipe,
+        }
+        write_text_atomic(stamp, json.dumps(info, indent=2) + "\n")
+    return {**info, "path": str(d)}
+
+
+def rank_key(scores: dict) -> tuple:
+    """The leaderboard's order: higher normalized score first, then less forgetting."""
+    return (-(scores["normalized"] if scores["normalized"] is not None else -1e9), scores.get("forgetting") or 0)
+
+
 def _merge_part(run: DemoRun, merge, methods: list[str] | None) -> dict:
     """Merge with every applicable method (cached by recipe + seed), evaluate, rank."""
-    from ..eval.results import write_text_atomic
 
     texts = {p: str(run.zoo_dir / run.manifest["domains"][d]["train_file"]) for d, p in run.experts.items()}
     recipes = demo_recipes(run.base, list(run.experts.values()), texts)
@@ -356,27 +386,13 @@ def _merge_part(run: DemoRun, merge, methods: list[str] | None) -> dict:
         recipes = [(l, r) for l, r in recipes if r["merge_method"] in methods]
     merged: dict[str, dict] = {}
     for label, recipe in recipes:
-        key = _hash([recipe, run.seed, *run.input_key()])
-        d = run.out / "merges" / _safe_dirname(label)
-        stamp = d / ".demo.json"
-        info = json.loads(stamp.read_text()) if stamp.exists() else {}
-        if info.get("key") != key:
-            run.say(f"merging: {label}")
-            t0 = time.time()
-            try:
-                s = merge(recipe, d, force=True, seed=run.seed, quiet=True)
-            except SpliceError as e:
-                run.say(f"  skipped {label}: {e}")
-                merged[label] = {"method": recipe["merge_method"], "error": str(e)}
-                continue
-            info = {
-                "key": key,
-                "seconds": round(time.time() - t0, 2),
-                "engine_seconds": round(float(s.get("seconds", 0)), 3),
-                "recipe": recipe,
-            }
-            write_text_atomic(stamp, json.dumps(info, indent=2) + "\n")
-        merged[label] = {"method": recipe["merge_method"], "path": str(d), "merge_seconds": info["seconds"], "recipe": recipe}
+        try:
+            info = merge_cached(run, merge, label, recipe, run.out / "merges" / _safe_dirname(label))
+        except SpliceError as e:
+            run.say(f"  skipped {label}: {e}")
+            merged[label] = {"method": recipe["merge_method"], "error": str(e)}
+            continue
+        merged[label] = {"method": recipe["merge_method"], "path": info["path"], "merge_seconds": info["seconds"], "recipe": recipe}
 
     for label, m in merged.items():
         if "path" not in m:
@@ -388,10 +404,7 @@ def _merge_part(run: DemoRun, merge, methods: list[str] | None) -> dict:
     results = {n: r for n, r in run.results.items() if r["kind"] in ("base", "expert", "merge")}
     for n, s in run.scores(list(results)).items():
         results[n]["scores"] = s
-    board = sorted(
-        (n for n, r in results.items() if r["kind"] == "merge"),
-        key=lambda n: (-(results[n]["scores"]["normalized"] or -1e9), results[n]["scores"].get("forgetting", 0)),
-    )
+    board = sorted((n for n, r in results.items() if r["kind"] == "merge"), key=lambda n: rank_key(results[n]["scores"]))
     return {
         "models": results,
         "ranking": board,
