@@ -103,7 +103,8 @@ BAD_NUMBERS = [
     ("calibrate {model} --text {root}/text.txt -o {root}/DIR", "--out", "DIR: is a folder; give a file name"),
     ("calibrate {model} --text {root}/text.txt -o {out} --tokens 100000", "fewer than the 100000 asked for"),
     ("demo --out {out} --tokens 0", "--tokens 0: must be a whole number at least 1"),
-    ("demo --out {out} --parts moe,skp", "--parts moe,skp: unknown part 'skp' (valid parts: merge, moe, skip)"),
+    ("demo --out {out} --search-budget 0", "--search-budget 0: must be a whole number at least 1"),
+    ("demo --out {out} --parts moe,skp", "--parts moe,skp: unknown part 'skp' (valid parts: merge, search, moe, skip)"),
     ("zoo build --out {out} --threads 0", "--threads 0: must be a whole number at least 1"),
 ]
 

@@ -168,12 +168,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         chart=not args.no_chart,
         force=args.force,
         parts=args.parts,
+        search_budget=args.search_budget,
     )
     if "table" in res:
         print(res["table"])
         print()
-    written = ["leaderboard"] * ("table" in res) + [n for n in ("moe", "skip") if n in res] + ["summary"]
-    charts = [c for c in (res.get("chart"), *((res.get(n) or {}).get("chart") for n in ("moe", "skip"))) if c]
+    written = ["leaderboard"] * ("table" in res) + [n for n in ("search", "moe", "skip") if n in res] + ["summary"]
+    charts = [c for c in (res.get("chart"), *((res.get(n) or {}).get("chart") for n in ("search", "moe", "skip"))) if c]
     missing = "" if charts or args.no_chart else " (no charts: matplotlib is not installed)"
     print("wrote " + ", ".join([f"{args.out}/{n}.json" for n in written] + charts) + missing)
     for label, err in res["skipped"].items():
@@ -187,14 +188,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", help="merge the zoo's experts with every method, build a MoE of them, skip layers of the base; say which to use for what"
+        "demo",
+        help="merge the zoo's experts with every method, search for a better recipe, build a MoE of them, skip layers of the base; "
+        "say which to use for what",
     )
     p.add_argument("--zoo", choices=["tiny", "smol"], default="tiny", help="which zoo tier (built if absent)")
     p.add_argument(
         "--zoo-dir", type=checked(options.output_folder), default=None, help="zoo folder, built there if absent (default: the splice cache)"
     )
     add_output(p, required=False, default="demo-out", what="where models, the JSON reports and the charts go")
-    p.add_argument("--parts", default=None, help="comma-separated subset of merge,moe,skip (default: all three)")
+    p.add_argument("--parts", default=None, help="comma-separated subset of merge,search,moe,skip (default: all four)")
+    p.add_argument(
+        "--search-budget", type=POSITIVE_INT, default=None, metavar="N", help="trials of the search part's study (default: per tier)"
+    )
     p.add_argument("--methods", default=None, help="comma-separated subset of merge methods")
     p.add_argument("--tokens", dest="max_tokens", type=POSITIVE_INT, default=None, help="evaluation tokens per domain (default: per tier)")
     add_seed(p)

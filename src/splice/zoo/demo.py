@@ -1,14 +1,17 @@
-"""``splice demo``: what composing the zoo's experts buys, in three parts, and which to use for what.
+"""``splice demo``: what composing the zoo's experts buys, in four parts, and which to use for what.
 
 Steps: build the zoo if it is absent; evaluate base and experts on every
 held-out domain and on the BBC topic task; then the parts asked for (``parts``,
-default all three, run in this order):
+default all four, run in this order):
 
 - ``merge``: merge the experts with every method that takes them (data-free ones
   with their base; regmean, RegMean++ and fisher calibrated on each expert's
   training text), with sensible defaults and a small sweep of the key parameter
   for the central methods, evaluate, rank by MergeBench-style normalized score;
   ``leaderboard.json`` and ``leaderboard.png``; name the winner in one sentence.
+- ``search``: a small ``splice search`` study of the zoo (default space and optimizer,
+  objective mean), its best recipe merged and evaluated like the merges and ranked
+  against them (``demo_search``); ``search.json`` and ``search.png``.
 - ``moe``: one MoE of the same base and experts with calibrated routers, against
   the best merge (``demo_moe``); ``moe.json`` and ``moe.png``.
 - ``skip``: layer-skip plans of the base, their loss cost and measured decode
@@ -139,7 +142,7 @@ def _safe_dirname(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label).strip("_")
 
 
-PARTS = ("merge", "moe", "skip")  # what the demo can show, in the order it runs them
+PARTS = ("merge", "search", "moe", "skip")  # what the demo can show, in the order it runs them
 
 
 @dataclass
@@ -241,6 +244,7 @@ def run_demo(
     chart: bool = True,
     force: bool = False,
     parts: list[str] | str | None = None,
+    search_budget: int | None = None,
 ) -> dict:
     """Build the zoo if needed, then show what each composition buys: merges, a MoE, layer skipping.
 
@@ -250,12 +254,13 @@ def run_demo(
         seed: for the zoo and the random merge methods; quiet: no progress output.
         methods: merge methods to run (default: every one that applies); max_tokens: evaluation tokens per domain.
         chart: also write the PNG charts; force: reuse and replace the results in an existing ``out``.
-        parts: which of ``merge``, ``moe``, ``skip`` to run (a list or comma-separated; default all).
+        parts: which of ``merge``, ``search``, ``moe``, ``skip`` to run (a list or comma-separated; default all).
+        search_budget: trials of the search part's study (default: ``demo_search.SEARCH_BUDGET`` of the tier).
     Returns:
         The leaderboard (models with their losses and scores, the ranking, the winner, a summary
-        sentence), plus ``moe`` and ``skip`` (each part's report) and ``closing`` (the lines that say
-        which composition to use for what), as written to ``leaderboard.json``, ``moe.json``,
-        ``skip.json`` and ``summary.json``.
+        sentence), plus ``search``, ``moe`` and ``skip`` (each part's report) and ``closing`` (the lines
+        that say which composition to use for what), as written to ``leaderboard.json``, ``search.json``,
+        ``moe.json``, ``skip.json`` and ``summary.json``.
     """
     from ..checkpoint.writer import check_output
     from ..eval import read_task, read_text
@@ -265,6 +270,7 @@ def run_demo(
     t_all = time.time()
     seed = options.seed(seed)
     max_tokens = options.optional(options.positive_int, max_tokens, "max_tokens")
+    search_budget = options.optional(options.positive_int, search_budget, "search_budget")
     run_parts = check_parts(parts)
     out = options.output_folder(out, "out")
     zdir = options.output_folder(zoo_dir, "zoo_dir") if zoo_dir else default_zoo_dir(zoo)
@@ -272,7 +278,7 @@ def run_demo(
     check_zoo_folder(zdir)
     _check_methods(methods, zoo)
     merge = None
-    if "merge" in run_parts:
+    if "merge" in run_parts or "search" in run_parts:
         try:
             import splice
 
@@ -330,6 +336,10 @@ def run_demo(
         res["table"] = leaderboard_table(res)
         if chart:
             res["chart"] = write_chart(res, out / "leaderboard.png")
+    if "search" in run_parts:
+        from .demo_search import run_search_part
+
+        res["search"] = run_search_part(run, merge, res, budget=search_budget, chart=chart)
     if "moe" in run_parts:
         from .demo_moe import run_moe_part
 
@@ -346,9 +356,39 @@ def run_demo(
     return res
 
 
+def merge_cached(run: DemoRun, merge, label: str, recipe: dict, d: Path, seed: int | None = None) -> dict:
+    """``merge(recipe)`` into folder ``d``, unless ``d`` holds that merge already (its ``.demo.json`` stamp).
+
+    Keyed by the recipe, the seed (default: the demo's) and the zoo's model keys. Returns the stamp
+    (``key``, ``seconds``, ``engine_seconds``, ``recipe``) plus ``path``; a merge error is raised.
+    """
+    from ..eval.results import write_text_atomic
+
+    seed = run.seed if seed is None else seed
+    key = _hash([recipe, seed, *run.input_key()])
+    stamp = d / ".demo.json"
+    info = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if info.get("key") != key:
+        run.say(f"merging: {label}")
+        t0 = time.time()
+        s = merge(recipe, d, force=True, seed=seed, quiet=True)
+        info = {
+            "key": key,
+            "seconds": round(time.time() - t0, 2),
+            "engine_seconds": round(float(s.get("seconds", 0)), 3),
+            "recipe": recipe,
+        }
+        write_text_atomic(stamp, json.dumps(info, indent=2) + "\n")
+    return {**info, "path": str(d)}
+
+
+def rank_key(scores: dict) -> tuple:
+    """The leaderboard's order: higher normalized score first, then less forgetting."""
+    return (-(scores["normalized"] if scores["normalized"] is not None else -1e9), scores.get("forgetting") or 0)
+
+
 def _merge_part(run: DemoRun, merge, methods: list[str] | None) -> dict:
     """Merge with every applicable method (cached by recipe + seed), evaluate, rank."""
-    from ..eval.results import write_text_atomic
 
     texts = {p: str(run.zoo_dir / run.manifest["domains"][d]["train_file"]) for d, p in run.experts.items()}
     recipes = demo_recipes(run.base, list(run.experts.values()), texts)
@@ -356,27 +396,13 @@ def _merge_part(run: DemoRun, merge, methods: list[str] | None) -> dict:
         recipes = [(l, r) for l, r in recipes if r["merge_method"] in methods]
     merged: dict[str, dict] = {}
     for label, recipe in recipes:
-        key = _hash([recipe, run.seed, *run.input_key()])
-        d = run.out / "merges" / _safe_dirname(label)
-        stamp = d / ".demo.json"
-        info = json.loads(stamp.read_text()) if stamp.exists() else {}
-        if info.get("key") != key:
-            run.say(f"merging: {label}")
-            t0 = time.time()
-            try:
-                s = merge(recipe, d, force=True, seed=run.seed, quiet=True)
-            except SpliceError as e:
-                run.say(f"  skipped {label}: {e}")
-                merged[label] = {"method": recipe["merge_method"], "error": str(e)}
-                continue
-            info = {
-                "key": key,
-                "seconds": round(time.time() - t0, 2),
-                "engine_seconds": round(float(s.get("seconds", 0)), 3),
-                "recipe": recipe,
-            }
-            write_text_atomic(stamp, json.dumps(info, indent=2) + "\n")
-        merged[label] = {"method": recipe["merge_method"], "path": str(d), "merge_seconds": info["seconds"], "recipe": recipe}
+        try:
+            info = merge_cached(run, merge, label, recipe, run.out / "merges" / _safe_dirname(label))
+        except SpliceError as e:
+            run.say(f"  skipped {label}: {e}")
+            merged[label] = {"method": recipe["merge_method"], "error": str(e)}
+            continue
+        merged[label] = {"method": recipe["merge_method"], "path": info["path"], "merge_seconds": info["seconds"], "recipe": recipe}
 
     for label, m in merged.items():
         if "path" not in m:
@@ -388,10 +414,7 @@ def _merge_part(run: DemoRun, merge, methods: list[str] | None) -> dict:
     results = {n: r for n, r in run.results.items() if r["kind"] in ("base", "expert", "merge")}
     for n, s in run.scores(list(results)).items():
         results[n]["scores"] = s
-    board = sorted(
-        (n for n, r in results.items() if r["kind"] == "merge"),
-        key=lambda n: (-(results[n]["scores"]["normalized"] or -1e9), results[n]["scores"].get("forgetting", 0)),
-    )
+    board = sorted((n for n, r in results.items() if r["kind"] == "merge"), key=lambda n: rank_key(results[n]["scores"]))
     return {
         "models": results,
         "ranking": board,
@@ -472,7 +495,7 @@ def closing(res: dict) -> dict:
     """The lines that say which composition to use for what, and the numbers behind them (all from this run).
 
     Returns:
-        ``{"lines": [...], "numbers": {"merge": {...}, "moe": {...}, "skip": [...]}}``: a part that did not
+        ``{"lines": [...], "numbers": {"merge": {...}, "search": {...}, "moe": {...}, "skip": [...]}}``: a part that did not
         run (or produced nothing) has no line and no numbers.
     """
     lines: list[str] = []
@@ -497,6 +520,30 @@ def closing(res: dict) -> dict:
             f"{_pct(aw['normalized'])} (worst domain {_pct(aw['min_normalized'])}); the best data-free merge, {fr['name']}, "
             f"{_pct(fr['normalized'])} (worst domain {_pct(fr['min_normalized'])})."
         )
+    se = res.get("search")
+    if se and se["scores"]["normalized"] is not None:
+        s, c = se["scores"], se.get("comparison")
+        nums["search"] = {
+            "trials": se["trials"],
+            "label": se["label"],
+            "normalized": s["normalized"],
+            "min_normalized": s["min_normalized"],
+            "forgetting": s.get("forgetting"),
+            "rank": c["rank"] if c else None,
+            "of": c["of"] if c else None,
+            "best_hand_tuned": c["best_hand_tuned"] if c else None,
+        }
+        head = f"Searched: {se['trials']} trials found {se['label']} keeping {_pct(s['normalized'])} (worst domain {_pct(s['min_normalized'])})"
+        hand = c["best_hand_tuned"] if c else None
+        if c and hand:
+            lines.append(
+                f"{head}, rank {c['rank']} of {c['of']} on the merge leaderboard; the best hand-tuned data-free merge, "
+                f"{hand['name']}, keeps {_pct(hand['normalized'])} (worst domain {_pct(hand['min_normalized'])})."
+            )
+        elif c:
+            lines.append(f"{head}, rank {c['rank']} of {c['of']} on the merge leaderboard.")
+        else:
+            lines.append(f"{head} (the merge part did not run: no leaderboard to rank it against).")
     moe = res.get("moe")
     if moe and moe["scores"]["normalized"] is not None:
         s = moe["scores"]
