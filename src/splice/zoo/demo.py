@@ -621,14 +621,10 @@ def leaderboard_table(res: dict) -> str:
 
 def write_chart(res: dict, path: Path) -> str | None:
     """Bar chart: normalized score per merge (per-domain dots), forgetting beside it. None without matplotlib."""
-    from ..eval.results import write_atomic
+    from .charts import pyplot, save_png
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     names = res["ranking"]
     if not names:
@@ -653,9 +649,4 @@ def write_chart(res: dict, path: Path) -> str | None:
     a2.axvline(0.0, color="black", lw=0.8)
     a2.set_xlabel(f"forgetting: loss change on '{res['general_domain']}' (%)")
     fig.suptitle(f"splice demo — {res['zoo']} zoo: merges of {len(ex)} experts ({', '.join(ex)})", fontsize=10)
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-    return str(path)
+    return save_png(fig, path)

@@ -181,14 +181,10 @@ def _routing(run: DemoRun, moe_dir: Path, key: str) -> dict[str, list[float]]:
 
 def write_moe_chart(report: dict, path: Path, zoo: str) -> str | None:
     """Per expert domain: normalized score of the MoE, the best merge and the expert (1 by definition); routing beside it."""
-    from ..eval.results import write_atomic
+    from .charts import pyplot, save_png
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     doms = report["experts"]
     x = list(range(len(doms)))
@@ -216,9 +212,4 @@ def write_moe_chart(report: dict, path: Path, zoo: str) -> str | None:
     a2.set_ylabel("tokens routed to the domain's expert (%)")
     a2.legend(fontsize=7, frameon=False, loc="lower right")
     fig.suptitle(f"splice demo — {zoo} zoo: MoE of {len(doms)} experts vs the best merge (held-out text)", fontsize=10)
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-    return str(path)
+    return save_png(fig, path)

@@ -227,14 +227,10 @@ def _trace(trials: list[dict]) -> list[dict]:
 
 def write_search_chart(report: dict, path: Path, zoo: str) -> str | None:
     """Each trial's search-split objective and the best so far; the demo evaluation's searched best and best hand-tuned merge."""
-    from ..eval.results import write_atomic
+    from .charts import pyplot, save_png
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     tr = report["trace"]
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -256,9 +252,4 @@ def write_search_chart(report: dict, path: Path, zoo: str) -> str | None:
     ax.set_ylabel(f"{report['objective']} normalized score")
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"splice demo — {zoo} zoo: splice search, {report['trials']} trials ({report['optimizer']} optimizer)", fontsize=10)
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-    return str(path)
+    return save_png(fig, path)

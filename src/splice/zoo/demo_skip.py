@@ -198,14 +198,10 @@ def _threads() -> int:
 
 def write_skip_chart(report: dict, path: Path, zoo: str) -> str | None:
     """Left: held-out loss change per domain for each plan; right: decode tokens/s of the full model and each plan."""
-    from ..eval.results import write_atomic
+    from .charts import pyplot, save_png
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     plans = report["plans"]
     doms = list(report["base"]["loss"])
@@ -228,9 +224,4 @@ def write_skip_chart(report: dict, path: Path, zoo: str) -> str | None:
     a2.set_xticks(range(len(names)), names)
     a2.set_ylabel(f"decode tokens/s ({report['decode_tokens']} new tokens, median)")
     fig.suptitle(f"splice demo — {zoo} zoo: {report['strategy']} layer skipping of the base", fontsize=10)
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-    return str(path)
+    return save_png(fig, path)
