@@ -77,6 +77,19 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_stamp(folder: Path) -> dict:
+    """What a part recorded about the work in ``folder`` (its ``.demo.json``: the cache key and more), or {}."""
+    f = folder / ".demo.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def write_stamp(folder: Path, info: dict) -> None:
+    """Record ``info`` (with its cache ``key``) as ``folder``'s ``.demo.json``, written whole."""
+    from ..eval.results import write_text_atomic
+
+    write_text_atomic(folder / ".demo.json", json.dumps(info, indent=2) + "\n")
+
+
 def applicable_methods(k: int, data_aware: bool = True) -> list:
     """Registered methods that merge ``k`` experts (with or without their base).
 
@@ -362,12 +375,10 @@ def merge_cached(run: DemoRun, merge, label: str, recipe: dict, d: Path, seed: i
     Keyed by the recipe, the seed (default: the demo's) and the zoo's model keys. Returns the stamp
     (``key``, ``seconds``, ``engine_seconds``, ``recipe``) plus ``path``; a merge error is raised.
     """
-    from ..eval.results import write_text_atomic
 
     seed = run.seed if seed is None else seed
     key = _hash([recipe, seed, *run.input_key()])
-    stamp = d / ".demo.json"
-    info = json.loads(stamp.read_text()) if stamp.exists() else {}
+    info = read_stamp(d)
     if info.get("key") != key:
         run.say(f"merging: {label}")
         t0 = time.time()
@@ -378,7 +389,7 @@ def merge_cached(run: DemoRun, merge, label: str, recipe: dict, d: Path, seed: i
             "engine_seconds": round(float(s.get("seconds", 0)), 3),
             "recipe": recipe,
         }
-        write_text_atomic(stamp, json.dumps(info, indent=2) + "\n")
+        write_stamp(d, info)
     return {**info, "path": str(d)}
 
 

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from .demo import DemoRun, _hash
+from .demo import DemoRun, _hash, read_stamp, write_stamp
 
 MOE_EXPERTS_PER_TOKEN = 2  # top-k routing: 2 of the experts run per token (mergekit-moe's default)
 MOE_CALIBRATE_STEPS = 200  # router training steps; 0 would leave the prompt-made gates (routing accuracy drops)
@@ -53,13 +53,7 @@ def moe_recipe(run: DemoRun) -> dict:
 
 
 def _sizes(src) -> dict[str, int]:
-    out = {}
-    for name in src.keys():
-        n = 1
-        for s in src.info(name).shape:
-            n *= int(s)
-        out[name] = n
-    return out
+    return {name: src.info(name).numel for name in src.keys()}
 
 
 def parameter_counts(path: str | Path) -> tuple[int, int]:
@@ -106,14 +100,13 @@ def run_moe_part(run: DemoRun, best_merge: str | None, *, chart: bool = True) ->
     build_opts = {"calibrate": MOE_CALIBRATE_STEPS, "calibration_tokens": MOE_CALIBRATION_TOKENS, "seed": run.seed}
     d = run.out / "moe" / f"top{recipe['experts_per_token']}-cal{MOE_CALIBRATE_STEPS}"
     key = _hash([recipe, build_opts, *run.input_key()])
-    stamp = d / ".demo.json"
-    info = json.loads(stamp.read_text()) if stamp.exists() else {}
+    info = read_stamp(d)
     if info.get("key") != key:
         run.say(f"building the MoE: {len(run.experts)} experts, top-{recipe['experts_per_token']}, {MOE_CALIBRATE_STEPS} calibration steps")
         t0 = time.time()
         s = build_moe(recipe, d, force=True, quiet=True, **build_opts)
         info = {"key": key, "seconds": round(time.time() - t0, 2), "calibration": s.get("calibration"), "recipe": recipe}
-        write_text_atomic(stamp, json.dumps(info, indent=2) + "\n")
+        write_stamp(d, info)
 
     label = "moe"
     r = run.evaluate(label, str(d), "moe")

@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from .demo import DemoRun, _best_by_kind, _hash, merge_cached, rank_key
+from .demo import DemoRun, _best_by_kind, _hash, merge_cached, rank_key, read_stamp, write_stamp
 
 # trials per study: the four methods' hand-tuned sweep, then CMA-ES. On the tiny zoo (one torch thread,
 # machine loaded) 40 trials took 25 s, and going on to 80 raised the best search objective by 0.001
@@ -65,12 +65,13 @@ def _num(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def _study_state(folder: Path, key: str, budget: int) -> str:
-    """``done`` (a finished study of this key), ``resume`` (one with fewer trials than ``budget``), or ``new``."""
+def _study_state(folder: Path, info: dict, key: str, budget: int) -> str:
+    """``done`` (a finished study of this key), ``resume`` (one with fewer trials than ``budget``), or ``new``.
+
+    ``info`` is the part's stamp (``read_stamp`` of the study's parent folder).
+    """
     from ..search import read_trials
 
-    stamp = folder.parent / ".demo.json"
-    info = json.loads(stamp.read_text()) if stamp.exists() else {}
     if info.get("key") != key or not (folder / "study.json").exists():
         return "new"
     n = len(read_trials(folder / "trials.jsonl"))
@@ -106,13 +107,12 @@ def run_search_part(run: DemoRun, merge, res: dict, *, budget: int | None = None
     write_text_atomic(spec_f, "# written by splice demo; rerun with: splice search spec.yaml -o study --resume\n" + yaml.safe_dump(spec_d))
     spec = load_spec(spec_f)
     key = _hash([spec_d, spec.fingerprint(), *run.input_key()])
-    stamp_f = folder / ".demo.json"
-    state = _study_state(study, key, budget)
+    stamp = read_stamp(folder)
+    state = _study_state(study, stamp, key, budget)
     if state == "done":
         run.say(f"search: reusing the finished study in {study}")
-        stamp = json.loads(stamp_f.read_text())
     else:
-        prev = json.loads(stamp_f.read_text()) if state == "resume" else {"runs": []}
+        prev = stamp if state == "resume" else {"runs": []}
         run.say(
             f"search: {budget} trials, {SEARCH_OPTIMIZER} optimizer, objective {SEARCH_OBJECTIVE}"
             + (" (resuming)" if state == "resume" else "")
@@ -130,7 +130,7 @@ def run_search_part(run: DemoRun, merge, res: dict, *, budget: int | None = None
         )
         runs = prev.get("runs", []) + [{"seconds": round(time.time() - t0, 2), "trials_before": before, "trials_after": budget}]
         stamp = {"key": key, "budget": budget, "runs": runs}
-        write_text_atomic(stamp_f, json.dumps(stamp, indent=2) + "\n")
+        write_stamp(folder, stamp)
 
     trials = read_trials(study / "trials.jsonl")
     best = json.loads((study / "best.json").read_text())

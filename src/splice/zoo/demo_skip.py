@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .demo import DemoRun, _folder_stamp, _hash
+from .demo import DemoRun, _folder_stamp, _hash, read_stamp, write_stamp
 
 SKIP_STRATEGY = "block-influence"  # data-aware, the best quality per dropped layer in benchmarks/skip_bench.py on smol
 SKIP_DROP_SHARES = (0.125, 0.25)  # layers dropped, as shares of the depth (rounded, at least 1, distinct)
@@ -80,8 +80,7 @@ def run_skip_part(run: DemoRun, *, chart: bool = True) -> dict:
     folders = {n: run.out / "skip" / f"drop-{n}" for n in counts}
     keys = {n: _hash([cal, n, run.manifest["models"]["base"].get("key")]) for n in counts}
     for n in counts:
-        f = folders[n] / ".demo.json"
-        info = json.loads(f.read_text()) if f.exists() else {}
+        info = read_stamp(folders[n])
         if info.get("key") == keys[n]:
             stamps[n] = info
     todo = [n for n in counts if n not in stamps]
@@ -136,7 +135,6 @@ def run_skip_part(run: DemoRun, *, chart: bool = True) -> dict:
 
 def _plan_and_prune(run: DemoRun, costs, counts: list[int], folders: dict[int, Path], keys: dict[int, str]) -> dict[int, dict]:
     """Calibrate once, plan each drop count, write each pruned model; the stamps written beside them."""
-    from ..eval.results import write_text_atomic
     from ..hf import load_causal_lm
     from ..skip import hidden_stats, make_plan, prune
     from ..skip.calibration import chunks, tokenize
@@ -152,14 +150,13 @@ def _plan_and_prune(run: DemoRun, costs, counts: list[int], folders: dict[int, P
         t0 = time.time()
         prune(p, folders[n], force=True)
         info = {"key": keys[n], "plan": p.to_dict(), "prune_seconds": round(time.time() - t0, 2)}
-        write_text_atomic(folders[n] / ".demo.json", json.dumps(info, indent=2) + "\n")
+        write_stamp(folders[n], info)
         out[n] = info
     return out
 
 
 def _speeds(run: DemoRun, folders: dict[int, Path], stamps: dict[int, dict]) -> dict[int, dict]:
     """Decode tokens/s of the full model and each pruned one (cached in each stamp by the settings and the folder)."""
-    from ..eval.results import write_text_atomic
 
     settings = [SKIP_DECODE_TOKENS, SKIP_DECODE_REPEATS, SKIP_PROMPT_TOKENS]
     dkeys = {n: _hash([settings, _folder_stamp(folders[n]), _folder_stamp(Path(run.base))]) for n in folders}
@@ -186,7 +183,7 @@ def _speeds(run: DemoRun, folders: dict[int, Path], stamps: dict[int, dict]) -> 
             "samples": {k: [round(x, 2) for x in v] for k, v in rates.items()},
         }
         stamps[n]["decode"] = out[n]
-        write_text_atomic(folders[n] / ".demo.json", json.dumps(stamps[n], indent=2) + "\n")
+        write_stamp(folders[n], stamps[n])
     return out
 
 
