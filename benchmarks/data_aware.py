@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential-alpha", default="", help="comma-separated alphas for RegMean++ (sequential: true); default none")
     ap.add_argument("--no-fisher", action="store_true", help="skip the fisher merge (and the backward passes it needs)")
     ap.add_argument("--data-free", default=DATA_FREE, help=f"comma-separated data-free methods (default {DATA_FREE})")
+    ap.add_argument(
+        "--learn",
+        default="",
+        help="comma-separated START:task|layer merges with learned weights (learn:), START a demo recipe's label or method "
+        "(its first recipe), e.g. 'task_arithmetic (lambda=1):task,ties:layer'; default none",
+    )
+    ap.add_argument("--learn-steps", type=int, default=None, help="learn: steps (default: splice's)")
     ap.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens per domain (default: all)")
     ap.add_argument("--work", default=None, help="folder for statistics and merges (default: a temporary one)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -91,6 +98,23 @@ def main(argv: list[str] | None = None) -> int:
                 m: {"text": str(Path(args.zoo) / "data" / d / "train.jsonl"), "tokens": args.tokens, "seed": args.seed}
                 for d, m in experts.items()
             },
+        }
+    texts = {
+        m: {"text": str(Path(args.zoo) / "data" / d / "train.jsonl"), "tokens": args.tokens, "seed": args.seed} for d, m in experts.items()
+    }
+    all_recipes = dict(demo_recipes(base, list(experts.values())))
+    for item in [x for x in args.learn.split(",") if x.strip()]:
+        method, _, gran = item.rpartition(":") if ":" in item else (item, "", "")
+        start = all_recipes.get(method) or next((r for r in all_recipes.values() if r["merge_method"] == method), None)
+        if start is None:
+            ap.error(f"--learn: the demo has no recipe {method!r} (a label such as 'ties (density=0.5)' or a method)")
+        learn = {"weights": gran or "layer"}
+        if args.learn_steps is not None:
+            learn["steps"] = args.learn_steps
+        merges[f"{method} learned ({learn['weights']})".replace(") learned (", ", learned ")] = {
+            **start,
+            "learn": learn,
+            "calibration": texts,
         }
     if not args.no_fisher:
         merges["fisher"] = {"merge_method": "fisher", "models": [{"model": m} for m in experts.values()], "calibration": calibration}

@@ -35,6 +35,7 @@ TOP_KEYS = (
     "chat_template",
     "name",
     "calibration",
+    "learn",
 )
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
@@ -83,8 +84,10 @@ class Recipe:
     name: str | None = None
     # model reference -> statistics file, or {text, tokens, seed, ...} to calibrate through the cache (data-aware methods)
     calibration: dict[str, str | dict] = field(default_factory=dict)
+    learn: Any = None  # splice.calibration.learn.LearnSpec: tune the weights on the calibration text first
     raw: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
+    path: Path | None = None  # the file it came from (relative model paths are taken from its folder)
+    derived: bool = False  # made from the file's recipe (e.g. learned weights): its text is not the file's
     warnings: list[str] = field(default_factory=list)  # one line each, e.g. a parameter the method does not use
 
     def referenced_models(self) -> list[str]:
@@ -431,6 +434,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
                 raise ctx.fail(("slices", missing[0]), f"merge method {method.name!r} needs a base_model")
         elif not r.base_model:
             raise ctx.fail((), f"merge method {method.name!r} needs a base_model")
+    r.learn = _learn(ctx, data.get("learn"), method, r)
     r.calibration = _calibration(ctx, data.get("calibration"), method, r)
     r.warnings = list(ctx.warnings.values())
     return r
@@ -438,6 +442,8 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", lines: dict | None = None
 
 def _calibration(ctx: SchemaContext, data: Any, method: MergeMethod, r: Recipe) -> dict[str, str]:
     """``calibration:``: each model's statistics file (``splice calibrate`` writes them), for methods that take them."""
+    if r.learn is not None:
+        return _learn_calibration(ctx, data, r)
     if data is None:
         if method.statistics:
             raise ctx.fail(
@@ -461,6 +467,64 @@ def _calibration(ctx: SchemaContext, data: Any, method: MergeMethod, r: Recipe) 
         if not isinstance(v, str) or not v.strip():
             raise ctx.fail(("calibration", k), f"a statistics file is a path (or a mapping with 'text:'), got {v!r}")
         out[k] = v
+    return out
+
+
+def _learn(ctx: SchemaContext, data: Any, method: MergeMethod, r: Recipe):
+    """``learn: {weights: task|layer, steps, batch_size, holdout, eval_every, objective}`` (every key optional)."""
+    if data is None:
+        return None
+    from .calibration.learn import GRANULARITIES, LEARN_KEYS, OBJECTIVES, LearnSpec
+    from .methods.task_arithmetic import FAMILY
+
+    if method.name not in {v.name for v in FAMILY}:
+        names = ", ".join(v.name for v in FAMILY)
+        raise ctx.fail(("learn",), f"learned weights need a task-vector method ({names}), not {method.name!r}")
+    if r.slices is not None:
+        raise ctx.fail(("learn",), "learned weights need the 'models:' form of a recipe, not 'slices:'")
+    from . import options
+
+    if data is True:
+        data = {}
+    check_keys(ctx, data, ("learn",), LEARN_KEYS, "'learn'")
+    kw: dict[str, Any] = {}
+    if "weights" in data:
+        if data["weights"] not in GRANULARITIES:
+            raise ctx.fail(("learn", "weights"), unknown_choice("learn weights", str(data["weights"]), list(GRANULARITIES)))
+        kw["weights"] = data["weights"]
+    if "objective" in data:
+        if data["objective"] not in OBJECTIVES:
+            raise ctx.fail(("learn", "objective"), unknown_choice("learn objective", str(data["objective"]), list(OBJECTIVES)))
+        kw["objective"] = data["objective"]
+    checks = {
+        "steps": lambda v, k: options.integer(v, k, minimum=0),
+        "batch_size": options.positive_int,
+        "eval_every": options.positive_int,
+        "holdout": lambda v, k: options.real(v, k, minimum=0, below=1),
+    }
+    for k, check in checks.items():
+        if k in data:
+            try:
+                kw[k] = check(data[k], k)
+            except options.OptionError as e:
+                raise ctx.fail(("learn", k), str(e)) from None
+    return LearnSpec(**kw)
+
+
+def _learn_calibration(ctx: SchemaContext, data: Any, r: Recipe) -> dict:
+    """``calibration:`` of a ``learn:`` recipe: each expert whose text drives the loss, as ``{text: FILE, ...}``."""
+    if not isinstance(data, dict) or not data:
+        raise ctx.fail(("learn",), "learned weights need calibration text: add 'calibration:' mapping each expert to {text: FILE}")
+    models = r.referenced_models()
+    out = {}
+    for k, v in data.items():
+        if k not in models:
+            raise ctx.fail(("calibration", k), unknown_choice(f"model {k!r} in calibration", k, models))
+        if k == r.base_model:
+            raise ctx.fail(("calibration", k), "the loss is taken on the experts' text; the base model takes no calibration entry")
+        if not isinstance(v, dict):
+            raise ctx.fail(("calibration", k), "learned weights tune on text: give {text: FILE} (a statistics file holds no text)")
+        out[k] = _calibration_text(ctx, ("calibration", k), v)
     return out
 
 

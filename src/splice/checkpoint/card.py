@@ -70,7 +70,7 @@ def front_matter(refs: Iterable[str], base_dir: Path | None = None, extra_tags: 
 def recipe_text(recipe) -> str:
     """The recipe as written beside the card: the file's own text when it came from a file
     (as mergekit copies its config file), else the recipe dumped as YAML."""
-    if recipe.path is not None:
+    if recipe.path is not None and not getattr(recipe, "derived", False):  # a MoE config has no derived form
         try:
             return Path(recipe.path).read_text(encoding="utf-8")
         except OSError:

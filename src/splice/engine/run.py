@@ -25,7 +25,7 @@ from ..checkpoint.writer import DEFAULT_SHARD_SIZE, check_output
 from ..errors import MergeError, option
 from ..recipe import Recipe, load_recipe
 from .plan import Input, Job, Plan, RecipePlanner, calibration_paths, open_sources
-from .write import DEFAULT_MEMORY_BUDGET, Entry, write_checkpoint
+from .write import DEFAULT_MEMORY_BUDGET, Entry, torch_threads, write_checkpoint
 
 
 @dataclass
@@ -208,6 +208,12 @@ def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: 
     try:
         inputs = _inputs(recipe, sources)
         check_output(out, force=opts.force, inputs=inputs)  # before any work (opening read only headers)
+        learned = None
+        if recipe.learn is not None:  # tune the weights first; the tuned recipe is what is merged (and written beside)
+            from ..calibration.learn import learn_weights
+
+            with torch_threads(_threads(opts)):
+                recipe, learned = learn_weights(recipe, sources, seed=opts.seed, device=opts.device, quiet=opts.quiet)
         plan = RecipePlanner(recipe, sources).build()
         plan = measure_sequential(plan, sources)
         for w in plan.warnings:
@@ -229,7 +235,7 @@ def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: 
     finally:
         for s in sources.values():
             s.close()
-    return {
+    summary = {
         "out": str(final),
         "bytes": plan.total_bytes,
         "tensors": len(plan.jobs),
@@ -237,3 +243,6 @@ def run_merge(recipe: Recipe | str | Path | dict, out: str | os.PathLike, opts: 
         "layers": len(plan.layer_sources),
         "method": plan.method.name,
     }
+    if learned is not None:
+        summary["learned"] = learned.as_dict()
+    return summary
