@@ -14,9 +14,10 @@ computed once, by the method itself with one model weighted at a time, and the m
 tensor is a cheap function of the weights: ``base + lambda * sum_i w_i a_i d_i / divisor``,
 where the sign election ``a_i`` (and the TIES divisor's support) is piecewise constant in
 the weights and is recomputed from the current weights at every step without a gradient.
-Each evaluation of the objective (L-BFGS makes one to a few per iteration) (i) puts the merge at the current weights into the base model, (ii) runs forward
-and backward on a batch of every expert's windows for the gradient of the loss with
-respect to each merged tensor, and (iii) carries it to the weights tensor by tensor
+Each evaluation of the objective (L-BFGS makes one to a few per iteration) (i) puts the
+merge at the current weights into the base model, (ii) runs forward and backward on every
+expert's training windows for the gradient of the loss with respect to each merged
+tensor, and (iii) carries it to the weights tensor by tensor
 (memory: the model, its gradients and the task vectors, never a graph of the whole merge).
 
 The objective (``objective: normalized``, the default) is splice eval's normalized score on
