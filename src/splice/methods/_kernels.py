@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from ._sizes import KERNEL_BLOCK
+from ._sizes import KERNEL_BLOCK, RANK_DIGIT_BITS
 
 try:  # pragma: no cover - exercised by whichever path the environment has
     import numba
@@ -34,8 +34,9 @@ except ImportError:  # pragma: no cover
 
 # Trim modes per model, and what each reads from the per-model parameters (``_trim_one``):
 # THRESHOLD (TIES): f0 = threshold, i0 = tie cutoff; RANDOM (DARE): keys, i0 = rank bound;
-# WINDOW (Breadcrumbs): f0/i0 = lower bound and its tie cutoff, f1/i1 = upper bound and its.
-KEEP_ALL, THRESHOLD, DROP_ALL, RANDOM, WINDOW = 0, 1, 2, 3, 4
+# WINDOW (Breadcrumbs): f0/i0 = lower bound and its tie cutoff, f1/i1 = upper bound and its;
+# MASKED (DELLA): the model's row of ``masks`` (``_della_rows``'s drop bits) says which entries go.
+KEEP_ALL, THRESHOLD, DROP_ALL, RANDOM, WINDOW, MASKED = 0, 1, 2, 3, 4, 5
 
 
 def _load_block(src, a, m, sh, dst):
@@ -114,6 +115,112 @@ def _kept_block(x, b, shift, md, f0, f1, i0, i1, k0, k1, a, m, dout, kout):
         d = xf[j] - bf[j]
         dout[j] = d
         kout[j] = _trim_one(d, a + j, md, f0, f1, i0, i1, k0, k1)
+
+
+def _dropped(bits, f):
+    """Whether flat position ``f`` is set in ``bits`` (``np.packbits`` order: the first position is a byte's top bit)."""
+    return (bits[f >> 3] >> (7 - (f & 7))) & 1
+
+
+def _della_rows(x, b, shift, cols, r0, r1, u, probs, bits):
+    """DELLA's drop bits for rows ``r0 .. r1-1`` of ``|x - b|`` (flat, ``cols`` a row), set in ``bits``.
+
+    ``_sparsify.della_``'s rule, row by row: the element of stable ascending
+    magnitude rank ``s`` is dropped iff ``u[(row - r0) * cols + s] >= probs[s]``
+    (``u``: the rows' uniforms in order, ``probs``: keep probability by rank).
+    The stable order is an LSD radix sort of the magnitudes' float32 bits (which
+    order like the values), over only the bits that vary within the row, in
+    equal digits of at most ``RANK_DIGIT_BITS``: fine-tune deltas vary in about
+    22 bits, two counting passes, where a comparison sort takes ``log2(cols)``
+    (and an argsort of int32 keys in torch was about 5x slower).  Bits of
+    dropped positions are set (``np.packbits`` order); the rest are left as
+    they are (the caller passes zeros).
+    """
+    sh = np.uint32(shift)
+    xu = np.empty(cols, np.uint32)
+    bu = np.empty(cols, np.uint32)
+    ka = np.empty(cols, np.uint32)
+    kb = np.empty(cols, np.uint32)
+    ia = np.empty(cols, np.int32)
+    ib = np.empty(cols, np.int32)
+    mf = ka.view(np.float32)
+    hist = np.empty(1 << RANK_DIGIT_BITS, np.int32)
+    for r in range(r0, r1):
+        a = r * cols
+        _block_magnitudes(x, b, a, cols, sh, xu, bu, mf)
+        first = ka[0]
+        varying = np.uint32(0)
+        for j in range(cols):
+            varying |= ka[j] ^ first
+            ia[j] = j
+        src_k, src_i, dst_k, dst_i = ka, ia, kb, ib
+        if varying != 0:
+            lo = 0
+            while not (varying >> np.uint32(lo)) & np.uint32(1):
+                lo += 1
+            hi = 31
+            while not (varying >> np.uint32(hi)) & np.uint32(1):
+                hi -= 1
+            span = hi - lo + 1
+            passes = (span + RANK_DIGIT_BITS - 1) // RANK_DIGIT_BITS
+            s = lo
+            for p in range(passes):
+                width = span // passes + (1 if p < span % passes else 0)
+                su = np.uint32(s)
+                mask = np.uint32((1 << width) - 1)
+                nb = 1 << width
+                hist[:nb] = 0
+                for j in range(cols):
+                    hist[(src_k[j] >> su) & mask] += 1
+                start = 0
+                for v in range(nb):
+                    c = hist[v]
+                    hist[v] = start
+                    start += c
+                for j in range(cols):  # stable: equal digits keep their order
+                    k = src_k[j]
+                    v = (k >> su) & mask
+                    at = hist[v]
+                    hist[v] = at + 1
+                    dst_k[at] = k
+                    dst_i[at] = src_i[j]
+                src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+                s += width
+        ua = (r - r0) * cols
+        for t in range(cols):  # the drop flags, at the elements' own columns (xu is free again)
+            xu[src_i[t]] = np.uint32(u[ua + t] >= probs[t])
+        # packed without branches (the flags are coin flips): partial bytes at the row's ends, whole bytes between
+        f = a
+        j = 0
+        while j < cols and (f & 7) != 0:
+            bits[f >> 3] |= np.uint8(xu[j] << np.uint32(7 - (f & 7)))
+            j += 1
+            f += 1
+        while j + 8 <= cols:
+            v = (xu[j] << np.uint32(7)) | (xu[j + 1] << np.uint32(6)) | (xu[j + 2] << np.uint32(5)) | (xu[j + 3] << np.uint32(4))
+            v |= (xu[j + 4] << np.uint32(3)) | (xu[j + 5] << np.uint32(2)) | (xu[j + 6] << np.uint32(1)) | xu[j + 7]
+            bits[f >> 3] = np.uint8(v)
+            j += 8
+            f += 8
+        while j < cols:
+            bits[f >> 3] |= np.uint8(xu[j] << np.uint32(7 - (f & 7)))
+            j += 1
+            f += 1
+
+
+def _masked_block(x, b, shift, bits, a, m, dout, kout):
+    """Over ``[a, a+m)``: ``dout = x - b`` and ``kout`` = it with the positions set in ``bits`` zeroed (+0), float32."""
+    sh = np.uint32(shift)
+    xu = np.empty(m, np.uint32)
+    bu = np.empty(m, np.uint32)
+    _load_block(x, a, m, sh, xu)
+    _load_block(b, a, m, sh, bu)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    for j in range(m):
+        d = xf[j] - bf[j]
+        dout[j] = d
+        kout[j] = np.float32(0.0) if _dropped(bits, a + j) else d
 
 
 def _select2(x, b, shift, k1, k2):
@@ -260,12 +367,13 @@ def _nth_equal(x, b, shift, value_bits, count):
     return -1
 
 
-def _gta(xs, b, shift, mode, fpar, ipar, keys, scale, w, consensus, normalize, total, lam, out):
+def _gta(xs, b, shift, mode, fpar, ipar, keys, scale, masks, w, consensus, normalize, total, lam, out):
     """Steps 1-5 of ``_task_vectors`` over whole flat tensors of K models (``xs``, a tuple).
 
     ``xs``, ``b``: raw bits as in ``_select``.  Trim of model i (``mode[i]``):
     keep all; keep ``|d| > thr`` (torch's hardshrink: not ``-thr <= d <= thr``)
-    and ``|d| == thr`` at flat positions below ``cutoff[i]``; or drop all.  Then
+    and ``|d| == thr`` at flat positions below ``cutoff[i]``; drop the positions set in
+    ``masks[i]`` (packed bits); or drop all.  Then
     ``d *= w[i]`` and either a TIES sign election (``consensus``) or a plain
     sum; ``normalize`` divides by the agreeing weights (a zero divisor counts
     as 1) or by ``total`` (the caller refuses a zero sum); ``lam`` scales;
@@ -323,6 +431,11 @@ def _gta(xs, b, shift, mode, fpar, ipar, keys, scale, w, consensus, normalize, t
             elif md == DROP_ALL:
                 for j in range(m):
                     dbuf[j] = zero
+            elif md == MASKED:
+                mi = masks[i]
+                for j in range(m):
+                    d = xf[j] - bf[j]
+                    dbuf[j] = zero if _dropped(mi, a + j) else d
             else:
                 for j in range(m):
                     dbuf[j] = _trim_one(xf[j] - bf[j], a + j, md, f0, f1, i0, i1, k0, k1)
@@ -386,9 +499,9 @@ def _compile_all(cache: bool) -> dict:
     """The kernels, njit-compiled lazily; helpers first (the kernels resolve them as globals)."""
     jit = numba.njit(nogil=True, cache=cache)
     glob = globals()
-    for helper in ("_load_block", "_block_magnitudes", "_mix32", "_dare_rank", "_trim_one"):
+    for helper in ("_load_block", "_block_magnitudes", "_mix32", "_dare_rank", "_trim_one", "_dropped"):
         glob[helper] = jit(getattr(glob[helper], "py_func", glob[helper]))
-    names = ("select", "select2", "nth_equal", "gta", "kept_block")
+    names = ("select", "select2", "nth_equal", "gta", "kept_block", "della_rows", "masked_block")
     return {name: jit(glob[f"_{name}"]) for name in names}
 
 
@@ -417,7 +530,9 @@ def _compile_with_fallback() -> dict:
 
 if AVAILABLE:
     _compiled = _compile_with_fallback()
-    select, select2, nth_equal, gta, kept_block = (_compiled[k] for k in ("select", "select2", "nth_equal", "gta", "kept_block"))
+    select, select2, nth_equal, gta, kept_block, della_rows, masked_block = (
+        _compiled[k] for k in ("select", "select2", "nth_equal", "gta", "kept_block", "della_rows", "masked_block")
+    )
     del _compiled
 else:  # pragma: no cover
-    select = select2 = nth_equal = gta = kept_block = None
+    select = select2 = nth_equal = gta = kept_block = della_rows = masked_block = None
