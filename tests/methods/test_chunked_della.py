@@ -73,7 +73,7 @@ def _tie_heavy(rows, cols, seed=0):
 
 @pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba not installed")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("cols", [1, 5, 8, 13, 768])
+@pytest.mark.parametrize("cols", [1, 5, 8, 13, 768, 70001])
 def test_della_row_ranks_kernel_matches_stable_argsort(dtype, cols):
     rows = 40
     ts, base = _tie_heavy(rows, cols)
@@ -95,8 +95,8 @@ def test_della_row_ranks_kernel_matches_stable_argsort(dtype, cols):
 
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("consensus", [True, False])
-def test_della_kernel_path_is_bit_identical_on_tied_magnitudes(rescale, consensus, monkeypatch):
-    rows, cols = 300, 1003  # above SORT_LIMIT
+@pytest.mark.parametrize("rows,cols", [(300, 1003), (37, 29)])  # above SORT_LIMIT, and below (by rows with the kernels only)
+def test_della_kernel_path_is_bit_identical_on_tied_magnitudes(rows, cols, rescale, consensus, monkeypatch):
     ts, base = _tie_heavy(rows, cols, seed=2)
     della = [(0.5, 0.2), (0.3, 0.25), (0.7, 0.1)]
     kw = dict(weight=[1.0, 0.6, 0.3], consensus=consensus, normalize=True)
