@@ -85,7 +85,7 @@ def test_della_row_ranks_kernel_matches_stable_argsort(dtype, cols):
     u = torch.rand(rows, cols, generator=torch.Generator().manual_seed(1))
     probs = della_probs(cols, 0.5, 0.3, "cpu", torch.float32)
     expected = torch.empty(rows, cols, dtype=torch.bool).scatter_(1, order, u >= probs)
-    (xv, bv), shift = _chunked._bits([x, b])
+    (xv, bv), shift = _chunked.bit_views([x, b])
     bits = np.zeros((rows * cols + 7) // 8, dtype=np.uint8)
     for r0, r1 in [(0, 7), (7, 8), (8, rows)]:  # blocks of rows sharing bytes of the mask
         _kernels.della_rows(xv, bv, shift, cols, r0, r1, u[r0:r1].reshape(-1).numpy(), probs.reshape(-1).numpy(), bits)

@@ -125,7 +125,7 @@ def _scan(tf, bf, lo_f, hi_f, n, cdt):
     return below, idx, vals
 
 
-def _bits(tensors):
+def bit_views(tensors):
     """Raw-bit numpy views for the kernels (uint16 of bf16 or uint32 of float32) and the shift to float32.
 
     Mixed or other dtypes (float16) are upcast to float32 first.
@@ -153,7 +153,7 @@ def magnitude_trim(t: torch.Tensor, base: torch.Tensor, density: float, cdt: tor
         return Trim(None)
     if _kernels.AVAILABLE and cdt == torch.float32:
         # radix select over the raw bits: the k-th largest magnitude, its rank, its ties
-        (x, b), shift = _bits([t.contiguous(), base.contiguous()])
+        (x, b), shift = bit_views([t.contiguous(), base.contiguous()])
         bits, below, equal = _kernels.select(x, b, shift, n - k + 1)
         v = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
         return _trim_at(v, int(below), int(equal), n, k, lambda j: int(_kernels.nth_equal(x, b, shift, np.uint32(bits), j)))
@@ -303,7 +303,7 @@ def breadcrumbs_window(t: torch.Tensor, base: torch.Tensor, density: float, gamm
     stop = start + target
     if target <= 0:
         return None
-    (x, b), shift = _bits([t.contiguous(), base.contiguous()])
+    (x, b), shift = bit_views([t.contiguous(), base.contiguous()])
     k_lo = start + 1 if start > 0 else 1
     k_hi = stop if stop < n else n
     sel = _kernels.select2(x, b, shift, k_lo, k_hi)
@@ -384,7 +384,7 @@ def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, 
     """``merge_chunked`` with the fused kernel: one pass over the inputs for all models (plus one per rescaled model)."""
     k = len(tensors)
     n = base.numel()
-    views, shift = _bits([t.contiguous() for t in (*tensors, base)])
+    views, shift = bit_views([t.contiguous() for t in (*tensors, base)])
     p = _Params.empty(k)
     rescaled = []
     for i, tr in enumerate(trims or []):
@@ -587,7 +587,7 @@ def _della_kernel(tensors, base, della, rescale, generator, weights, consensus, 
     rows, cols = base.shape
     n = base.numel()
     k = len(tensors)
-    views, shift = _bits([t.contiguous() for t in (*tensors, base)])
+    views, shift = bit_views([t.contiguous() for t in (*tensors, base)])
     spans = list(_row_spans(rows, cols))
     uniforms = torch.empty(max(r1 - r0 for r0, r1 in spans) * cols, dtype=torch.float32)
     masks = np.zeros((k, (n + 7) // 8), dtype=np.uint8)

@@ -117,7 +117,7 @@ def _kept_block(x, b, shift, md, f0, f1, i0, i1, k0, k1, a, m, dout, kout):
         kout[j] = _trim_one(d, a + j, md, f0, f1, i0, i1, k0, k1)
 
 
-def _dropped(bits, f):
+def _bit(bits, f):
     """Whether flat position ``f`` is set in ``bits`` (``np.packbits`` order: the first position is a byte's top bit)."""
     return (bits[f >> 3] >> (7 - (f & 7))) & 1
 
@@ -247,7 +247,7 @@ def _masked_block(x, b, shift, bits, a, m, dout, kout):
     for j in range(m):
         d = xf[j] - bf[j]
         dout[j] = d
-        kout[j] = np.float32(0.0) if _dropped(bits, a + j) else d
+        kout[j] = np.float32(0.0) if _bit(bits, a + j) else d
 
 
 def _select2(x, b, shift, k1, k2):
@@ -462,7 +462,7 @@ def _gta(xs, b, shift, mode, fpar, ipar, keys, scale, masks, w, consensus, norma
                 mi = masks[i]
                 for j in range(m):
                     d = xf[j] - bf[j]
-                    dbuf[j] = zero if _dropped(mi, a + j) else d
+                    dbuf[j] = zero if _bit(mi, a + j) else d
             else:
                 for j in range(m):
                     dbuf[j] = _trim_one(xf[j] - bf[j], a + j, md, f0, f1, i0, i1, k0, k1)
@@ -492,6 +492,143 @@ def _gta(xs, b, shift, mode, fpar, ipar, keys, scale, masks, w, consensus, norma
                     r = r / total
             oa[j] = r * lam + bf[j]
     return cancelled
+
+
+def _sce_variance(xs, b, shift, out):
+    """``out`` = the population variance across models of the deltas ``x_i - b`` (float32), per element; returns how many are NaN.
+
+    torch's ``var(stack, dim=0, unbiased=False)`` on float32: Welford's update
+    in float64 over the models in order, divided by K, rounded to float32
+    (tests compare the bits).
+    """
+    n = b.shape[0]
+    k = len(xs)
+    sh = np.uint32(shift)
+    xu = np.empty(KERNEL_BLOCK, np.uint32)
+    bu = np.empty(KERNEL_BLOCK, np.uint32)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    mean = np.empty(KERNEL_BLOCK, np.float64)
+    m2 = np.empty(KERNEL_BLOCK, np.float64)
+    nan = 0
+    for a in range(0, n, KERNEL_BLOCK):
+        m = min(KERNEL_BLOCK, n - a)
+        _load_block(b, a, m, sh, bu)
+        for j in range(m):
+            mean[j] = 0.0
+            m2[j] = 0.0
+        for i in range(k):
+            _load_block(xs[i], a, m, sh, xu)
+            count = np.float64(i + 1)
+            for j in range(m):
+                d = np.float64(xf[j] - bf[j])
+                step = d - mean[j]
+                mean[j] += step / count
+                m2[j] += step * (d - mean[j])
+        oa = out[a : a + m]
+        for j in range(m):
+            v = np.float32(m2[j] / np.float64(k))
+            oa[j] = v
+            nan += v != v
+    return nan
+
+
+def _sce_keep(v, value, cutoff, bits):
+    """Set in ``bits`` the positions ``j`` with ``v[j] > value``, or ``v[j] == value`` and ``j < cutoff`` (``np.packbits`` order)."""
+    n = v.shape[0]
+    for a in range(0, n, 8):
+        byte = 0
+        for j in range(a, min(n, a + 8)):
+            keep = (v[j] > value) | ((v[j] == value) & (j < cutoff))
+            byte |= np.int64(keep) << (7 - (j - a))
+        bits[a >> 3] = np.uint8(byte)
+
+
+def _sce_delta(x, b, shift, keep, masked, out):
+    """``out`` = ``x - b`` (float32), times 1 where ``keep`` has the position and 0 elsewhere when ``masked`` (sce's ``delta.mul_(keep)``)."""
+    n = b.shape[0]
+    sh = np.uint32(shift)
+    xu = np.empty(KERNEL_BLOCK, np.uint32)
+    bu = np.empty(KERNEL_BLOCK, np.uint32)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for a in range(0, n, KERNEL_BLOCK):
+        m = min(KERNEL_BLOCK, n - a)
+        _load_block(x, a, m, sh, xu)
+        _load_block(b, a, m, sh, bu)
+        oa = out[a : a + m]
+        if masked:
+            for j in range(m):
+                oa[j] = (xf[j] - bf[j]) * (one if _bit(keep, a + j) else zero)
+        else:
+            for j in range(m):
+                oa[j] = xf[j] - bf[j]
+
+
+def _sce_erase(xs, b, shift, keep, masked, w, out):
+    """sce's erase over whole flat tensors: signs elected on the (kept) deltas, values and divisor weighted by ``w``.
+
+    Per element, model by model: ``d`` as ``_sce_delta`` makes it, ``s = d * w[i]``;
+    the vote sums ``d``, the two sides sum ``s`` and the weights of the models on
+    them; the elected side's sum over its weights (clamped below at 1e-6, as
+    ``SignConsensus.result(min_divisor=1e-6)``), plus the base, goes to ``out``.
+    The float32 operations of the torch path, in its order.
+    """
+    n = b.shape[0]
+    k = len(xs)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    floor = np.float32(1e-6)
+    sh = np.uint32(shift)
+    xu = np.empty(KERNEL_BLOCK, np.uint32)
+    bu = np.empty(KERNEL_BLOCK, np.uint32)
+    xf = xu.view(np.float32)
+    bf = bu.view(np.float32)
+    votes = np.empty(KERNEL_BLOCK, np.float32)
+    pos = np.empty(KERNEL_BLOCK, np.float32)
+    neg = np.empty(KERNEL_BLOCK, np.float32)
+    pw = np.empty(KERNEL_BLOCK, np.float32)
+    nw = np.empty(KERNEL_BLOCK, np.float32)
+    dbuf = np.empty(KERNEL_BLOCK, np.float32)
+    factor = np.empty(KERNEL_BLOCK, np.float32)  # the block's keep mask as 1 and 0, unpacked once for all models
+    for a in range(0, n, KERNEL_BLOCK):
+        m = min(KERNEL_BLOCK, n - a)
+        _load_block(b, a, m, sh, bu)
+        for j in range(m):
+            votes[j] = zero
+            pos[j] = zero
+            neg[j] = zero
+            pw[j] = zero
+            nw[j] = zero
+        if masked:
+            for j in range(m):
+                factor[j] = one if _bit(keep, a + j) else zero
+        for i in range(k):
+            _load_block(xs[i], a, m, sh, xu)
+            wi = w[i]
+            if masked:
+                for j in range(m):
+                    dbuf[j] = (xf[j] - bf[j]) * factor[j]
+            else:
+                for j in range(m):
+                    dbuf[j] = xf[j] - bf[j]
+            for j in range(m):
+                d = dbuf[j]
+                s = d * wi
+                votes[j] += d
+                pos[j] += s if s > zero else zero
+                pw[j] += wi if s > zero else zero
+                neg[j] += s if s < zero else zero
+                nw[j] += wi if s < zero else zero
+        oa = out[a : a + m]
+        for j in range(m):
+            up = votes[j] >= zero
+            r = pos[j] if up else neg[j]
+            div = pw[j] if up else nw[j]
+            div = div if div >= floor else floor
+            oa[j] = r / div + bf[j]
 
 
 _NO_CACHE_WARNING = "warning: numba finds no writable cache folder (read-only install and home); "
@@ -526,9 +663,10 @@ def _compile_all(cache: bool) -> dict:
     """The kernels, njit-compiled lazily; helpers first (the kernels resolve them as globals)."""
     jit = numba.njit(nogil=True, cache=cache)
     glob = globals()
-    for helper in ("_load_block", "_block_magnitudes", "_mix32", "_dare_rank", "_trim_one", "_dropped"):
+    for helper in ("_load_block", "_block_magnitudes", "_mix32", "_dare_rank", "_trim_one", "_bit"):
         glob[helper] = jit(getattr(glob[helper], "py_func", glob[helper]))
     names = ("select", "select2", "nth_equal", "gta", "kept_block", "della_rows", "masked_block")
+    names += ("sce_variance", "sce_keep", "sce_delta", "sce_erase")
     return {name: jit(glob[f"_{name}"]) for name in names}
 
 
@@ -557,9 +695,10 @@ def _compile_with_fallback() -> dict:
 
 if AVAILABLE:
     _compiled = _compile_with_fallback()
-    select, select2, nth_equal, gta, kept_block, della_rows, masked_block = (
-        _compiled[k] for k in ("select", "select2", "nth_equal", "gta", "kept_block", "della_rows", "masked_block")
-    )
+    select, select2, nth_equal, gta, kept_block = (_compiled[k] for k in ("select", "select2", "nth_equal", "gta", "kept_block"))
+    della_rows, masked_block = _compiled["della_rows"], _compiled["masked_block"]
+    sce_variance, sce_keep, sce_delta, sce_erase = (_compiled[k] for k in ("sce_variance", "sce_keep", "sce_delta", "sce_erase"))
     del _compiled
 else:  # pragma: no cover
     select = select2 = nth_equal = gta = kept_block = della_rows = masked_block = None
+    sce_variance = sce_keep = sce_delta = sce_erase = None
