@@ -191,3 +191,15 @@ def _spy_kernel(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(sce_module, "_sce_kernel", spy)
     return ran
+
+
+@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("select_topk", [0.5, 0.1])
+def test_small_tensors_take_the_kernels_with_the_same_bits(select_topk, monkeypatch):
+    ts, base = _bf16_models(40, 51, ties=True)  # below SORT_LIMIT: torch.topk selects, the kernels do the rest
+    ran = _spy_kernel(monkeypatch)
+    fast = call(ts, base, select_topk=select_topk)
+    assert ran == [True]
+    ts = [t.float() for t in ts]
+    monkeypatch.setattr(_kernels, "AVAILABLE", False)
+    assert _same_bits(fast, call(ts, base.float(), select_topk=select_topk))

@@ -122,6 +122,25 @@ def _bit(bits, f):
     return (bits[f >> 3] >> (7 - (f & 7))) & 1
 
 
+def _unpack_block(bits, a, m, flags):
+    """``flags[:m]`` = the bits of positions ``[a, a+m)`` as uint8 0 / 1; whole bytes eight at a time when ``a`` is a multiple of 8.
+
+    The element loops that read ``flags`` then vectorize, which per-element bit
+    extraction (``_bit``) keeps them from doing.
+    """
+    j = 0
+    if (a & 7) == 0:
+        base = a >> 3
+        while j + 8 <= m:
+            v = bits[base + (j >> 3)]
+            for t in range(8):
+                flags[j + t] = (v >> (7 - t)) & 1
+            j += 8
+    while j < m:
+        flags[j] = _bit(bits, a + j)
+        j += 1
+
+
 def _della_rows(x, b, shift, cols, r0, r1, u, probs, bits):
     """DELLA's drop bits for rows ``r0 .. r1-1`` of ``|x - b|`` (flat, ``cols`` a row), set in ``bits``.
 
@@ -244,10 +263,12 @@ def _masked_block(x, b, shift, bits, a, m, dout, kout):
     _load_block(b, a, m, sh, bu)
     xf = xu.view(np.float32)
     bf = bu.view(np.float32)
+    flags = np.empty(m, np.uint8)
+    _unpack_block(bits, a, m, flags)
     for j in range(m):
         d = xf[j] - bf[j]
         dout[j] = d
-        kout[j] = np.float32(0.0) if _bit(bits, a + j) else d
+        kout[j] = np.float32(0.0) if flags[j] else d
 
 
 def _select2(x, b, shift, k1, k2):
@@ -427,6 +448,7 @@ def _gta(xs, b, shift, mode, fpar, ipar, keys, scale, masks, w, consensus, norma
     pw = np.empty(KERNEL_BLOCK, np.float32)
     nw = np.empty(KERNEL_BLOCK, np.float32)
     dbuf = np.empty(KERNEL_BLOCK, np.float32)
+    flags = np.empty(KERNEL_BLOCK, np.uint8)
     cancelled = 0
     for a in range(0, n, KERNEL_BLOCK):
         m = min(KERNEL_BLOCK, n - a)
@@ -459,10 +481,10 @@ def _gta(xs, b, shift, mode, fpar, ipar, keys, scale, masks, w, consensus, norma
                 for j in range(m):
                     dbuf[j] = zero
             elif md == MASKED:
-                mi = masks[i]
+                _unpack_block(masks[i], a, m, flags)
                 for j in range(m):
                     d = xf[j] - bf[j]
-                    dbuf[j] = zero if _bit(mi, a + j) else d
+                    dbuf[j] = zero if flags[j] else d
             else:
                 for j in range(m):
                     dbuf[j] = _trim_one(xf[j] - bf[j], a + j, md, f0, f1, i0, i1, k0, k1)
@@ -536,12 +558,17 @@ def _sce_variance(xs, b, shift, out):
 def _sce_keep(v, value, cutoff, bits):
     """Set in ``bits`` the positions ``j`` with ``v[j] > value``, or ``v[j] == value`` and ``j < cutoff`` (``np.packbits`` order)."""
     n = v.shape[0]
-    for a in range(0, n, 8):
-        byte = 0
-        for j in range(a, min(n, a + 8)):
+    whole = n - n % 8
+    for q in range(0, whole, 8):
+        byte = np.uint32(0)
+        for t in range(8):
+            j = q + t
             keep = (v[j] > value) | ((v[j] == value) & (j < cutoff))
-            byte |= np.int64(keep) << (7 - (j - a))
-        bits[a >> 3] = np.uint8(byte)
+            byte |= np.uint32(keep) << np.uint32(7 - t)
+        bits[q >> 3] = np.uint8(byte)
+    for j in range(whole, n):
+        keep = (v[j] > value) | ((v[j] == value) & (j < cutoff))
+        bits[j >> 3] |= np.uint8(np.uint32(keep) << np.uint32(7 - (j & 7)))
 
 
 def _sce_delta(x, b, shift, keep, masked, out):
@@ -554,14 +581,16 @@ def _sce_delta(x, b, shift, keep, masked, out):
     bf = bu.view(np.float32)
     one = np.float32(1.0)
     zero = np.float32(0.0)
+    flags = np.empty(KERNEL_BLOCK, np.uint8)
     for a in range(0, n, KERNEL_BLOCK):
         m = min(KERNEL_BLOCK, n - a)
         _load_block(x, a, m, sh, xu)
         _load_block(b, a, m, sh, bu)
         oa = out[a : a + m]
         if masked:
+            _unpack_block(keep, a, m, flags)
             for j in range(m):
-                oa[j] = (xf[j] - bf[j]) * (one if _bit(keep, a + j) else zero)
+                oa[j] = (xf[j] - bf[j]) * (one if flags[j] else zero)
         else:
             for j in range(m):
                 oa[j] = xf[j] - bf[j]
@@ -593,6 +622,7 @@ def _sce_erase(xs, b, shift, keep, masked, w, out):
     nw = np.empty(KERNEL_BLOCK, np.float32)
     dbuf = np.empty(KERNEL_BLOCK, np.float32)
     factor = np.empty(KERNEL_BLOCK, np.float32)  # the block's keep mask as 1 and 0, unpacked once for all models
+    flags = np.empty(KERNEL_BLOCK, np.uint8)
     for a in range(0, n, KERNEL_BLOCK):
         m = min(KERNEL_BLOCK, n - a)
         _load_block(b, a, m, sh, bu)
@@ -603,8 +633,9 @@ def _sce_erase(xs, b, shift, keep, masked, w, out):
             pw[j] = zero
             nw[j] = zero
         if masked:
+            _unpack_block(keep, a, m, flags)
             for j in range(m):
-                factor[j] = one if _bit(keep, a + j) else zero
+                factor[j] = one if flags[j] else zero
         for i in range(k):
             _load_block(xs[i], a, m, sh, xu)
             wi = w[i]
@@ -663,7 +694,7 @@ def _compile_all(cache: bool) -> dict:
     """The kernels, njit-compiled lazily; helpers first (the kernels resolve them as globals)."""
     jit = numba.njit(nogil=True, cache=cache)
     glob = globals()
-    for helper in ("_load_block", "_block_magnitudes", "_mix32", "_dare_rank", "_trim_one", "_bit"):
+    for helper in ("_load_block", "_block_magnitudes", "_mix32", "_dare_rank", "_trim_one", "_bit", "_unpack_block"):
         glob[helper] = jit(getattr(glob[helper], "py_func", glob[helper]))
     names = ("select", "select2", "nth_equal", "gta", "kept_block", "della_rows", "masked_block")
     names += ("sce_variance", "sce_keep", "sce_delta", "sce_erase")

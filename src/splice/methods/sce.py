@@ -21,10 +21,11 @@ re-derived from the inputs in each pass (into reused buffers) instead of
 stacking K of them; the variance is computed chunk by chunk.
 
 Inputs come in their stored dtype (a native-dtype method) and are upcast to
-float32 as they are read.  Large CPU tensors with the kernels (``_kernels``)
-take streaming passes over the inputs instead of whole-tensor torch calls:
-the variance (float64 Welford, torch's ``var``) into the output buffer, its
-``k``-th largest by radix select, the kept set as one bit per element, then
+float32 as they are read.  CPU tensors with the kernels (``_kernels``) take
+streaming passes over the inputs instead of whole-tensor torch calls: the
+variance (float64 Welford, torch's ``var``) into the output buffer, its
+``k``-th largest by radix select (up to ``SORT_LIMIT`` elements by
+``topk_mask``'s torch call), the kept set as one bit per element, then
 per model the kept delta into the output buffer for its mean square (the
 very ``_reduce.norm`` call, so the weights have the same bits), and one fused
 pass for the erase.  Working memory: the output and n/8 bytes, against about
@@ -96,7 +97,7 @@ def sce(
     if not tensors:
         return base.to(cdt, copy=True)
     n = base.numel()
-    if _kernels.AVAILABLE and cdt == torch.float32 and base.device.type == "cpu" and SORT_LIMIT < n < 2**31:
+    if _kernels.AVAILABLE and cdt == torch.float32 and base.device.type == "cpu" and 0 < n < 2**31:
         out = _sce_kernel(tensors, base, float(select_topk))
         if out is not None:
             return out
@@ -148,7 +149,9 @@ def _sce_kernel(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk
         if _kernels.sce_variance(xs, b, shift, of):  # NaN variance: inputs that are not finite
             return None
         k = int(int(np.count_nonzero(of)) * select_topk)
-        if k > 0:  # topk_mask's rule: the k largest variances, ties at the threshold to the lowest flat indices
+        if n <= SORT_LIMIT:  # small: topk_mask's torch.topk (mergekit's call), packed
+            keep = np.packbits(topk_mask(out, k).numpy().reshape(-1))
+        elif k > 0:  # topk_mask's rule: the k largest variances, ties at the threshold to the lowest flat indices
             vb = of.view(np.uint32)
             zero = np.broadcast_to(np.uint32(0), (n,))  # the kernels select on |v - 0| = v (variances are >= +0)
             bits, below, equal = (int(v) for v in _kernels.select(vb, zero, 0, n - k + 1))
