@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splice.methods import get_method
+from splice.methods import _chunked, _kernels, get_method
+from splice.methods import sce as sce_module
+from splice.methods._sparsify import SORT_LIMIT
 
 NAME = "sce"
 
@@ -97,3 +99,107 @@ def test_parity_with_mergekit(mergekit):
                 "mergekit.merge_methods.registry:get", [base, *ts], base_index=0, parameters={"select_topk": st}, registry=NAME
             )
             torch.testing.assert_close(call(ts, base, select_topk=st), expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the kernel path
+
+
+def _bf16_models(rows, cols, k=3, seed=20, scale=0.1, ties=False):
+    """bf16 base and fine-tunes; ``ties``: deltas of a handful of values, so variances tie at the threshold."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols, generator=g).bfloat16()
+    if ties:
+        steps = [torch.randint(-2, 3, (rows, cols), generator=g).float() * 2**-5 for _ in range(k)]
+    else:
+        steps = [scale * torch.randn(rows, cols, generator=g) for _ in range(k)]
+    return [(base.float() + s).bfloat16() for s in steps], base
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("kind", ["gauss", "bf16", "ties"])
+def test_kernel_variance_is_torch_var(k, kind):
+    ts, base = _bf16_models(1, 200_003, k=k, seed=k, ties=kind == "ties")
+    if kind == "gauss":
+        base, ts = base.float(), [base.float() + 1e-3 * rand(1, 200_003, seed=40 + i) for i in range(k)]
+    stacked = torch.stack([t.float().reshape(-1) - base.float().reshape(-1) for t in ts])
+    expected = torch.var(stacked, dim=0, unbiased=False)
+    (*xs, b), shift = _chunked.bit_views([*ts, base])
+    got = torch.empty(base.numel())
+    assert _kernels.sce_variance(tuple(xs), b, shift, got.numpy()) == 0
+    assert _same_bits(got, expected)
+
+
+@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 1e-5])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),  # bf16 deltas: few distinct variances, ties at the threshold
+        dict(ties=True),  # deltas of five values: a handful of variances, every threshold a big tie
+        dict(scale=1e-4),  # mean squares summing below 1e-6: uniform weights
+        dict(k=1),  # one model: every variance 0, nothing selected
+        dict(k=4, float32=True),
+    ],
+    ids=["bf16", "ties", "uniform", "one-model", "float32"],
+)
+def test_kernel_path_is_bit_identical_to_the_torch_path(select_topk, case, monkeypatch):
+    case = dict(case)
+    as_f32 = case.pop("float32", False)
+    ts, base = _bf16_models(300, 1001, **case)  # above SORT_LIMIT
+    if as_f32:
+        base = base.float()
+        ts = [base + 0.01 * rand(300, 1001, seed=60 + i) for i in range(len(ts))]
+    assert base.numel() > SORT_LIMIT
+    ran = _spy_kernel(monkeypatch)
+    fast = call(ts, base, select_topk=select_topk)
+    assert ran == [True]  # the kernel path made the result
+    monkeypatch.setattr(_kernels, "AVAILABLE", False)
+    slow = call([t.float() for t in ts], base.float(), select_topk=select_topk)  # as the engine called it before
+    assert _same_bits(fast, slow)
+
+
+@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba not installed")
+def test_kernel_path_leaves_non_finite_inputs_to_the_torch_path(monkeypatch):
+    ts, base = _bf16_models(300, 1001)
+    ts[1] = ts[1].clone()
+    ts[1][5, 7] = float("nan")
+    ts[2][9, 9] = float("inf")
+    ran = _spy_kernel(monkeypatch)
+    for st in (1.0, 0.5):
+        fast = call(ts, base, select_topk=st)
+        with monkeypatch.context() as m:
+            m.setattr(_kernels, "AVAILABLE", False)
+            slow = call(ts, base, select_topk=st)
+        assert _same_bits(fast, slow)
+    assert ran == [False, False]  # the kernel path declined both
+
+
+def _spy_kernel(monkeypatch) -> list[bool]:
+    """Record whether each call of the kernel path produced the result."""
+    ran = []
+    real = sce_module._sce_kernel
+
+    def spy(*args):
+        out = real(*args)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(sce_module, "_sce_kernel", spy)
+    return ran
+
+
+@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("select_topk", [0.5, 0.1])
+def test_small_tensors_take_the_kernels_with_the_same_bits(select_topk, monkeypatch):
+    ts, base = _bf16_models(40, 51, ties=True)  # below SORT_LIMIT: torch.topk selects, the kernels do the rest
+    ran = _spy_kernel(monkeypatch)
+    fast = call(ts, base, select_topk=select_topk)
+    assert ran == [True]
+    ts = [t.float() for t in ts]
+    monkeypatch.setattr(_kernels, "AVAILABLE", False)
+    assert _same_bits(fast, call(ts, base.float(), select_topk=select_topk))

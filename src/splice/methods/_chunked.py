@@ -125,7 +125,7 @@ def _scan(tf, bf, lo_f, hi_f, n, cdt):
     return below, idx, vals
 
 
-def _bits(tensors):
+def bit_views(tensors):
     """Raw-bit numpy views for the kernels (uint16 of bf16 or uint32 of float32) and the shift to float32.
 
     Mixed or other dtypes (float16) are upcast to float32 first.
@@ -153,7 +153,7 @@ def magnitude_trim(t: torch.Tensor, base: torch.Tensor, density: float, cdt: tor
         return Trim(None)
     if _kernels.AVAILABLE and cdt == torch.float32:
         # radix select over the raw bits: the k-th largest magnitude, its rank, its ties
-        (x, b), shift = _bits([t.contiguous(), base.contiguous()])
+        (x, b), shift = bit_views([t.contiguous(), base.contiguous()])
         bits, below, equal = _kernels.select(x, b, shift, n - k + 1)
         v = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
         return _trim_at(v, int(below), int(equal), n, k, lambda j: int(_kernels.nth_equal(x, b, shift, np.uint32(bits), j)))
@@ -303,7 +303,7 @@ def breadcrumbs_window(t: torch.Tensor, base: torch.Tensor, density: float, gamm
     stop = start + target
     if target <= 0:
         return None
-    (x, b), shift = _bits([t.contiguous(), base.contiguous()])
+    (x, b), shift = bit_views([t.contiguous(), base.contiguous()])
     k_lo = start + 1 if start > 0 else 1
     k_hi = stop if stop < n else n
     sel = _kernels.select2(x, b, shift, k_lo, k_hi)
@@ -359,12 +359,13 @@ class _Params(NamedTuple):
         return (self.mode[i], self.fpar[i, 0], self.fpar[i, 1], self.ipar[i, 0], self.ipar[i, 1], self.keys[i, 0], self.keys[i, 1])
 
 
-def _l1_scale(x, b, shift: int, trim: tuple, n: int) -> float:
+def _l1_scale(fill, n: int) -> float:
     """The L1 rescale factor (``_sparsify.rescale_factor``) of one model's trimmed delta; 1.0 when it is skipped.
 
-    The delta and its trimmed part are made ``RESCALE_CHUNK`` elements at a
-    time and their L1 norms taken as the same per-block partials as
-    ``_reduce.norm`` (the chunks start at multiples of ``SUM_BLOCK``), so the
+    ``fill(a, m, d, kept)`` writes the delta over ``[a, a+m)`` and its trimmed
+    part into float32 numpy arrays (a kernel).  They are made ``RESCALE_CHUNK``
+    elements at a time and their L1 norms taken as the same per-block partials
+    as ``_reduce.norm`` (the chunks start at multiples of ``SUM_BLOCK``), so the
     factor has the whole-tensor path's bits.
     """
     d = torch.empty(min(n, RESCALE_CHUNK), dtype=torch.float32)
@@ -372,7 +373,7 @@ def _l1_scale(x, b, shift: int, trim: tuple, n: int) -> float:
     before, after = [], []
     for a in range(0, n, RESCALE_CHUNK):
         m = min(RESCALE_CHUNK, n - a)
-        _kernels.kept_block(x, b, shift, *trim, a, m, d.numpy(), kept.numpy())
+        fill(a, m, d.numpy(), kept.numpy())
         before += _reduce.l1_partials(d[:m])
         after += _reduce.l1_partials(kept[:m])
     q = rescale_factor(_reduce.scalar(math.fsum(before), d), _reduce.scalar(math.fsum(after), d))
@@ -383,8 +384,7 @@ def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, 
     """``merge_chunked`` with the fused kernel: one pass over the inputs for all models (plus one per rescaled model)."""
     k = len(tensors)
     n = base.numel()
-    out = torch.empty(base.shape, dtype=torch.float32)
-    views, shift = _bits([t.contiguous() for t in (*tensors, base)])
+    views, shift = bit_views([t.contiguous() for t in (*tensors, base)])
     p = _Params.empty(k)
     rescaled = []
     for i, tr in enumerate(trims or []):
@@ -414,7 +414,15 @@ def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, 
         if cr.rescale:
             rescaled.append(i)
     for i in rescaled:
-        p.scale[i] = _l1_scale(views[i], views[k], shift, p.row(i), n)
+        trim = p.row(i)
+        p.scale[i] = _l1_scale(lambda a, m, d, kept: _kernels.kept_block(views[i], views[k], shift, *trim, a, m, d, kept), n)
+    return _run_gta(views, shift, base.shape, p, np.zeros((k, 0), dtype=np.uint8), weights, consensus, normalize, lambda_)
+
+
+def _run_gta(views, shift, shape, p: _Params, masks, weights, consensus, normalize, lambda_) -> tuple[torch.Tensor, int]:
+    """``_kernels.gta`` over the models' and base's bit views (``_bits``, base last): a new float32 tensor and the cancelled count."""
+    k = len(views) - 1
+    out = torch.empty(shape, dtype=torch.float32)
     w = np.asarray(weights, dtype=np.float32)
     total = np.float32(w.sum(dtype=np.float32)) if (normalize and not consensus) else np.float32(1)
     cancelled = _kernels.gta(
@@ -426,6 +434,7 @@ def _merge_kernel(tensors, base, weights, trims, consensus, normalize, lambda_, 
         p.ipar,
         p.keys,
         p.scale,
+        masks,
         w,
         consensus,
         normalize,
@@ -506,7 +515,18 @@ def della_chunked(
     model's dropped, rescaled, weighted delta and the sign election or sum, all
     elementwise, so each element sees the whole-tensor path's operations.
     Working memory: a few row blocks plus the packed masks (n/8 bytes per model).
+
+    With the kernels and float32 arithmetic, pass 1 ranks each row with a radix
+    sort (``_kernels.della_rows``; torch still draws the uniforms) and pass 2 is
+    the fused ``_kernels.gta``: the same bits, several times faster.
     """
+    if _kernels.AVAILABLE and cdt == torch.float32:
+        return _della_kernel(tensors, base, della, rescale, generator, weights, consensus, normalize, lambda_)
+    return _della_torch(tensors, base, della, rescale, generator, weights, consensus, normalize, lambda_, cdt, count_cancelled)
+
+
+def _della_torch(tensors, base, della, rescale, generator, weights, consensus, normalize, lambda_, cdt, count_cancelled):
+    """``della_chunked`` in torch calls (no numba, or float64)."""
     rows, cols = base.shape
     spans = list(_row_spans(rows, cols))
     masks: list[list[np.ndarray] | None] = []
@@ -560,3 +580,31 @@ def della_chunked(
             merged.mul_(lambda_)
         torch.add(merged, b, out=out[r0:r1])
     return out, cancelled
+
+
+def _della_kernel(tensors, base, della, rescale, generator, weights, consensus, normalize, lambda_) -> tuple[torch.Tensor, int]:
+    """``della_chunked`` with the kernels: each model's drop bits row block by row block, then one fused merge pass."""
+    rows, cols = base.shape
+    n = base.numel()
+    k = len(tensors)
+    views, shift = bit_views([t.contiguous() for t in (*tensors, base)])
+    spans = list(_row_spans(rows, cols))
+    uniforms = torch.empty(max(r1 - r0 for r0, r1 in spans) * cols, dtype=torch.float32)
+    masks = np.zeros((k, (n + 7) // 8), dtype=np.uint8)
+    p = _Params.empty(k)
+    for i, (dens, eps) in enumerate(della):
+        if dens >= 1:  # della_ draws nothing: untouched, or zero
+            continue
+        if dens <= 0:
+            p.mode[i] = _kernels.DROP_ALL
+            continue
+        check_della(dens, eps)
+        probs = della_probs(cols, dens, eps, base.device, torch.float32).reshape(-1).numpy()
+        for r0, r1 in spans:
+            u = uniforms[: (r1 - r0) * cols].uniform_(0, 1, generator=generator)  # the stream della_ draws, in order
+            _kernels.della_rows(views[i], views[k], shift, cols, r0, r1, u.numpy(), probs, masks[i])
+        p.mode[i] = _kernels.MASKED
+        if rescale:
+            p.scale[i] = _l1_scale(lambda a, m, d, kept: _kernels.masked_block(views[i], views[k], shift, masks[i], a, m, d, kept), n)
+    del uniforms
+    return _run_gta(views, shift, base.shape, p, masks, weights, consensus, normalize, lambda_)

@@ -37,6 +37,13 @@ RESCALE_CHUNK = 16 * SUM_BLOCK
 # few float32 buffers of this size stay in L2; smaller means more torch calls per tensor.
 DELLA_BLOCK = 1 << 16
 
+# DELLA's per-row magnitude ranks (``_kernels._della_rows``): the radix sort's digit width, in
+# bits. A row's varying bits are split into equal digits of at most this many; a digit costs a
+# counting pass over the row plus 2**bits histogram bins to clear and sum (16 KiB at 12, in L1).
+# Smaller takes more passes (fine-tune deltas vary in ~22 bits: two passes at 11 or 12); larger
+# spends more on bins than on the row (768 columns). Not a size in elements, and no result depends on it.
+RANK_DIGIT_BITS = 12
+
 # Streaming reductions (slerp, model_stock): the inputs are upcast, multiplied and reduced this
 # many elements at a time, then combined in a second pass of the same chunks.  A multiple of
 # SUM_BLOCK, so the per-block partial sums are the whole tensor's; a handful of float32

@@ -136,7 +136,8 @@ def merge_task_vectors(
             through the kernels as well.
         della: instead of ``sparsify``, DELLA MagPrune (``_sparsify.della_``), one
             (density, epsilon) per model, L1-rescaled if ``rescale``, drawing from
-            ``generator``: 2-D CPU tensors run by blocks of rows (``_chunked.della_chunked``).
+            ``generator``: 2-D CPU tensors run by blocks of rows (``_chunked.della_chunked``; without
+            the kernels only those above ``SORT_LIMIT`` elements).
         consensus: TIES sign election; normalize: divide by the weights; lambda_: scale.
 
     Returns:
@@ -164,7 +165,10 @@ def merge_task_vectors(
         whole, drops = drops, None
         sparsify = lambda i, d, s: random_(d, whole[i].density, whole[i].rescale, key=whole[i].key, scratch=s)  # noqa: E731
     if della is not None:
-        if large_cpu and base.dim() == 2 and generator is not None and generator.device.type == "cpu":
+        # by rows: large 2-D CPU tensors, and with the kernels (faster than della_'s argsort) every 2-D CPU tensor
+        by_rows = base.device.type == "cpu" and base.dim() == 2 and 0 < base.numel() < 2**31
+        by_rows = by_rows and (large_cpu or (_kernels.AVAILABLE and cdt == torch.float32))
+        if by_rows and generator is not None and generator.device.type == "cpu":
             merged, cancelled = _chunked.della_chunked(
                 tensors,
                 base,
